@@ -1,0 +1,65 @@
+"""Weight quantizers: projections of a weight tensor onto binary, ternary and m-bit sets.
+
+`project(w, d)` returns the ŵ ∈ α·S closest to w in the D-weighted norm ‖ŵ − w‖²_D (the
+proximal Newton step of loss-aware quantization, Hou & Kwok); d = None means d ≡ 1.
+
+>>> import torch
+>>> p = project(torch.tensor([0.9, -0.1, -1.1, 0.05]), scheme="ternary")
+>>> p.q.tolist(), round(p.alpha.item(), 3)
+([1.0, -0.0, -1.0, 0.0], 1.0)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor
+
+from distq.quant import binary, mbit, ternary  # noqa: F401  (registers the schemes)
+from distq.quant.base import Projection, Scheme, as_groups, check_weights, get_scheme, resolve_bits
+from distq.quant.base import scheme_names as _scheme_names
+
+SCHEMES: tuple[str, ...] = _scheme_names()
+
+__all__ = ["SCHEMES", "Projection", "Scheme", "get_scheme", "project", "scheme_bits"]
+
+
+def scheme_bits(scheme: str, bits: int | None = None) -> int:
+    """Bits per weight that `scheme` stores (validating `bits` against what it accepts)."""
+    return resolve_bits(get_scheme(scheme), bits)
+
+
+def project(
+    w: Tensor,
+    d: Tensor | None = None,
+    scheme: str = "ternary",
+    bits: int | None = None,
+    *,
+    per_channel: bool = False,
+    **opts,
+) -> Projection:
+    """Project `w` onto the scheme's set with curvature `d` (None: d ≡ 1).
+
+    per_channel=True gives every output channel (first dimension) its own scale. Extra keyword
+    options go to the scheme's solver (ternary-approx: alpha_init; linear/log: alpha_rule;
+    twn: threshold). Raises ValueError on bad input, naming the value and what is allowed.
+    """
+    spec = get_scheme(scheme)
+    m = resolve_bits(spec, bits)
+    check_weights(w, d)
+    allowed = [p for p in inspect.signature(spec.solver).parameters if p not in ("w", "d", "bits")]
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for scheme {scheme!r}; allowed: {allowed or 'none'}"
+        )
+    w2 = as_groups(w, per_channel)
+    d2 = as_groups(d, per_channel) if (d is not None and spec.loss_aware) else None
+    if d2 is None:
+        d2 = w2.new_ones(())
+        d2 = d2.expand_as(w2)
+    q2, alpha = spec.solver(w2, d2, m, **opts)
+    if not per_channel:
+        alpha = alpha[0]
+    q = (q2 + 0.0).reshape(w.shape).to(w.dtype)  # + 0.0 turns −0.0 into +0.0
+    return Projection(q=q, alpha=alpha)

@@ -1,0 +1,135 @@
+"""The projection interface shared by every weight quantizer, its registry and input checks.
+
+Every scheme solves ŵ = argmin_{ŵ ∈ α·S} ‖ŵ − w‖²_D row by row on a 2-D view of the tensor
+(one row for a per-tensor scale, one row per output channel otherwise), so solvers are
+vectorized over scale groups and never loop over channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Solver = Callable[..., tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Result of a projection: `q` has w's shape and dtype, every entry in α·S; `alpha` the scale(s).
+
+    `alpha` has shape () for a per-tensor scale and (C,) per output channel; schemes with two
+    scales (ternary2: α⁺, α⁻) add a trailing dimension of 2.
+    """
+
+    q: Tensor
+    alpha: Tensor
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered quantization scheme: its solver and which bit widths it accepts."""
+
+    name: str
+    solver: Solver
+    bits: tuple[int, ...]
+    loss_aware: bool
+    summary: str
+
+    @property
+    def default_bits(self) -> int:
+        return self.bits[0]
+
+
+_REGISTRY: dict[str, Scheme] = {}
+
+
+def register(name: str, *, bits: tuple[int, ...], loss_aware: bool, summary: str):
+    """Class the decorated solver under `name`; `bits` lists the widths it supports."""
+
+    def wrap(solver: Solver) -> Solver:
+        _REGISTRY[name] = Scheme(name, solver, bits, loss_aware, summary)
+        return solver
+
+    return wrap
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called `name`, or a ValueError listing the allowed names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown quantization scheme {name!r}; allowed: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def scheme_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def resolve_bits(scheme: Scheme, bits: int | None) -> int:
+    """The bit width to use: `bits` if the scheme supports it, its only width if None."""
+    if bits is None:
+        if len(scheme.bits) > 1:
+            raise ValueError(
+                f"scheme {scheme.name!r} needs bits= in {scheme.bits[0]}..{scheme.bits[-1]}"
+            )
+        return scheme.default_bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in scheme.bits:
+        allowed = (
+            str(scheme.bits[0])
+            if len(scheme.bits) == 1
+            else f"{scheme.bits[0]}..{scheme.bits[-1]}"
+        )
+        raise ValueError(f"bits={bits!r} is not supported by scheme {scheme.name!r}; allowed: {allowed}")
+    return bits
+
+
+def check_weights(w: Tensor, d: Tensor | None) -> None:
+    """Reject what no projection can be computed from, naming the problem."""
+    if not isinstance(w, Tensor):
+        raise ValueError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise ValueError(f"w must be a floating-point tensor, got dtype {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"w is empty (shape {tuple(w.shape)}); nothing to quantize")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"w has {bad} non-finite (NaN/Inf) entries out of {w.numel()}")
+    if d is None:
+        return
+    if not isinstance(d, Tensor):
+        raise ValueError(f"d must be a torch.Tensor or None, got {type(d).__name__}")
+    if d.shape != w.shape:
+        raise ValueError(f"d has shape {tuple(d.shape)} but w has shape {tuple(w.shape)}")
+    if not d.is_floating_point():
+        raise ValueError(f"d must be a floating-point tensor, got dtype {d.dtype}")
+    if not torch.isfinite(d).all():
+        raise ValueError("d has non-finite (NaN/Inf) entries; curvature must be finite")
+    if (d < 0).any():
+        raise ValueError(f"d has negative entries (min {d.min().item():.3g}); curvature must be >= 0")
+    if (d.sum() == 0).item():
+        raise ValueError("d is all zeros; at least one curvature entry must be positive")
+
+
+def as_groups(t: Tensor, per_channel: bool) -> Tensor:
+    """2-D view, one row per scale group (the whole tensor, or each output channel).
+
+    Half-precision inputs are computed in float32; float32 and float64 stay as they are.
+    """
+    rows = t.shape[0] if (per_channel and t.dim() > 0) else 1
+    compute = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    return t.reshape(rows, -1).to(compute)
+
+
+def levels_per_sign(bits: int) -> int:
+    """k = 2^(m−1) − 1: the number of non-zero magnitudes of a symmetric m-bit code."""
+    return 2 ** (bits - 1) - 1
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num/den with 0 where den is 0 (an all-zero group has scale 0, never NaN)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)

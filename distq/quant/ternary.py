@@ -1,0 +1,94 @@
+"""Ternary weights α·{−1, 0, +1}: the exact and approximate loss-aware solvers, two scales, TWN.
+
+Exact (LATe, Hou & Kwok ICLR 2018): for a support S the optimal α is Σ_S d|w| / Σ_S d and the
+error is Σ d w² − (Σ_S d|w|)² / Σ_S d. At the optimum an entry is in S iff |w| > α/2, so S is a
+top-k set by |w|: sorting |w| once and scanning all k = 1..n (k = n included, which the authors'
+reference code misses) finds the global optimum in O(n log n).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distq.quant.base import register, safe_ratio
+
+APPROX_ROUNDS = 10
+APPROX_TOL = 1e-6
+TWN_THRESHOLD = 0.7
+
+
+def exact_support(a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Optimal scale and support for magnitudes `a` ≥ 0 with curvature `d`, row by row.
+
+    Returns (alpha [G], mask [G, n] bool): support = the top-k* entries of `a`.
+    """
+    order = a.argsort(dim=1, descending=True, stable=True)
+    a_sorted, d_sorted = a.gather(1, order), d.gather(1, order)
+    P = (d_sorted * a_sorted).cumsum(1)
+    Q = d_sorted.cumsum(1)
+    score = safe_ratio(P * P, Q)
+    k = score.argmax(dim=1)
+    alpha = safe_ratio(P.gather(1, k[:, None]), Q.gather(1, k[:, None]))[:, 0]
+    ranks = torch.arange(a.shape[1], device=a.device).expand_as(a)
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, order, ranks <= k[:, None])
+    return alpha, mask & (a > 0)
+
+
+@register("ternary", bits=(2,), loss_aware=True, summary="LATe: exact, sort-based over all k")
+def ternary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    alpha, mask = exact_support(w.abs(), d)
+    return alpha[:, None] * torch.sign(w) * mask, alpha
+
+
+@register(
+    "ternary-approx", bits=(2,), loss_aware=True, summary="LATa: alternate α and b (≤ 10 rounds)"
+)
+def ternary_approx(
+    w: Tensor, d: Tensor, bits: int, alpha_init: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Alternate α = ‖b⊙d⊙w‖₁/‖b⊙d‖₁ and b = sign(w)·1[|w| > α/2] until α moves < 1e-6.
+
+    Starts from `alpha_init` (the previous step's α: a warm start) or from TWN's threshold.
+    """
+    a = w.abs()
+    if alpha_init is None:
+        mask = a > TWN_THRESHOLD * a.mean(1, keepdim=True)
+    else:
+        mask = a > alpha_init.reshape(-1, 1).to(a.dtype) / 2
+    alpha = safe_ratio((d * a * mask).sum(1), (d * mask).sum(1))
+    for _ in range(APPROX_ROUNDS):
+        mask = a > alpha[:, None] / 2
+        new_alpha = safe_ratio((d * a * mask).sum(1), (d * mask).sum(1))
+        converged = bool(((new_alpha - alpha).abs() < APPROX_TOL).all())
+        alpha = new_alpha
+        if converged:
+            break
+    mask = a > alpha[:, None] / 2
+    return alpha[:, None] * torch.sign(w) * mask, alpha
+
+
+@register("ternary2", bits=(2,), loss_aware=True, summary="LAT2: exact, separate α⁺ and α⁻")
+def ternary2(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """{−α⁻, 0, +α⁺}: the exact solver run on the positive and the negative entries apart."""
+    alpha_pos, mask_pos = exact_support(w.clamp_min(0), d)
+    alpha_neg, mask_neg = exact_support((-w).clamp_min(0), d)
+    q = alpha_pos[:, None] * mask_pos - alpha_neg[:, None] * mask_neg
+    return q, torch.stack([alpha_pos, alpha_neg], dim=1)
+
+
+@register("twn", bits=(2,), loss_aware=False, summary="TWN baseline: Δ = 0.7·mean|w|")
+def twn(w: Tensor, d: Tensor, bits: int, threshold: str = "approx") -> tuple[Tensor, Tensor]:
+    """Ternary weight networks (Li & Liu 2016): support |w| > Δ, α = mean|w| over it.
+
+    threshold="approx" uses Δ = 0.7·mean|w|; "exact" solves TWN's own objective
+    max_Δ (Σ_{|w|>Δ}|w|)²/|{|w|>Δ}|, which is the loss-aware ternary solver with d ≡ 1.
+    """
+    if threshold not in ("approx", "exact"):
+        raise ValueError(f"twn threshold={threshold!r}; allowed: 'approx', 'exact'")
+    if threshold == "exact":
+        return ternary(w, torch.ones_like(w), bits)
+    a = w.abs()
+    mask = a > TWN_THRESHOLD * a.mean(1, keepdim=True)
+    alpha = safe_ratio((a * mask).sum(1), mask.sum(1).to(a.dtype))
+    return alpha[:, None] * torch.sign(w) * mask, alpha
