@@ -18,7 +18,7 @@ Solver = Callable[..., tuple[Tensor, Tensor]]
 
 @dataclass(frozen=True)
 class Projection:
-    """Result of a projection: `q` has w's shape and dtype, every entry in α·S; `alpha` the scale(s).
+    """A projection: `q` has w's shape and dtype, every entry in α·S; `alpha` the scale(s).
 
     `alpha` has shape () for a per-tensor scale and (C,) per output channel; schemes with two
     scales (ternary2: α⁺, α⁻) add a trailing dimension of 2.
@@ -80,11 +80,11 @@ def resolve_bits(scheme: Scheme, bits: int | None) -> int:
         return scheme.default_bits
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in scheme.bits:
         allowed = (
-            str(scheme.bits[0])
-            if len(scheme.bits) == 1
-            else f"{scheme.bits[0]}..{scheme.bits[-1]}"
+            str(scheme.bits[0]) if len(scheme.bits) == 1 else f"{scheme.bits[0]}..{scheme.bits[-1]}"
         )
-        raise ValueError(f"bits={bits!r} is not supported by scheme {scheme.name!r}; allowed: {allowed}")
+        raise ValueError(
+            f"bits={bits!r} is not supported by scheme {scheme.name!r}; allowed: {allowed}"
+        )
     return bits
 
 
@@ -110,7 +110,9 @@ def check_weights(w: Tensor, d: Tensor | None) -> None:
     if not torch.isfinite(d).all():
         raise ValueError("d has non-finite (NaN/Inf) entries; curvature must be finite")
     if (d < 0).any():
-        raise ValueError(f"d has negative entries (min {d.min().item():.3g}); curvature must be >= 0")
+        raise ValueError(
+            f"d has negative entries (min {d.min().item():.3g}); curvature must be >= 0"
+        )
     if (d.sum() == 0).item():
         raise ValueError("d is all zeros; at least one curvature entry must be positive")
 

@@ -1,0 +1,220 @@
+"""QuantizedOptimizer: the optimizer is the quantizer (loss-aware proximal Newton step).
+
+Parameters hold the quantized ŵ; forward and backward run on it. `step()` restores the latent
+full-precision w, runs the wrapped optimizer on ∇ŵ (straight-through), clips w, and projects it
+back with the curvature d = √v̂ + ε read from the wrapped optimizer's second-moment state.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distq.quant import get_scheme, project, scheme_bits
+from distq.selection import POSITIONAL, QuantizationSummary, select_quantized, summarize, unwrap
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class QuantizedOptimizer(torch.optim.Optimizer):
+    """Wraps `base_optimizer` so the selected weights of `model` are binary/ternary/m-bit.
+
+    Args:
+        base_optimizer: the optimizer over `model`'s parameters. Adam/AdamW (d from exp_avg_sq,
+            bias-corrected), RMSprop (square_avg) and Adagrad (sum) give loss-aware steps;
+            any other (SGD) means d ≡ 1.
+        model: the model (or its DDP wrapper). Build this optimizer after wrapping the model in
+            DDP, so the latent weights start from the broadcast, identical initial weights.
+        scheme, bits: a name in `distq.quant.SCHEMES` and its bit width (m-bit schemes only).
+        keep_full_precision: names, regexes or "first"/"last" of layers to leave unquantized.
+        clip_latent: clip latent weights to [−c, c] after each step (None: no clipping).
+        per_channel: one scale per output channel instead of one per tensor.
+        nonfinite: "skip" a step whose gradients hold NaN/Inf (with a warning), or "raise".
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        scheme: str = "ternary",
+        bits: int | None = None,
+        keep_full_precision: Iterable[str] = POSITIONAL,
+        clip_latent: float | None = 1.0,
+        per_channel: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                "base_optimizer must be a torch.optim.Optimizer, "
+                f"got {type(base_optimizer).__name__}"
+            )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}")
+        if clip_latent is not None and not clip_latent > 0:
+            raise ValueError(f"clip_latent={clip_latent!r}; allowed: a positive float or None")
+        self.bits = scheme_bits(scheme, bits)
+        self.scheme = scheme
+        self.per_channel = per_channel
+        self.clip_latent = clip_latent
+        self.nonfinite = nonfinite
+        self.base_optimizer = base_optimizer
+        # Share the wrapped optimizer's groups and state, so LR schedulers and zero_grad act on it.
+        self.defaults = base_optimizer.defaults
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+        for hooks in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, hooks, OrderedDict())
+
+        module = unwrap(model)
+        params = dict(module.named_parameters())
+        self.names = select_quantized(module, keep_full_precision)
+        self.summary: QuantizationSummary = summarize(module, self.names, scheme, self.bits)
+        self._param_names = {p: n for n, p in params.items()}
+        in_optimizer = {p for g in self.param_groups for p in g["params"]}
+        missing = [n for n in self.names if params[n] not in in_optimizer]
+        if missing:
+            raise ValueError(f"parameters {missing} are quantized but not in base_optimizer")
+        self._params: dict[str, nn.Parameter] = {n: params[n] for n in self.names}
+        self._group = {p: g for g in self.param_groups for p in g["params"]}
+        self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
+        self.alpha: dict[str, Tensor] = {}
+        self.skipped_steps = 0
+        self._project_all()
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Latent update by the wrapped optimizer, then the proximal projection onto α·S."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._gradients_finite():
+            return loss
+        for name, p in self._params.items():
+            p.copy_(self.latent[name])
+        self.base_optimizer.step()
+        for name, p in self._params.items():
+            latent = self.latent[name]
+            latent.copy_(p)
+            if self.clip_latent is not None:
+                latent.clamp_(-self.clip_latent, self.clip_latent)
+        self._project_all()
+        return loss
+
+    @torch.no_grad()
+    def _project_all(self) -> None:
+        """Write ŵ = argmin_{α·S} ‖ŵ − w‖²_D into every quantized parameter."""
+        warm_start = self.scheme == "ternary-approx"
+        for name, p in self._params.items():
+            opts = {"alpha_init": self.alpha[name]} if warm_start and name in self.alpha else {}
+            proj = project(
+                self.latent[name],
+                self.curvature(p),
+                self.scheme,
+                self.bits,
+                per_channel=self.per_channel,
+                **opts,
+            )
+            p.copy_(proj.q)
+            self.alpha[name] = proj.alpha
+
+    def curvature(self, p: Tensor) -> Tensor | None:
+        """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none."""
+        state = self.base_optimizer.state.get(p, {})
+        group = self._group[p]
+        eps = group.get("eps", 1e-8)
+        if "exp_avg_sq" in state:  # Adam, AdamW, NAdam, RAdam
+            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+            step = float(state["step"])
+            v_hat = v / (1.0 - group["betas"][1] ** step)
+            return v_hat.sqrt().add_(eps)
+        if "square_avg" in state:  # RMSprop
+            return state["square_avg"].sqrt().add_(eps)
+        if "sum" in state:  # Adagrad
+            return state["sum"].sqrt().add_(eps)
+        return None
+
+    def _gradients_finite(self) -> bool:
+        """True if every gradient is finite; otherwise skip (warn) or raise, per `nonfinite`."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():
+            return True
+        bad = [
+            self._param_names.get(p, "?")
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and not p.grad.isfinite().all()
+        ]
+        message = f"non-finite gradient in {bad}"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message)
+        self.skipped_steps += 1
+        warnings.warn(f"{message}; step skipped, latent weights unchanged", stacklevel=3)
+        return False
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus latent weights, scales and the quantization setup."""
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "latent": {n: t.clone() for n, t in self.latent.items()},
+            "alpha": {n: t.clone() for n, t in self.alpha.items()},
+            "quantization": self.config(),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore base state, latent weights and scales; ŵ comes from the model's state_dict.
+
+        ŵ is not recomputed here: ternary-approx warm-starts from the previous α, so only the
+        saved ŵ (in the model checkpoint) resumes bit-exactly.
+        """
+        saved = state_dict["quantization"]
+        mine = self.config()
+        different = [k for k in mine if saved.get(k) != mine[k]]
+        if different:
+            detail = ", ".join(
+                f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different
+            )
+            raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        with torch.no_grad():
+            for name, latent in self.latent.items():
+                latent.copy_(state_dict["latent"][name])
+            self.alpha = {n: t.clone() for n, t in state_dict["alpha"].items()}
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def config(self) -> dict[str, Any]:
+        """The settings a checkpoint must agree with to be resumed by this optimizer."""
+        return {
+            "scheme": self.scheme,
+            "bits": self.bits,
+            "per_channel": self.per_channel,
+            "names": list(self.names),
+        }
+
+    @property
+    def loss_aware(self) -> bool:
+        return get_scheme(self.scheme).loss_aware
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedOptimizer({type(self.base_optimizer).__name__}, scheme={self.scheme!r}, "
+            f"bits={self.bits}, quantized={len(self.names)} tensors)"
+        )

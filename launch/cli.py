@@ -1,0 +1,57 @@
+"""The `distq` command: train, export a packed checkpoint, list the quantization schemes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distq.launch import checkpoint, train
+
+
+def export_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distq export", description="Pack a training checkpoint's low-bit weights."
+    )
+    parser.add_argument("checkpoint", help="checkpoint.pt written by distq train")
+    parser.add_argument("out", help="output .safetensors file")
+    args = parser.parse_args(argv)
+    from distq.export import QuantSpec, export_packed
+
+    state = checkpoint.load(args.checkpoint)
+    specs = {name: QuantSpec(**spec) for name, spec in state["quantized"].items()}
+    report = export_packed(state["model"], specs, args.out)
+    print(report.to_str())
+    return 0
+
+
+def schemes_command(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="distq schemes", description="List weight schemes.").parse_args(
+        argv
+    )
+    from distq.quant import SCHEMES, get_scheme
+
+    for name in SCHEMES:
+        spec = get_scheme(name)
+        bits = str(spec.bits[0]) if len(spec.bits) == 1 else f"{spec.bits[0]}-{spec.bits[-1]}"
+        kind = "loss-aware" if spec.loss_aware else "baseline"
+        print(f"{name:<15} {bits:>4} bit  {kind:<10}  {spec.summary}")
+    return 0
+
+
+COMMANDS = {"train": train.main, "export": export_command, "schemes": schemes_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: distq {" + ",".join(COMMANDS) + "} ...\n"
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.stderr.write(f"distq: unknown command {argv[0]!r}\n{usage}")
+            return 2
+        sys.stdout.write(usage)
+        return 0 if argv else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

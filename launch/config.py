@@ -1,0 +1,220 @@
+"""The typed, validated training configuration: defaults, YAML file, then command-line overrides.
+
+Every field documents itself (help text, allowed values, bounds); the CLI flags are generated
+from the fields, so a new option is one field here. A bad key or value raises ConfigError
+naming it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distq.quant import SCHEMES, get_scheme
+
+FULL_PRECISION = "none"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not allowed."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A config field with its help text, allowed values and numeric bounds."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `distq train` needs; see README.md for a tour."""
+
+    recipe: str = option("digits", "task: model + data", choices=("digits",))
+    scheme: str = option(
+        "ternary",
+        f"weight quantization scheme ('{FULL_PRECISION}' = full precision)",
+        choices=(FULL_PRECISION, *SCHEMES),
+    )
+    bits: int | None = option(
+        None, "bits per weight for m-bit schemes (linear, log)", minimum=1, maximum=8
+    )
+    per_channel: bool = option(False, "one scale per output channel instead of per tensor")
+    keep_full_precision: list[str] = option(
+        ["first", "last"], "layers left unquantized: names, regexes, 'first', 'last'"
+    )
+    clip_latent: float | None = option(1.0, "clip latent weights to [-c, c] (null: off)", minimum=0)
+    nonfinite: str = option(
+        "skip", "on a NaN/Inf gradient: skip the step or raise", choices=("skip", "raise")
+    )
+    optimizer: str = option(
+        "adam",
+        "base optimizer (adam/adamw: loss-aware d; sgd: d = 1)",
+        choices=("adam", "adamw", "sgd"),
+    )
+    lr: float = option(0.01, "learning rate", minimum=0)
+    lr_schedule: str = option(
+        "cosine", "learning-rate schedule over the run", choices=("constant", "cosine")
+    )
+    weight_decay: float = option(0.0, "weight decay", minimum=0)
+    epochs: int = option(15, "passes over the training set", minimum=1)
+    batch_size: int = option(32, "examples per worker per step", minimum=1)
+    hidden: int = option(256, "width of the hidden layers", minimum=1)
+    depth: int = option(3, "number of hidden layers", minimum=1)
+    test_fraction: float = option(
+        0.2, "share of the data held out for testing", minimum=0.01, maximum=0.9
+    )
+    seed: int = option(0, "random seed (model init, data split and order)", minimum=0)
+    out_dir: str = option("runs/digits", "where checkpoints and logs go")
+    resume: bool = option(False, "continue from out_dir/checkpoint.pt if it exists")
+    backend: str = option(
+        "auto",
+        "torch.distributed backend (auto: nccl on GPU, else gloo)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    progress: bool = option(True, "show a progress bar on rank 0")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        if self.scheme != FULL_PRECISION:
+            spec = get_scheme(self.scheme)
+            if self.bits is None and len(spec.bits) > 1:
+                raise ConfigError(
+                    f"scheme {self.scheme!r} needs bits: {spec.bits[0]}..{spec.bits[-1]}"
+                )
+            if self.bits is not None and self.bits not in spec.bits:
+                raise ConfigError(
+                    f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
+                    f"{', '.join(map(str, spec.bits))}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> None:
+    """Raise ConfigError unless `value` has the field's type, is among its choices and in bounds."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in (
+        typing.get_args(hint)
+    )
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{name} must not be null")
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if typing.get_origin(base) is list:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{name}={value!r}: expected a list of strings")
+        return
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[base]
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: expected {base.__name__}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{name}={value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{name}={value!r} is above the maximum {meta['max']}")
+
+
+def from_mapping(values: typing.Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """Build a config from a dict, rejecting unknown keys with a suggestion."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {source}{hint} allowed: {', '.join(known)}")
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty file: no settings)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config field (underscores become dashes), plus a positional YAML file."""
+    parser.add_argument("config", nargs="?", help="YAML config file (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {_default(f)})"
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
+        else:
+            base = (
+                next(a for a in typing.get_args(kind) if a is not type(None))
+                if (typing.get_origin(kind) in (typing.Union, types.UnionType))
+                else kind
+            )
+            parser.add_argument(
+                flag,
+                type=_parser_for(base),
+                default=argparse.SUPPRESS,
+                metavar=base.__name__.upper(),
+                help=help_text,
+            )
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """YAML file values, then the flags given on the command line."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return from_mapping(values, source=args.config or "command line")
+
+
+def _parser_for(kind: type) -> typing.Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+
+    return parse
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -1,0 +1,82 @@
+"""Where this process sits in the job: rank, local rank and world size from torchrun or SLURM.
+
+torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; under `srun` without torchrun they come from
+SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS. A process started by neither is a world of one.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            return cls(
+                int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+            )
+        return cls()
+
+
+def choose_backend(requested: str) -> str:
+    """'auto' means nccl when CUDA is usable, gloo otherwise."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return requested
+
+
+def device_for(env: DistEnv, backend: str) -> torch.device:
+    """The GPU of this local rank under nccl, the CPU otherwise."""
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(env: DistEnv, backend: str) -> None:
+    """Join the job's process group (env:// rendezvous, as torchrun and our SLURM scripts set)."""
+    if env.distributed and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError(
+                f"WORLD_SIZE={env.world_size} but MASTER_ADDR is not set: start with torchrun, "
+                "or export MASTER_ADDR/MASTER_PORT (see slurm/ for SLURM jobs)"
+            )
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+
+
+def shutdown(*objects_to_drop: object) -> None:
+    """Leave the process group cleanly.
+
+    DDP on gloo sometimes aborts at interpreter exit ("terminate called without an active
+    exception") when the reducer outlives the group; collecting it first, then a barrier, then
+    destroying the group avoids that.
+    """
+    del objects_to_drop
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

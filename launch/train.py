@@ -1,0 +1,248 @@
+"""`distq train` / `torchrun -m distq.launch.train`: data-parallel training of a quantized model.
+
+Every rank builds the same model from the seed, DDP averages the gradients, and the
+QuantizedOptimizer projects the weights after each step; rank 0 shows progress, prints the test
+accuracy per epoch and a final summary, and writes the checkpoint that `distq export` packs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from distq.launch import checkpoint, config
+from distq.launch.data import ShardedBatches
+from distq.launch.environment import (
+    DistEnv,
+    choose_backend,
+    device_for,
+    init_process_group,
+    shutdown,
+)
+from distq.launch.recipes import digits
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from distq.optim import QuantizedOptimizer
+from distq.selection import summarize
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports."""
+
+    test_accuracy: float
+    final_loss: float
+    fp32_bytes: int
+    packed_bytes: int
+    steps: int
+    seconds: float
+    checkpoint: Path
+
+
+def build_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The base optimizer, wrapped in a QuantizedOptimizer unless the scheme is 'none'."""
+    params = model.parameters()
+    if cfg.optimizer == "adam":
+        base = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        base = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        base = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.scheme == config.FULL_PRECISION:
+        return base
+    return QuantizedOptimizer(
+        base,
+        model,
+        scheme=cfg.scheme,
+        bits=cfg.bits,
+        keep_full_precision=cfg.keep_full_precision,
+        clip_latent=cfg.clip_latent,
+        per_channel=cfg.per_channel,
+        nonfinite=cfg.nonfinite,
+    )
+
+
+def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """name -> {scheme, bits, per_channel} for the checkpoint, so export knows how to pack."""
+    if not isinstance(optimizer, QuantizedOptimizer):
+        return {}
+    return {
+        n: {
+            "scheme": optimizer.scheme,
+            "bits": optimizer.bits,
+            "per_channel": optimizer.per_channel,
+        }
+        for n in optimizer.names
+    }
+
+
+def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
+    """Train per `cfg` in this process (one rank of the job); returns rank-local results."""
+    env = env or DistEnv.from_environ()
+    backend = choose_backend(cfg.backend)
+    init_process_group(env, backend)
+    device = device_for(env, backend)
+    say = print if env.is_main else (lambda *a, **k: None)
+
+    torch.manual_seed(cfg.seed)
+    data = digits.load(cfg.test_fraction, cfg.seed)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    model = digits.build_model(cfg.hidden, cfg.depth).to(device)
+    net: nn.Module = DistributedDataParallel(model) if env.distributed else model
+    optimizer = build_optimizer(cfg, net)
+    batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
+    total_steps = cfg.epochs * batches.steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(cfg.lr_schedule, total_steps)
+    )
+
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    start_epoch = 0
+    if cfg.resume and ckpt_path.is_file():
+        state = checkpoint.load(ckpt_path)
+        _check_resumable(state, cfg, env)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch = state["epoch"]
+        say(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    scheme = cfg.scheme if cfg.scheme != config.FULL_PRECISION else "fp32"
+    summary = (
+        optimizer.summary
+        if isinstance(optimizer, QuantizedOptimizer)
+        else summarize(model, [], scheme, 32)
+    )
+    say(f"distq train: {cfg.recipe}, {env.world_size} worker(s) on {backend}, scheme {scheme}")
+    say(summary.to_str())
+
+    started = time.perf_counter()
+    loss_value, accuracy = math.nan, digits.accuracy(model, test_x, test_y)
+    for epoch in range(start_epoch, cfg.epochs):
+        steps = batches.epoch(epoch)
+        bar = tqdm(
+            steps,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and env.is_main),
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        loss_sum = torch.zeros((), device=device)
+        for idx in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        loss_value = _mean_over_ranks(loss_sum / len(steps), env)
+        accuracy = digits.accuracy(model, test_x, test_y)
+        say(
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
+            f"test accuracy {accuracy:.2%}"
+        )
+        if env.is_main:
+            checkpoint.save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "epoch": epoch + 1,
+                    "config": cfg.to_dict(),
+                    "world_size": env.world_size,
+                    "quantized": quantized_specs(optimizer),
+                },
+                ckpt_path,
+            )
+    seconds = time.perf_counter() - started
+    result = TrainResult(
+        accuracy,
+        loss_value,
+        summary.fp32_bytes,
+        summary.packed_bytes,
+        (cfg.epochs - start_epoch) * batches.steps_per_epoch,
+        seconds,
+        ckpt_path,
+    )
+    say(
+        f"done: test accuracy {accuracy:.2%}, final loss {loss_value:.4f}, {result.steps} steps in "
+        f"{seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "
+        f"{summary.packed_bytes / 1024:.1f} KiB packed "
+        f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
+        f"\ncheckpoint: {ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
+    )
+    shutdown(net)
+    return result
+
+
+def _lr_factor(schedule: str, total_steps: int):
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= env.world_size
+    return value.item()
+
+
+def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv) -> None:
+    """A checkpoint resumes only a run with the same model, data, quantization and world size."""
+    fixed = (
+        "recipe",
+        "scheme",
+        "bits",
+        "per_channel",
+        "hidden",
+        "depth",
+        "seed",
+        "batch_size",
+        "test_fraction",
+        "optimizer",
+        "keep_full_precision",
+    )
+    saved, now = state["config"], cfg.to_dict()
+    different = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        for k in fixed
+        if saved.get(k) != now[k]
+    ]
+    if state["world_size"] != env.world_size:
+        different.append(f"world_size: checkpoint {state['world_size']} vs now {env.world_size}")
+    if different:
+        raise config.ConfigError(
+            "cannot resume, the run's settings differ: " + "; ".join(different)
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distq train", description=__doc__.splitlines()[0])
+    config.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.from_args(args)
+    except config.ConfigError as exc:
+        parser.error(str(exc))
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
