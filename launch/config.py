@@ -182,16 +182,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
+            optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
             base = (
-                next(a for a in typing.get_args(kind) if a is not type(None))
-                if (typing.get_origin(kind) in (typing.Union, types.UnionType))
-                else kind
+                next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
             )
+            choices = f.metadata["choices"]
+            metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()
             parser.add_argument(
                 flag,
-                type=_parser_for(base),
+                type=_parser_for(base, optional),
                 default=argparse.SUPPRESS,
-                metavar=base.__name__.upper(),
+                metavar=metavar,
                 help=help_text,
             )
 
@@ -204,9 +205,11 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     return from_mapping(values, source=args.config or "command line")
 
 
-def _parser_for(kind: type) -> typing.Callable[[str], Any]:
+def _parser_for(kind: type, optional: bool) -> typing.Callable[[str], Any]:
+    """Parse a flag's text as `kind`; 'none'/'null' mean None for optional fields."""
+
     def parse(text: str) -> Any:
-        if text.lower() in ("none", "null"):
+        if optional and text.lower() in ("none", "null"):
             return None
         try:
             return kind(text)

@@ -8,6 +8,8 @@ accuracy per epoch and a final summary, and writes the checkpoint that `distq ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -34,6 +36,7 @@ from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SUMMARY_NAME = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,9 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         seconds,
         ckpt_path,
     )
+    if env.is_main:
+        summary_record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
+        (out_dir / SUMMARY_NAME).write_text(json.dumps(summary_record, indent=2) + "\n")
     say(
         f"done: test accuracy {accuracy:.2%}, final loss {loss_value:.4f}, {result.steps} steps in "
         f"{seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "

@@ -1,0 +1,67 @@
+"""The config schema: defaults, YAML, CLI overrides, and errors that name the bad key or value."""
+
+import argparse
+
+import pytest
+from distq.launch import config
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_args(parser.parse_args(argv))
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("scheme: linear\nbits: 3\nepochs: 4\nkeep_full_precision: [first]\n")
+    cfg = parse([str(path), "--epochs", "2", "--no-progress"])
+    assert (cfg.scheme, cfg.bits, cfg.epochs, cfg.progress) == ("linear", 3, 2, False)
+    assert cfg.keep_full_precision == ["first"]
+    assert cfg.lr == config.TrainConfig().lr
+
+
+def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("shceme: ternary\n")
+    with pytest.raises(config.ConfigError, match=r"unknown key 'shceme'.*did you mean 'scheme'"):
+        parse([str(path)])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"scheme": "fourary"}, "scheme='fourary' is not allowed; allowed: none, binary"),
+        ({"scheme": "linear"}, "needs bits: 2..8"),
+        ({"scheme": "ternary", "bits": 4}, "bits=4 is not allowed for scheme 'ternary'"),
+        ({"epochs": 0}, "epochs=0 is below the minimum 1"),
+        ({"lr": "fast"}, "lr='fast': expected float"),
+        ({"epochs": 2.5}, "expected int"),
+        ({"progress": "yes"}, "expected bool"),
+        ({"optimizer": "lamb"}, "allowed: adam, adamw, sgd"),
+        ({"keep_full_precision": "first"}, "expected a list of strings"),
+        ({"test_fraction": 0.95}, "above the maximum"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(values, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_mapping(values)
+
+
+def test_bad_flag_value_exits_with_a_message(capsys):
+    from distq.launch import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--scheme", "quaternary"])
+    assert exit_info.value.code == 2
+    assert "scheme='quaternary' is not allowed" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        parse(["/nonexistent/run.yaml"])
+
+
+def test_flags_parse_none_only_where_null_is_allowed():
+    cfg = parse(["--scheme", "none", "--clip-latent", "none"])
+    assert cfg.scheme == "none" and cfg.clip_latent is None

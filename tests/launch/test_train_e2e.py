@@ -1,0 +1,76 @@
+"""The main job end to end: real torchrun, 2 gloo workers, then `distq export` of its checkpoint."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distq.export import load_packed
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, timeout=300):
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    stdout = run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distq.launch.train",
+        "--epochs",
+        "3",
+        "--out-dir",
+        str(out),
+        "--no-progress",
+    )
+    return out, stdout
+
+
+def test_torchrun_trains_ternary_digits_and_reports(trained):
+    out, stdout = trained
+    assert "2 worker(s) on gloo, scheme ternary" in stdout
+    assert "3.weight   256x256" in stdout and "ternary, 2 bit" in stdout
+    accuracies = [
+        float(line.rsplit(" ", 1)[1].rstrip("%"))
+        for line in stdout.splitlines()
+        if line.startswith("epoch ")
+    ]
+    assert len(accuracies) == 3
+    assert accuracies[-1] > 85.0
+    assert "KiB fp32 ->" in stdout and "KiB packed" in stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["world_size"] == 2
+    assert sorted(state["quantized"]) == ["3.weight", "6.weight"]
+    assert len(state["model"]["3.weight"].unique()) <= 3
+
+
+def test_export_rebuilds_the_checkpoint_exactly_and_prints_sizes(trained):
+    out, _ = trained
+    target = out / "model.safetensors"
+    stdout = run(
+        sys.executable, "-m", "distq.launch.cli", "export", str(out / "checkpoint.pt"), str(target)
+    )
+    assert "packed" in stdout and "x" in stdout
+    model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    rebuilt = load_packed(target)
+    assert rebuilt.keys() == model.keys()
+    for name, tensor in model.items():
+        assert torch.equal(rebuilt[name], tensor), name
+    assert target.stat().st_size < sum(t.numel() * t.element_size() for t in model.values()) / 4
+
+
+def test_cli_lists_schemes():
+    stdout = run(sys.executable, "-m", "distq.launch.cli", "schemes")
+    for name in ("binary", "ternary", "ternary-approx", "ternary2", "linear", "log", "twn"):
+        assert name in stdout

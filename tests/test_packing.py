@@ -1,0 +1,134 @@
+"""Tests for distq.packing: round trips, the documented LSB-first layout, lengths and errors.
+
+The layout is checked against a bit-by-bit reference written with Python ints.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distq.packing import pack, packed_nbytes, unpack
+
+ALL_BITS = range(1, 9)
+
+
+def reference_pack(codes: list[int], bits: int) -> list[int]:
+    """Bit-by-bit reference: code i's bit k is stream bit bits*i + k, stream bit j is byte j//8."""
+    out = [0] * ((len(codes) * bits + 7) // 8)
+    for i, code in enumerate(codes):
+        for k in range(bits):
+            j = bits * i + k
+            out[j // 8] |= ((code >> k) & 1) << (j % 8)
+    return out
+
+
+def random_codes(n: int, bits: int, seed: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """n random codes in [0, 2**bits) from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (n,), generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(0, 2**31 - 1))
+def test_round_trip(bits, n, seed):
+    codes = random_codes(n, bits, seed)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (packed_nbytes(n, bits),)
+    out = unpack(packed, bits, n)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out.long(), codes)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 9, 13, 24, 33, 64, 101])
+def test_layout_matches_bitwise_reference(bits, n):
+    codes = random_codes(n, bits, seed=1000 * bits + n)
+    assert pack(codes, bits).tolist() == reference_pack(codes.tolist(), bits)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_unpack_reads_reference_bytes(bits):
+    codes = random_codes(41, bits, seed=bits)
+    packed = torch.tensor(reference_pack(codes.tolist(), bits), dtype=torch.uint8)
+    assert unpack(packed, bits, 41).tolist() == codes.tolist()
+
+
+def test_docstring_example():
+    assert pack(torch.tensor([1, 2, 3, 0]), 2).tolist() == [57]
+    assert unpack(torch.tensor([57], dtype=torch.uint8), 2, 4).tolist() == [1, 2, 3, 0]
+
+
+def test_three_bits_is_a_true_three_bit_layout():
+    # 8 codes of 3 bits fill exactly 3 bytes; [7, 0, ...] sets only the low 3 bits of byte 0
+    assert pack(torch.tensor([7, 0, 0, 0, 0, 0, 0, 0]), 3).tolist() == [7, 0, 0]
+    assert pack(torch.tensor([0, 0, 1]), 3).tolist() == [64, 0]  # code 2 starts at stream bit 6
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 8, 9, 100, 1001])
+def test_output_length(bits, n):
+    expected = -(-n * bits // 8)
+    assert packed_nbytes(n, bits) == expected
+    assert pack(random_codes(n, bits, seed=n), bits).numel() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_any_integer_dtype_and_shape(dtype):
+    codes = random_codes(60, 3, seed=7, dtype=dtype).view(3, 4, 5)
+    out = unpack(pack(codes, 3), 3, 60)
+    assert torch.equal(out.long(), codes.reshape(-1).long())
+
+
+def test_empty():
+    packed = pack(torch.empty(0, dtype=torch.int64), 3)
+    assert packed.dtype == torch.uint8 and packed.numel() == 0
+    out = unpack(packed, 3, 0)
+    assert out.dtype == torch.uint8 and out.numel() == 0
+
+
+def test_trailing_bits_are_zero():
+    assert pack(torch.tensor([1]), 1).tolist() == [1]
+    assert pack(torch.tensor([31, 31]), 5).tolist() == [255, 3]
+
+
+@pytest.mark.parametrize("bits", [0, 9, -1])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match=r"1\.\.8"):
+        pack(torch.tensor([0]), bits)
+    with pytest.raises(ValueError, match=r"1\.\.8"):
+        unpack(torch.zeros(1, dtype=torch.uint8), bits, 1)
+    with pytest.raises(ValueError, match=r"1\.\.8"):
+        packed_nbytes(1, bits)
+
+
+def test_float_codes():
+    with pytest.raises(ValueError, match="integer dtype"):
+        pack(torch.tensor([0.0, 1.0]), 2)
+
+
+def test_value_too_large():
+    with pytest.raises(ValueError, match="max 4"):
+        pack(torch.tensor([0, 4, 1]), 2)
+
+
+def test_negative_value():
+    with pytest.raises(ValueError, match="min -1"):
+        pack(torch.tensor([0, -1, 1]), 2)
+
+
+@pytest.mark.parametrize("nbytes", [0, 2, 3])
+def test_wrong_packed_length(nbytes):
+    with pytest.raises(ValueError, match="bytes"):
+        unpack(torch.zeros(nbytes, dtype=torch.uint8), 2, 4)
+
+
+def test_negative_numel():
+    with pytest.raises(ValueError, match="numel"):
+        unpack(torch.zeros(0, dtype=torch.uint8), 2, -1)
+
+
+def test_packed_must_be_uint8():
+    with pytest.raises(ValueError, match="uint8"):
+        unpack(torch.zeros(1, dtype=torch.int64), 2, 4)
