@@ -1,0 +1,35 @@
+"""distq.comm: gradients on the wire in 1–8 bits: compressors, collectives, the DDP hook."""
+
+from distq.comm.api import allreduce
+from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum
+from distq.comm.compressors import (
+    COMPRESSORS,
+    Compressor,
+    ErrorFeedback,
+    SignCompressor,
+    StochasticQuantizer,
+    make_compressor,
+    terngrad,
+)
+from distq.comm.hook import CompressionStats, QuantizedCommState, quantized_hook
+from distq.comm.noise import Key
+from distq.comm.wire import WireFormat
+
+__all__ = [
+    "COLLECTIVES",
+    "COMPRESSORS",
+    "CompressionStats",
+    "Compressor",
+    "ErrorFeedback",
+    "Key",
+    "QuantizedCommState",
+    "SignCompressor",
+    "StochasticQuantizer",
+    "Traffic",
+    "WireFormat",
+    "allreduce",
+    "make_compressor",
+    "quantized_hook",
+    "quantized_sum",
+    "terngrad",
+]

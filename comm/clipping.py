@@ -1,0 +1,24 @@
+"""Gradient clipping at c·σ per tensor before quantization (ICLR 2019 "Analysis of Quantized
+Models", §4): it bounds the scale max|g| by c·σ, which removes the √d growth of the quantization
+variance at the price of a small bias (`distq.theory.clip_bias_per_element`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+
+def clip_by_std(x: Tensor, c: float, lengths: Sequence[int] | None = None) -> Tensor:
+    """A copy of flat `x` with every segment clipped to [−c·σ, c·σ], σ = the segment's std.
+
+    `lengths` splits x into the tensors it concatenates (None: x is one tensor).
+    """
+    if not c > 0:
+        raise ValueError(f"clip={c!r}; allowed: a positive multiple of σ, or None for no clipping")
+    out = x.clone()
+    for segment in out.split(list(lengths) if lengths else [x.numel()]):
+        if segment.numel() > 1:
+            limit = c * segment.std(correction=0)
+            segment.clamp_(-limit, limit)
+    return out

@@ -1,0 +1,74 @@
+"""The wire format a compressor declares, and the payload layout every collective relies on.
+
+A payload for n elements is one uint8 tensor: the packed codes (`distq.packing`, LSB-first,
+`bits` per element) followed by one scale per bucket in `scale_dtype`, little-endian bytes.
+Collectives only read the WireFormat; they never look at a compressor's class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distq.packing import packed_nbytes
+
+LAYOUT_VERSION = 1
+SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """bits per element, elements per scale (None: one scale per tensor or chunk), scale dtype,
+    and whether the scales must be agreed on (max-reduced) across ranks before encoding."""
+
+    bits: int
+    bucket_size: int | None
+    scale_dtype: torch.dtype = torch.float32
+    shared_scale: bool = False
+    layout_version: int = LAYOUT_VERSION
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits}; allowed: 1..8")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"bucket_size={self.bucket_size}; allowed: a positive int or None")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype}; allowed: float32, float16")
+
+    def buckets(self, numel: int) -> int:
+        """Number of scales for `numel` elements."""
+        return 1 if self.bucket_size is None else -(-numel // self.bucket_size)
+
+    def code_nbytes(self, numel: int) -> int:
+        return packed_nbytes(numel, self.bits)
+
+    def payload_nbytes(self, numel: int) -> int:
+        """Bytes on the wire for `numel` elements: packed codes plus the scales."""
+        scale_bytes = torch.empty((), dtype=self.scale_dtype).element_size()
+        return self.code_nbytes(numel) + self.buckets(numel) * scale_bytes
+
+    def chunk_unit(self) -> int:
+        """Smallest element count whose codes fill whole bytes and whole buckets."""
+        per_byte = 8 // math.gcd(self.bits, 8)
+        return per_byte if self.bucket_size is None else math.lcm(self.bucket_size, per_byte)
+
+
+def join(codes: Tensor, scales: Tensor, wire: WireFormat) -> Tensor:
+    """One uint8 payload: packed codes, then the scales' bytes."""
+    raw = scales.to(wire.scale_dtype).contiguous().view(torch.uint8)
+    return torch.cat([codes, raw])
+
+
+def split(payload: Tensor, numel: int, wire: WireFormat) -> tuple[Tensor, Tensor]:
+    """(packed codes, float32 scales) of a payload made by `join`."""
+    n_codes = wire.code_nbytes(numel)
+    if payload.numel() != wire.payload_nbytes(numel):
+        raise ValueError(
+            f"payload has {payload.numel()} bytes, {numel} elements need "
+            f"{wire.payload_nbytes(numel)} in {wire}"
+        )
+    scales = payload[n_codes:].clone().view(wire.scale_dtype).to(torch.float32)
+    return payload[:n_codes], scales
