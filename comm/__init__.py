@@ -11,7 +11,7 @@ from distq.comm.compressors import (
     make_compressor,
     terngrad,
 )
-from distq.comm.hook import CompressionStats, QuantizedCommState, quantized_hook
+from distq.comm.hook import CompressionStats, QuantizedCommState, prime_buckets, quantized_hook
 from distq.comm.noise import Key
 from distq.comm.wire import WireFormat
 
@@ -29,6 +29,7 @@ __all__ = [
     "WireFormat",
     "allreduce",
     "make_compressor",
+    "prime_buckets",
     "quantized_hook",
     "quantized_sum",
     "terngrad",

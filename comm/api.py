@@ -6,11 +6,12 @@ import itertools
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
 from distq.comm.clipping import clip_by_std
 from distq.comm.collectives import quantized_sum
 from distq.comm.compressors import Compressor, StochasticQuantizer
 from distq.comm.noise import Key
-from torch import Tensor
 
 _calls = itertools.count()
 

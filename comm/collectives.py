@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
 from distq.comm.compressors import Compressor
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
-from torch import Tensor
 
 COLLECTIVES = ("allgather", "scatter", "hierarchical")
 
@@ -75,7 +76,7 @@ def allgather_sum(
     n = group_size(group)
     payload = _compress(x, compressor, key, group, traffic)
     gathered = payload.new_empty(n * payload.numel())
-    dist.all_gather_into_tensor(gathered, payload, group=group)
+    dist.all_gather_single(gathered, payload, group=group)
     traffic.sent += (n - 1) * payload.numel()
     traffic.received += (n - 1) * payload.numel()
     return _decode_sum(gathered.view(n, -1), compressor, x.numel()), traffic
@@ -114,7 +115,7 @@ def scatter_sum(x: Tensor, compressor: Compressor, key: Key, group=None) -> tupl
     owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
     owner_payload = compressor.compress(mine, owner_key)
     gathered = owner_payload.new_empty(n * owner_payload.numel())
-    dist.all_gather_into_tensor(gathered, owner_payload, group=group)
+    dist.all_gather_single(gathered, owner_payload, group=group)
     traffic.sent += (n - 1) * owner_payload.numel()
     traffic.received += (n - 1) * owner_payload.numel()
     rows = gathered.view(n, -1)

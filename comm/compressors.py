@@ -19,11 +19,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+from torch import Tensor
+
 from distq.comm import kernels
 from distq.comm.noise import Key
 from distq.comm.wire import WireFormat, join, split
-from torch import Tensor
-
 from distq.packing import pack, unpack
 
 
@@ -170,9 +170,17 @@ class ErrorFeedback(Compressor):
         if residual.numel() != x.numel():
             raise ValueError(
                 f"error-feedback slot {key.slot} holds {residual.numel()} elements, got "
-                f"{x.numel()}: bucket layout changed; call reset()"
+                f"{x.numel()}: the bucket layout changed; call discard_mismatched() or reset()"
             )
         return x + residual
+
+    def discard_mismatched(self, slot: int, numel: int) -> bool:
+        """Drop slot's residual if it has another size than `numel`; True if one was dropped."""
+        residual = self.residuals.get(slot)
+        if residual is not None and residual.numel() != numel:
+            del self.residuals[slot]
+            return True
+        return False
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
         return self.inner.scales(self._compensated(x, key), key)

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
 from distq.comm.clipping import clip_by_std
 from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum
 from distq.comm.compressors import COMPRESSORS, Compressor, ErrorFeedback, make_compressor
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class QuantizedCommState:
     __slots__ = (
         "_compressors",
         "_group",
+        "_priming",
         "_rank",
         "_topology",
         "_widths",
@@ -174,6 +176,7 @@ class QuantizedCommState:
         self.compressor_kind, self.seed, self.nonfinite = compressor, seed, nonfinite
         self.overlap = overlap
         self.iter = 0
+        self._priming = False
         self.stats = CompressionStats()
         self._widths = _parameter_widths(model, self.bits_by_name)
         self._compressors: dict[int, Compressor] = {}
@@ -212,6 +215,10 @@ class QuantizedCommState:
             key = Key(self.seed, step, self._rank, slot=index * 16 + slot)
             part = flat if mask is None else flat[mask]
             compressor = self.compressor_for(width)
+            if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(
+                key.slot, part.numel()
+            ):
+                log.warning("DDP bucket %d changed size: its error-feedback residual reset", index)
             if slot == 0 and step % 10 == 0:
                 self.stats.relative_error = _relative_error(part, _plain(compressor), key)
             summed, traffic = quantized_sum(
@@ -312,9 +319,9 @@ def quantized_hook(
     """DDP comm hook: the bucket's gradients averaged over ranks through quantized codes."""
     buffer = bucket.buffer()
     step, last = state.iter, bucket.is_last()
-    if last:
+    if last and not state._priming:
         state.iter += 1
-    if step < state.start_iter:  # DDP has not rebuilt its buckets yet: plain all-reduce
+    if step < state.start_iter or state._priming:  # DDP's buckets not rebuilt yet: plain all-reduce
         work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
         world = dist.get_world_size(state.process_group)
         return work.get_future().then(lambda fut: fut.value()[0].div_(world))
@@ -344,6 +351,33 @@ def quantized_hook(
             future.set_exception(exc)
         return future
     return state._worker.submit(job)
+
+
+def prime_buckets(ddp: nn.Module, state: QuantizedCommState, *inputs: Any) -> None:
+    """Make a fresh DDP model rebuild its buckets before training resumes.
+
+    DDP reduces its first iteration in one bucket and rebuilds its buckets afterwards, so a run
+    resumed from a checkpoint would quantize its first step in another layout than the run it
+    continues (other scales, other noise). One zero-loss forward/backward on `inputs`, reduced
+    in full precision and not counted as a step, triggers the rebuild; buffers (BatchNorm
+    statistics), gradients and the RNG state are restored, so the resumed run is bit-exact.
+    """
+    module = ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    rng = torch.get_rng_state()
+    state._priming = True
+    try:
+        output = ddp(*inputs)
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        sum(o.float().sum() for o in outputs if torch.is_tensor(o)).mul(0.0).backward()
+    finally:
+        state._priming = False
+    for p in ddp.parameters():
+        p.grad = None
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+    torch.set_rng_state(rng)
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from distq.comm.kernels import MASK32, hash_uniform
 from torch import Tensor
+
+from distq.comm.kernels import MASK32, hash_uniform
 
 U64 = 0xFFFFFFFFFFFFFFFF
 

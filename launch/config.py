@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.quant import SCHEMES, get_scheme
 
 FULL_PRECISION = "none"
@@ -89,6 +90,22 @@ class TrainConfig:
         choices=("auto", "gloo", "nccl"),
     )
     progress: bool = option(True, "show a progress bar on rank 0")
+    grad_bits: int | None = option(
+        2, "bits per gradient element on the wire (null: fp32 all-reduce)", minimum=1, maximum=8
+    )
+    collective: str = option(
+        "scatter", "how quantized gradients are exchanged", choices=COLLECTIVES
+    )
+    clip: float | None = option(2.5, "clip gradients at clip·σ per tensor (null: off)", minimum=0)
+    bucket_size: int | None = option(
+        512, "gradient elements per scale (null: one per bucket)", minimum=1
+    )
+    grad_compressor: str = option(
+        "quantize",
+        "gradient code: stochastic m-bit, TernGrad, or 1-bit sign",
+        choices=COMPRESSORS,
+    )
+    error_feedback: bool = option(False, "add each step's compression error to the next")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -105,6 +122,12 @@ class TrainConfig:
                     f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
                     f"{', '.join(map(str, spec.bits))}"
                 )
+        if self.grad_compressor == "sign" and self.grad_bits not in (None, 1):
+            raise ConfigError(f"grad_compressor 'sign' sends 1 bit; got grad_bits={self.grad_bits}")
+        if self.grad_compressor == "terngrad" and self.grad_bits not in (None, 2):
+            raise ConfigError(
+                f"grad_compressor 'terngrad' sends 2 bits; got grad_bits={self.grad_bits}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,9 +7,10 @@ last Linear stay full precision and every hidden-to-hidden weight is quantized.
 from __future__ import annotations
 
 import torch
-from distq.launch.recipes.base import Split
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
+
+from distq.launch.recipes.base import Split
 
 PIXEL_MAX = 16.0
 CLASSES = 10
