@@ -11,9 +11,7 @@ saved fp32 by safetensors (both sizes read from disk).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 from distq.export import QuantSpec, export_packed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.digits_runs import run_digits
 
 SCHEMES = [
     ("full precision", ["--scheme", "none"]),
@@ -36,30 +37,6 @@ SCHEMES = [
     ("TWN", ["--scheme", "twn"]),
     ("BinaryConnect", ["--scheme", "binaryconnect"]),
 ]
-
-
-def train(flags: list[str], seed: int, epochs: int, out: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "distq.launch.train",
-        *flags,
-        "--seed",
-        str(seed),
-        "--epochs",
-        str(epochs),
-        "--out-dir",
-        str(out),
-        "--no-progress",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
-    return json.loads((out / "summary.json").read_text())
 
 
 def export_sizes(checkpoint: Path, workdir: Path) -> tuple[int, int]:
@@ -87,7 +64,7 @@ def main() -> None:
             for name, flags in SCHEMES:
                 started = time.perf_counter()
                 out = work / f"{name.replace(' ', '_')}-{seed}"
-                result = train(flags, seed, args.epochs, out)
+                result = run_digits([*flags, "--grad-bits", "none"], seed, args.epochs, out)
                 accuracy[name].append(100 * result["test_accuracy"])
                 print(
                     f"seed {seed} {name:<16} {accuracy[name][-1]:6.2f}%  "

@@ -45,51 +45,88 @@ class Compressor(ABC):
         """float32 values encoded in `payload`."""
 
 
+ROW_WIDTH = 4096  # kernel row width when one scale covers the whole input
+
+
 class BucketCodec(Compressor):
-    """A compressor made of per-bucket `encode`/`decode` on an [n_buckets, bucket] view."""
+    """Codes c ∈ [0, 2^bits) decoded as (c − k)·s/k per bucket (k = 0: (2c − 1)·s).
 
-    def __init__(self, wire: WireFormat) -> None:
+    Subclasses choose the scale (`_scales`) and the codes (`_codes`), both pure torch kernels
+    from `kernels`, compiled; for 1, 2, 4 and 8 bits the packing is fused into the same pass.
+    """
+
+    def __init__(self, wire: WireFormat, k: int) -> None:
         self.wire = wire
+        self.k = k
+        self._fused = wire.bits in (1, 2, 4, 8) and self._width(0) * wire.bits % 8 == 0
 
     @abstractmethod
-    def bucket_scales(self, xb: Tensor) -> Tensor:
-        """Scale of each row of the padded [n_buckets, bucket] view."""
+    def _scales(self, xb: Tensor, numel: int) -> Tensor:
+        """Scale of each row of the padded [n_buckets, width] view (NaN if non-finite)."""
 
     @abstractmethod
-    def encode(self, xb: Tensor, s: Tensor, key: Key) -> Tensor:
-        """uint8 codes in [0, 2^bits) for the bucket view, given the (wire-rounded) scales."""
-
-    @abstractmethod
-    def decode(self, codes: Tensor, s: Tensor) -> Tensor:
-        """Values of the [n_buckets, bucket] codes."""
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
+        """Codes of the view for scales s (row-packed bytes if `packed`)."""
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
-        xb = self._view(x)
-        s = self.bucket_scales(xb)
-        return torch.where(torch.isfinite(xb).all(dim=1) & torch.isfinite(s), s, torch.nan)
+        return self._scales(self._view(x), x.numel())
 
     def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
-        s = self.scales(x, key) if scales is None else scales
+        if x.numel() == 0:
+            return torch.empty(0, dtype=torch.uint8, device=x.device)
+        numel, xb = x.numel(), self._view(x)
+        s = self._scales(xb, numel) if scales is None else scales
         s = round_up_to_wire(s, self.wire.scale_dtype)
-        codes = self.encode(self._view(x), s, key).reshape(-1)[: x.numel()]
-        return join(pack(codes, self.wire.bits), s, self.wire)
+        count = torch.tensor(numel, device=x.device)
+        codes = self._codes(xb, self._per_row(s, xb), key.tensor(x.device), count, self._fused)
+        codes = codes.reshape(-1)
+        if self._fused:
+            packed = codes[: self.wire.code_nbytes(numel)]
+        else:
+            packed = pack(codes[:numel], self.wire.bits)
+        return join(packed, s, self.wire)
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         packed, s = split(payload, numel, self.wire)
-        codes = unpack(packed, self.wire.bits, numel)
-        return self.decode(self._view(codes), s).reshape(-1)[:numel]
+        if numel == 0:
+            return torch.empty(0, device=payload.device)
+        width = self._width(numel)
+        rows = -(-numel // width)
+        if self._fused:
+            row_bytes = width * self.wire.bits // 8
+            full = torch.cat([packed, packed.new_zeros(rows * row_bytes - packed.numel())])
+            packed = full.view(rows, row_bytes)
+            values = kernels.compiled(kernels.packed_level_values)(
+                packed, self._per_row(s, packed), self.k, self.wire.bits
+            )
+        else:
+            codes = self._view(unpack(packed, self.wire.bits, numel))
+            values = kernels.compiled(kernels.level_values)(codes, self._per_row(s, codes), self.k)
+        return values.reshape(-1)[:numel]
+
+    def _width(self, numel: int) -> int:
+        """Row width of the kernels' 2-D view: bucket_size, or a fixed row for one-scale codecs."""
+        return self.wire.bucket_size or ROW_WIDTH
+
+    def _per_row(self, s: Tensor, rows: Tensor) -> Tensor:
+        """One scale per row of the view: the bucket scales, or the single scale repeated."""
+        return s if self.wire.bucket_size is not None else s.expand(rows.shape[0])
 
     def _view(self, t: Tensor) -> Tensor:
-        """[n_buckets, bucket_size] view of a flat tensor, zero-padded at the end."""
-        size = self.wire.bucket_size or max(t.numel(), 1)
-        pad = -t.numel() % size
-        if pad:
-            t = torch.cat([t, t.new_zeros(pad)])
-        return t.view(-1, size)
+        """[n_buckets, width] view of a flat tensor, zero-padded at the end."""
+        width = self._width(t.numel())
+        pad = -t.numel() % width
+        if pad or t.numel() == 0:
+            t = torch.cat([t, t.new_zeros(pad or width)])
+        return t.view(-1, width)
 
 
 def round_up_to_wire(s: Tensor, dtype: torch.dtype) -> Tensor:
-    """Scales as they will be decoded: in `dtype`, rounded up so |g| ≤ s still holds."""
+    """Scales as they will be decoded: in `dtype`, rounded up so |g| ≤ s still holds (fp16
+    saturates at 65504: a gradient beyond that is clipped there, never turned into inf)."""
+    if dtype == torch.float32:
+        return s
+    s = s.clamp(max=torch.finfo(dtype).max)  # saturate: larger values clip, never become inf
     rounded = s.to(dtype)
     low = rounded.to(torch.float32) < s
     rounded = torch.where(low, torch.nextafter(rounded, rounded.new_full((), torch.inf)), rounded)
@@ -106,27 +143,26 @@ class StochasticQuantizer(BucketCodec):
         scale_dtype: torch.dtype = torch.float32,
         shared_scale: bool = False,
     ) -> None:
-        super().__init__(WireFormat(bits, bucket_size, scale_dtype, shared_scale))
-        self.k = 2 ** (bits - 1) - 1
+        super().__init__(
+            WireFormat(bits, bucket_size, scale_dtype, shared_scale), 2 ** (bits - 1) - 1
+        )
 
     @property
     def delta(self) -> float:
-        """Δ_g, the level spacing relative to the scale (1 for the 1-bit sign case)."""
+        """Δ_g = 1/k, the level spacing relative to the scale (1 for the 1-bit sign code, for
+        which Lemma 3's bound E‖Q(g) − g‖² ≤ Δ_g‖g‖_∞‖g‖₁ does not hold)."""
         return 1.0 / self.k if self.k else 1.0
 
-    def bucket_scales(self, xb: Tensor) -> Tensor:
-        return xb.abs().amax(dim=1)
+    def _scales(self, xb: Tensor, numel: int) -> Tensor:
+        s = kernels.compiled(kernels.max_abs_scales)(xb)
+        return s if self.wire.bucket_size is not None else s.amax(dim=0, keepdim=True)
 
-    def encode(self, xb: Tensor, s: Tensor, key: Key) -> Tensor:
-        seed = key.tensor(xb.device)
-        if self.k == 0:
-            return kernels.compiled(kernels.stochastic_sign_codes)(xb, s, seed)
-        return kernels.compiled(kernels.stochastic_codes)(xb, s, seed, self.k)
-
-    def decode(self, codes: Tensor, s: Tensor) -> Tensor:
-        if self.k == 0:
-            return kernels.compiled(kernels.sign_values)(codes, s)
-        return kernels.compiled(kernels.level_values)(codes, s, self.k)
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
+        if packed:
+            return kernels.compiled(kernels.stochastic_packed)(
+                xb, s, key, numel, self.k, self.wire.bits
+            )
+        return kernels.compiled(kernels.stochastic_codes)(xb, s, key, numel, self.k)
 
 
 def terngrad(bucket_size: int | None = None) -> StochasticQuantizer:
@@ -138,16 +174,22 @@ class SignCompressor(BucketCodec):
     """sign(g)·‖g‖₁/n per bucket, 1 bit a value (signSGD with a magnitude; biased)."""
 
     def __init__(self, bucket_size: int | None = 512, scale_dtype: torch.dtype = torch.float32):
-        super().__init__(WireFormat(1, bucket_size, scale_dtype))
+        super().__init__(WireFormat(1, bucket_size, scale_dtype), k=0)
 
-    def bucket_scales(self, xb: Tensor) -> Tensor:
-        return xb.abs().mean(dim=1)
+    def _scales(self, xb: Tensor, numel: int) -> Tensor:
+        sums = kernels.compiled(kernels.abs_sums)(xb)
+        if self.wire.bucket_size is None:
+            s = sums.sum(dim=0, keepdim=True) / max(numel, 1)
+        else:
+            width = self.wire.bucket_size
+            real = (numel - torch.arange(sums.numel(), device=xb.device) * width).clamp(1, width)
+            s = sums / real
+        return torch.where(torch.isfinite(s), s, torch.nan)
 
-    def encode(self, xb: Tensor, s: Tensor, key: Key) -> Tensor:
-        return (xb >= 0).to(torch.uint8)
-
-    def decode(self, codes: Tensor, s: Tensor) -> Tensor:
-        return kernels.compiled(kernels.sign_values)(codes, s)
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
+        if packed:
+            return kernels.compiled(kernels.sign_packed)(xb, numel)
+        return kernels.compiled(kernels.sign_codes)(xb, numel)
 
 
 class ErrorFeedback(Compressor):

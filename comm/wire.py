@@ -39,7 +39,9 @@ class WireFormat:
             raise ValueError(f"scale_dtype={self.scale_dtype}; allowed: float32, float16")
 
     def buckets(self, numel: int) -> int:
-        """Number of scales for `numel` elements."""
+        """Number of scales for `numel` elements (none for an empty tensor)."""
+        if numel == 0:
+            return 0
         return 1 if self.bucket_size is None else -(-numel // self.bucket_size)
 
     def code_nbytes(self, numel: int) -> int:

@@ -11,6 +11,7 @@ how unlikely a correct implementation is to fail for a fresh choice of keys.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -101,7 +102,8 @@ def sample(numel: int, seed: int) -> torch.Tensor:
     x = torch.randn(numel, generator=g)
     x[::37] *= 4.0
     x[5::50] = 0.0
-    x[7] = -x.abs().max()  # a tie with the max (negative)
+    if numel > 7:
+        x[7] = -x.abs().max()  # a tie with the max (negative)
     return x
 
 
@@ -136,9 +138,9 @@ def test_decoded_values_lie_on_the_level_grid(bits, bucket):
         lo, hi = level.floor() - 1e-6, level.ceil() + 1e-6  # float32 vs float64 level
         assert ((r.abs() >= lo) & (r.abs() <= hi)).all()
         assert (r * x.sign() >= 0).all()
-        # the bucket max sits on the top level: it decodes to exactly ±s
+        # the bucket max sits on the top level: it decodes to ±s (k·(s/k) in float32)
         top = x.abs() == s
-        assert torch.equal(dec[top], s[top] * x[top].sign())
+        torch.testing.assert_close(dec[top], s[top] * x[top].sign(), rtol=2 * EPS32, atol=0)
 
 
 # ----------------------------------------------------------------------- 2. unbiasedness
@@ -185,7 +187,8 @@ def test_mean_squared_error_matches_theory_and_lemma_3_bound(bits, bucket):
     p = level - level.floor()
     expected = ((s / q.k) ** 2 * p * (1 - p)).sum()
     sd = torch.sqrt(((s / q.k) ** 4 * p * (1 - p) * (1 - 2 * p) ** 2).sum() / T)
-    tol = math.sqrt(2 * L) * sd + TINY * (s**2).sum() / q.k
+    # the mean over T keys of a sum of 1000 independent bounded terms: Gaussian, 6.5σ
+    tol = math.sqrt(2 * L) * sd + 2 * TINY * (s**2).sum() / q.k
     assert abs(sq_err.mean() - expected) <= tol, (sq_err.mean(), expected, tol)
     # Lemma 3: E‖Q(g) − g‖² ≤ Δ_g‖g‖_∞‖g‖₁ per bucket, Δ_g = 1/k, summed over buckets
     size = bucket or x.numel()
@@ -295,7 +298,7 @@ def test_payload_size(bucket, scale_dtype):
             n_buckets = 1 if bucket is None else math.ceil(numel / bucket)
             expected = math.ceil(numel * bits / 8) + n_buckets * scale_bytes
             assert q.wire.payload_nbytes(numel) == expected
-            x = sample(numel, seed=numel) if numel > 7 else torch.randn(numel)
+            x = sample(numel, seed=numel)
             payload = q.compress(x, Key(step=bits))
             assert payload.shape == (expected,) and payload.dtype == torch.uint8
             assert q.decompress(payload, numel).shape == (numel,)
@@ -303,15 +306,11 @@ def test_payload_size(bucket, scale_dtype):
                 q.decompress(payload[:-1], numel)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: bucket_size=None, numel=0 compresses to 0 bytes but payload_nbytes(0) == 4 "
-    "(one scale), so decompress rejects the compressor's own payload",
-)
-def test_empty_tensor_without_buckets_round_trips():
-    q = StochasticQuantizer(2, None)
+@pytest.mark.parametrize("bucket", [64, None])
+def test_empty_tensor_round_trips(bucket):
+    q = StochasticQuantizer(2, bucket)
     payload = q.compress(torch.zeros(0), Key())
-    assert payload.numel() == q.wire.payload_nbytes(0)
+    assert payload.numel() == q.wire.payload_nbytes(0) == 0
     assert q.decompress(payload, 0).shape == (0,)
 
 
@@ -335,23 +334,19 @@ def test_fp16_scale_rounds_up_and_stays_unbiased():
     assert (s16[:3] > true[:3].half().float()).all()  # (these did need rounding up)
     dec = decode_many(q, x, T)
     s = per_element(s16, x.numel(), 64).double()
-    assert (dec.abs() <= s).all()
+    assert (dec.abs() <= s * (1 + 2 * EPS32)).all()  # within s16 (k·(s/k) in float32)
     tops = torch.arange(len(maxima)) * 64 + 3
     var = rounding_variance(x[tops], s[tops], q.k)
     err = (dec[:, tops].mean(dim=0) - x[tops].double()).abs()
     assert (err <= bernstein(var, s[tops] / q.k, T) + TINY * s[tops]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with fp16 scales a finite bucket max above 65504 rounds up to inf, and the "
-    "bucket decodes as 0·inf = NaN although no element is NaN/Inf",
-)
 def test_fp16_scale_overflow_keeps_finite_values_finite():
     q = StochasticQuantizer(2, 64, torch.float16)
     x = torch.tensor([70000.0, 1.0, -2.0])
     dec = q.decompress(q.compress(x, Key()), x.numel())
     assert torch.isfinite(dec).all()
+    assert dec[0] == torch.finfo(torch.float16).max  # the scale saturates: 70000 clips to 65504
 
 
 # -------------------------------------------------------------------------- 7. determinism
@@ -366,7 +361,7 @@ def test_same_key_same_bytes_other_key_other_bytes():
         assert torch.equal(payload, q.compress(x, key))
         assert torch.equal(payload, StochasticQuantizer(bits, 512).compress(x.clone(), key))
         for field in ("seed", "step", "rank", "slot", "phase"):
-            other = Key(**{**key.__dict__, field: getattr(key, field) + 1})
+            other = dataclasses.replace(key, **{field: getattr(key, field) + 1})
             assert not torch.equal(payload, q.compress(x, other)), field
 
 
@@ -421,21 +416,7 @@ def test_compiled_and_eager_payloads_are_bit_identical(tmp_path, compiled_kernel
 # ------------------------------------------------------------- 8. sign and error feedback
 
 
-@pytest.mark.parametrize(
-    "numel",
-    [
-        256,
-        1,
-        pytest.param(
-            200,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: SignCompressor's last partial bucket uses ‖g‖₁/bucket_size (zero "
-                "padding counted) instead of the mean |g| over the bucket's own elements",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("numel", [256, 200, 1])
 def test_sign_compressor_decodes_sign_times_mean_abs(numel):
     x = sample(max(numel, 8), seed=11)[:numel]
     x[::9] = 0.0  # sign(0) → +

@@ -39,7 +39,8 @@ def trained(tmp_path_factory):
 
 def test_torchrun_trains_ternary_digits_and_reports(trained):
     out, stdout = trained
-    assert "2 worker(s) on gloo, scheme ternary" in stdout
+    assert "2 worker(s) on gloo, weights ternary, 2-bit quantize gradients, scatter" in stdout
+    assert "15.5x less" in stdout  # 2-bit codes + one fp32 scale per 512 elements
     assert "3.weight   256x256" in stdout and "ternary, 2 bit" in stdout
     accuracies = [
         float(line.rsplit(" ", 1)[1].rstrip("%"))
