@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distq.comm.clipping import clip_by_std
+from distq.comm.clipping import clip_by_std_
 from distq.comm.collectives import quantized_sum
 from distq.comm.compressors import Compressor, StochasticQuantizer
 from distq.comm.noise import Key
@@ -36,8 +36,8 @@ def allreduce(
     compressor = compressor or StochasticQuantizer(bits, bucket_size)
     if key is None:
         key = Key(step=next(_calls), rank=dist.get_rank())
-    x = tensor.detach().reshape(-1).to(torch.float32)
+    x = tensor.detach().to(torch.float32, copy=True).reshape(-1)
     if clip is not None:
-        x = clip_by_std(x, clip)
-    total, _ = quantized_sum(x, compressor, key, collective, group)
+        clip_by_std_(x, clip)
+    total, _ = quantized_sum(x, compressor, key, collective, group, inplace=True)
     return (total / dist.get_world_size(group)).reshape(tensor.shape).to(tensor.dtype)

@@ -9,16 +9,15 @@ from collections.abc import Sequence
 from torch import Tensor
 
 
-def clip_by_std(x: Tensor, c: float, lengths: Sequence[int] | None = None) -> Tensor:
-    """A copy of flat `x` with every segment clipped to [−c·σ, c·σ], σ = the segment's std.
+def clip_by_std_(x: Tensor, c: float, lengths: Sequence[int] | None = None) -> Tensor:
+    """Clip flat `x` in place, every segment to [−c·σ, c·σ], σ = the segment's std; returns x.
 
     `lengths` splits x into the tensors it concatenates (None: x is one tensor).
     """
     if not c > 0:
         raise ValueError(f"clip={c!r}; allowed: a positive multiple of σ, or None for no clipping")
-    out = x.clone()
-    for segment in out.split(list(lengths) if lengths else [x.numel()]):
+    for segment in x.split(list(lengths) if lengths else [x.numel()]):
         if segment.numel() > 1:
             limit = c * segment.std(correction=0)
             segment.clamp_(-limit, limit)
-    return out
+    return x

@@ -60,32 +60,48 @@ def _compress(x: Tensor, compressor: Compressor, key: Key, group, traffic: Traff
     return compressor.compress(x, key, torch.where(torch.isinf(scales), torch.nan, scales))
 
 
-def _decode_sum(rows: Tensor, compressor: Compressor, numel: int) -> Tensor:
-    """Σ_i decode(rows[i]) accumulated in row (rank) order."""
-    total = compressor.decompress(rows[0], numel)
+def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor:
+    """A receive buffer: reused from `buffers` when one of the right size is cached there."""
+    if buffers is None:
+        return like.new_empty(numel)
+    cached = buffers.get(name)
+    if cached is None or cached.numel() != numel:
+        cached = buffers[name] = like.new_empty(numel)
+    return cached
+
+
+def _decode_sum_into(out: Tensor, rows: Tensor, compressor: Compressor) -> Tensor:
+    """out ← Σ_i decode(rows[i]), accumulated in row (rank) order; one row decoded at a time."""
+    out.copy_(compressor.decompress(rows[0], out.numel()))
     for row in rows[1:]:
-        total += compressor.decompress(row, numel)
-    return total
+        out += compressor.decompress(row, out.numel())
+    return out
 
 
 def allgather_sum(
-    x: Tensor, compressor: Compressor, key: Key, group=None
+    x: Tensor, compressor: Compressor, key: Key, group=None, buffers: dict | None = None
 ) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload."""
+    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it."""
     traffic = Traffic()
     n = group_size(group)
     payload = _compress(x, compressor, key, group, traffic)
-    gathered = payload.new_empty(n * payload.numel())
+    gathered = _buffer(buffers, "allgather", payload, n * payload.numel())
     dist.all_gather_single(gathered, payload, group=group)
     traffic.sent += (n - 1) * payload.numel()
     traffic.received += (n - 1) * payload.numel()
-    return _decode_sum(gathered.view(n, -1), compressor, x.numel()), traffic
+    return _decode_sum_into(x, gathered.view(n, -1), compressor), traffic
 
 
 def chunk_length(numel: int, n: int, compressor: Compressor) -> int:
     """Elements per rank's chunk in `scatter`: ≥ numel/n, a multiple of whole buckets and bytes."""
     unit = compressor.wire.chunk_unit()
     return max(1, -(-numel // (n * unit))) * unit
+
+
+def working_length(numel: int, n: int, compressor: Compressor, collective: str) -> int:
+    """Length of the scratch buffer a collective works in without copying: for `scatter`, the
+    tensor padded to n whole chunks; otherwise the tensor itself."""
+    return n * chunk_length(numel, n, compressor) if collective == "scatter" else numel
 
 
 def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor) -> Tensor:
@@ -98,44 +114,50 @@ def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor)
     return torch.cat([codes, scales], dim=1)
 
 
-def scatter_sum(x: Tensor, compressor: Compressor, key: Key, group=None) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather."""
-    traffic = Traffic()
-    n, rank = group_size(group), dist.get_rank(group)
-    chunk = chunk_length(x.numel(), n, compressor)
-    padded = torch.cat([x, x.new_zeros(n * chunk - x.numel())])
-    send = _chunk_payloads(_compress(padded, compressor, key, group, traffic), n, chunk, compressor)
-    row_bytes = send.shape[1]
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received.view(-1), send.reshape(-1), group=group)
-    traffic.sent += (n - 1) * row_bytes
-    traffic.received += (n - 1) * row_bytes
+def scatter_sum(
+    x: Tensor, compressor: Compressor, key: Key, group=None, buffers: dict | None = None
+) -> tuple[Tensor, Traffic]:
+    """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather.
 
-    mine = _decode_sum(received, compressor, chunk)
-    owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
-    owner_payload = compressor.compress(mine, owner_key)
-    gathered = owner_payload.new_empty(n * owner_payload.numel())
+    Works in x itself when it already has `working_length` (overwriting it), else in a padded
+    copy; returns a view of the first x.numel() elements.
+    """
+    traffic = Traffic()
+    n, rank, numel = group_size(group), dist.get_rank(group), x.numel()
+    chunk = chunk_length(numel, n, compressor)
+    work = x if numel == n * chunk else torch.cat([x, x.new_zeros(n * chunk - numel)])
+    send = _chunk_payloads(_compress(work, compressor, key, group, traffic), n, chunk, compressor)
+    received = _buffer(buffers, "scatter-received", send, send.numel()).view_as(send)
+    dist.all_to_all_single(received.view(-1), send.reshape(-1), group=group)
+    traffic.sent += (n - 1) * send.shape[1]
+    traffic.received += (n - 1) * send.shape[1]
+
+    mine = _decode_sum_into(work[rank * chunk : (rank + 1) * chunk], received, compressor)
+    owner_payload = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
+    gathered = _buffer(buffers, "scatter-gathered", owner_payload, n * owner_payload.numel())
     dist.all_gather_single(gathered, owner_payload, group=group)
     traffic.sent += (n - 1) * owner_payload.numel()
     traffic.received += (n - 1) * owner_payload.numel()
-    rows = gathered.view(n, -1)
-    total = torch.cat([compressor.decompress(rows[j], chunk) for j in range(n)])
-    return total[: x.numel()], traffic
+    for j, row in enumerate(gathered.view(n, -1)):
+        work[j * chunk : (j + 1) * chunk] = compressor.decompress(row, chunk)
+    return work[:numel], traffic
 
 
 def hierarchical_sum(
-    x: Tensor, compressor: Compressor, key: Key, topology: Topology
+    x: Tensor, compressor: Compressor, key: Key, topology: Topology, buffers: dict | None = None
 ) -> tuple[Tensor, Traffic]:
-    """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast."""
+    """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
+    Overwrites x."""
     traffic = Traffic()
-    node_sum = x.clone()
+    node_sum = x
     local = topology.local_size
     if local > 1:
         dist.all_reduce(node_sum, group=topology.node_group)
         fp_bytes = node_sum.numel() * node_sum.element_size()
         traffic.intra_node_sent += 2 * (local - 1) * fp_bytes // local
     if topology.is_leader and topology.num_nodes > 1:  # one node: nothing crosses a slow link
-        node_sum, inter = scatter_sum(node_sum, compressor, key, topology.leader_group)
+        reduced, inter = scatter_sum(node_sum, compressor, key, topology.leader_group, buffers)
+        node_sum.copy_(reduced)
         traffic.add(inter)
     if local > 1:
         dist.broadcast(node_sum, src=topology.leader, group=topology.node_group)
@@ -151,12 +173,23 @@ def quantized_sum(
     collective: str,
     group: dist.ProcessGroup | None = None,
     topology: Topology | None = None,
+    *,
+    inplace: bool = False,
+    buffers: dict | None = None,
 ) -> tuple[Tensor, Traffic]:
-    """Dispatch to the named collective: the bit-identical Σ over ranks of (quantized) x."""
+    """The bit-identical Σ over ranks of (quantized) x by the named collective.
+
+    inplace=True lets the collective use x as its scratch space (x is overwritten and the
+    result may share its memory): with `working_length(...)` elements nothing else of the
+    gradient's size is allocated but one decoded row at a time. `buffers` caches the receive
+    buffers between calls.
+    """
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective {collective!r}; allowed: {', '.join(COLLECTIVES)}")
+    if not inplace:
+        x = x.clone()
     if collective == "allgather":
-        return allgather_sum(x, compressor, key, group)
+        return allgather_sum(x, compressor, key, group, buffers)
     if collective == "scatter":
-        return scatter_sum(x, compressor, key, group)
-    if collective == "hierarchical":
-        return hierarchical_sum(x, compressor, key, topology or Topology.discover(group))
-    raise ValueError(f"collective {collective!r}; allowed: {', '.join(COLLECTIVES)}")
+        return scatter_sum(x, compressor, key, group, buffers)
+    return hierarchical_sum(x, compressor, key, topology or Topology.discover(group), buffers)

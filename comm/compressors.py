@@ -197,24 +197,26 @@ class ErrorFeedback(Compressor):
 
     For a rank's own gradient (key.phase 0) it compresses g + e and keeps e ← (g + e) − Q(g + e)
     per key.slot: one residual the size of the gradient per rank. Re-quantizations of reduced
-    data (phase ≥ 1, the `scatter` owner's step) pass through uncompensated.
+    data (phase ≥ 1, the `scatter` owner's step) pass through uncompensated. inplace=True adds
+    e into the caller's x (a scratch buffer) instead of allocating g + e.
     """
 
-    def __init__(self, inner: Compressor) -> None:
+    def __init__(self, inner: Compressor, inplace: bool = False) -> None:
         self.inner = inner
         self.wire = inner.wire
+        self.inplace = inplace
         self.residuals: dict[int, Tensor] = {}
 
-    def _compensated(self, x: Tensor, key: Key) -> Tensor:
+    def _residual(self, x: Tensor, key: Key) -> Tensor | None:
         residual = self.residuals.get(key.slot)
         if key.phase != 0 or residual is None:
-            return x
+            return None
         if residual.numel() != x.numel():
             raise ValueError(
                 f"error-feedback slot {key.slot} holds {residual.numel()} elements, got "
                 f"{x.numel()}: the bucket layout changed; call discard_mismatched() or reset()"
             )
-        return x + residual
+        return residual
 
     def discard_mismatched(self, slot: int, numel: int) -> bool:
         """Drop slot's residual if it has another size than `numel`; True if one was dropped."""
@@ -225,14 +227,20 @@ class ErrorFeedback(Compressor):
         return False
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
-        return self.inner.scales(self._compensated(x, key), key)
+        residual = self._residual(x, key)
+        return self.inner.scales(x if residual is None else x + residual, key)
 
     def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
-        target = self._compensated(x, key)
-        payload = self.inner.compress(target, key, scales)
-        if key.phase == 0:
-            residual = target - self.inner.decompress(payload, x.numel())
-            self.residuals[key.slot] = torch.where(torch.isfinite(residual), residual, 0.0)
+        if key.phase != 0:
+            return self.inner.compress(x, key, scales)
+        residual = self._residual(x, key)
+        if residual is not None:
+            x = x.add_(residual) if self.inplace else x + residual
+        payload = self.inner.compress(x, key, scales)
+        if residual is None:
+            residual = self.residuals[key.slot] = torch.empty_like(x)
+        torch.sub(x, self.inner.decompress(payload, x.numel()), out=residual)
+        torch.nan_to_num_(residual, nan=0.0, posinf=0.0, neginf=0.0)
         return payload
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
@@ -249,8 +257,10 @@ def make_compressor(
     bucket_size: int | None = 512,
     error_feedback: bool = False,
     scale_dtype: torch.dtype = torch.float32,
+    inplace_feedback: bool = False,
 ) -> Compressor:
-    """A compressor by name: 'quantize' (m-bit stochastic), 'terngrad', 'sign' (1-bit)."""
+    """A compressor by name: 'quantize' (m-bit stochastic), 'terngrad', 'sign' (1-bit);
+    error_feedback wraps it in `ErrorFeedback(…, inplace=inplace_feedback)`."""
     if kind == "quantize":
         compressor: Compressor = StochasticQuantizer(bits, bucket_size, scale_dtype)
     elif kind == "terngrad":
@@ -259,7 +269,7 @@ def make_compressor(
         compressor = SignCompressor(bucket_size, scale_dtype)
     else:
         raise ValueError(f"compressor {kind!r}; allowed: {', '.join(COMPRESSORS)}")
-    return ErrorFeedback(compressor) if error_feedback else compressor
+    return ErrorFeedback(compressor, inplace_feedback) if error_feedback else compressor
 
 
 COMPRESSORS = ("quantize", "terngrad", "sign")

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distq.comm.clipping import clip_by_std
-from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum
+from distq.comm.clipping import clip_by_std_
+from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum, working_length
 from distq.comm.compressors import COMPRESSORS, Compressor, ErrorFeedback, make_compressor
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
@@ -30,6 +30,8 @@ from distq.comm.topology import Topology
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "propagate")
+ERROR_EVERY = 10  # steps between measurements of the relative quantization error
+SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per DDP bucket: one per distinct bit width
 
 
 @dataclass
@@ -110,6 +112,7 @@ class QuantizedCommState:
     """
 
     __slots__ = (
+        "_buffers",
         "_compressors",
         "_group",
         "_priming",
@@ -180,6 +183,7 @@ class QuantizedCommState:
         self.stats = CompressionStats()
         self._widths = _parameter_widths(model, self.bits_by_name)
         self._compressors: dict[int, Compressor] = {}
+        self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
         self._world_size = dist.get_world_size(process_group)
         self._rank = dist.get_rank()
         ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
@@ -193,43 +197,76 @@ class QuantizedCommState:
         """The (cached) compressor of one bit width; error-feedback residuals live in it."""
         if bits not in self._compressors:
             self._compressors[bits] = make_compressor(
-                self.compressor_kind, bits, self.bucket_size, self.error_feedback
+                self.compressor_kind,
+                bits,
+                self.bucket_size,
+                self.error_feedback,
+                inplace_feedback=True,
             )
         return self._compressors[bits]
 
     def reduce(
-        self, flat: Tensor, lengths: list[int], widths: list[int], index: int, step: int
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
     ) -> Tensor:
-        """Average one bucket (float32, flat) over ranks; runs on the worker thread."""
-        n = self._world_size
-        fp32_bytes = 2 * (n - 1) * flat.numel() * 4 // n
+        """Average one DDP bucket over ranks; runs on the worker thread.
+
+        The only gradient-sized allocation is one float32 scratch buffer (padded for
+        `scatter`) that the clipping, the exchange and the division all work in, plus one
+        decoded row at a time: extra memory stays within about 2x the bucket.
+        """
+        n, numel = self._world_size, buffer.numel()
+        fp32_bytes = 2 * (n - 1) * numel * 4 // n
         self.stats.fp32_allreduce_bytes += fp32_bytes
-        if flat.numel() < self.min_numel:
-            dist.all_reduce(flat, group=self._group)
+        if numel < self.min_numel:
+            work = buffer.to(torch.float32, copy=True)
+            dist.all_reduce(work, group=self._group)
             self.stats.uncompressed_bytes_sent += fp32_bytes
-            return flat / n
+            return work.div_(n)
+        groups = _groups_by_width(lengths, widths, buffer.device)
+        if len(groups) > 1:
+            return self._reduce_mixed(buffer, lengths, groups, index, step).div_(n)
+        compressor = self.compressor_for(groups[0][0])
+        work = torch.zeros(working_length(numel, n, compressor, self.collective))
+        x = work[:numel].copy_(buffer)
         if self.clip is not None:
-            flat = clip_by_std(flat, self.clip, lengths)
-        total = torch.empty_like(flat)
-        for slot, (width, mask) in enumerate(_groups_by_width(lengths, widths, flat.device)):
-            key = Key(self.seed, step, self._rank, slot=index * 16 + slot)
-            part = flat if mask is None else flat[mask]
-            compressor = self.compressor_for(width)
-            if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(
-                key.slot, part.numel()
-            ):
-                log.warning("DDP bucket %d changed size: its error-feedback residual reset", index)
-            if slot == 0 and step % 10 == 0:
-                self.stats.relative_error = _relative_error(part, _plain(compressor), key)
-            summed, traffic = quantized_sum(
-                part, compressor, key, self.collective, self._group, self._topology
+            clip_by_std_(x, self.clip, lengths)
+        target = work if self.collective == "scatter" else x
+        summed = self._exchange(target, compressor, index * SLOTS_PER_BUCKET, step)
+        return summed[:numel].div_(n)
+
+    def _exchange(self, x: Tensor, compressor: Compressor, slot: int, step: int) -> Tensor:
+        """Σ over ranks of the quantized x (overwritten), keyed by step, rank and slot."""
+        key = Key(self.seed, step, self._rank, slot=slot)
+        if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(slot, x.numel()):
+            log.warning("DDP bucket layout changed: error-feedback residual %d reset", slot)
+        if step % ERROR_EVERY == 0:
+            self.stats.relative_error = _relative_error(x, _plain(compressor), key)
+        summed, traffic = quantized_sum(
+            x,
+            compressor,
+            key,
+            self.collective,
+            self._group,
+            self._topology,
+            inplace=True,
+            buffers=self._buffers.setdefault(slot, {}),
+        )
+        self._count(traffic)
+        return summed
+
+    def _reduce_mixed(
+        self, buffer: Tensor, lengths: list[int], groups: list, index: int, step: int
+    ) -> Tensor:
+        """A bucket whose parameters have different widths (bits_by_name): one exchange per
+        width over its elements (this path copies each group, beyond the 2x bound)."""
+        flat = buffer.to(torch.float32, copy=True)
+        if self.clip is not None:
+            clip_by_std_(flat, self.clip, lengths)
+        for part, (width, mask) in enumerate(groups):
+            flat[mask] = self._exchange(
+                flat[mask], self.compressor_for(width), index * SLOTS_PER_BUCKET + part, step
             )
-            if mask is None:
-                total = summed
-            else:
-                total[mask] = summed
-            self._count(traffic)
-        return total / n
+        return flat
 
     def _count(self, traffic: Traffic) -> None:
         self.stats.bytes_sent += traffic.sent
@@ -326,14 +363,12 @@ def quantized_hook(
         world = dist.get_world_size(state.process_group)
         return work.get_future().then(lambda fut: fut.value()[0].div_(world))
 
-    grads = bucket.gradients()
-    lengths = [g.numel() for g in grads]
+    lengths = [g.numel() for g in bucket.gradients()]
     widths = [state._widths.get(p, state.bits) for p in bucket.parameters()]
-    flat = buffer.detach().to(torch.float32, copy=True)
     index = bucket.index()
 
     def job() -> Tensor:
-        result = state.reduce(flat, lengths, widths, index, step)
+        result = state.reduce(buffer.detach(), lengths, widths, index, step)
         if last:
             state.stats.steps += 1
         if not torch.isfinite(result).all() and state.nonfinite == "raise":
@@ -429,6 +464,6 @@ def _plain(compressor: Compressor) -> Compressor:
 
 def _relative_error(x: Tensor, compressor: Compressor, key: Key) -> float:
     """‖Q(x) − x‖² / ‖x‖² of one quantization of this rank's gradient (same noise as sent)."""
-    q = compressor.decompress(compressor.compress(x, key), x.numel())
-    norm = float(x.square().sum())
-    return float((q - x).square().sum()) / norm if norm > 0 else 0.0
+    diff = compressor.decompress(compressor.compress(x, key), x.numel()).sub_(x)
+    norm = float(torch.dot(x, x))
+    return float(torch.dot(diff, diff)) / norm if norm > 0 else 0.0

@@ -377,3 +377,60 @@ def test_bad_arguments_name_the_value_and_the_choices(tmp_path):
     assert "allowed: allgather, scatter, hierarchical" in errors[1]
     assert "start_iter=1" in errors[2]
     assert "needs model=" in errors[5]
+
+
+def hierarchical_worker(rank, world, out):
+    os.environ["GROUP_RANK"] = str(rank // 2)  # two emulated nodes of two ranks each
+    model, ddp, state = setup({"bits": 2, "collective": "hierarchical", "min_numel": 0})
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for i in range(12):
+        step(ddp, opt, rank, i)
+    stats = state.compression_stats()
+    torch.save({"params": flat_params(model), "sent": stats.bytes_sent,
+                "intra": stats.intra_node_bytes_sent}, out / f"rank{rank}.pt")
+    state.close()
+    del ddp
+    gc.collect()
+
+
+def test_hierarchical_across_two_emulated_nodes(tmp_path):
+    run_workers(hierarchical_worker, 4, tmp_path)
+    res = results(tmp_path, 4)
+    assert_identical(res)
+    leaders, others = (res[0], res[2]), (res[1], res[3])
+    assert all(r["sent"] > 0 and r["intra"] > 0 for r in leaders)  # quantized between nodes
+    assert all(r["sent"] == 0 and r["intra"] > 0 for r in others)  # only fp32 inside the node
+
+
+def mixed_widths_worker(rank, world, out):
+    torch.manual_seed(0)
+    model = make_model()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=100)  # one bucket, three widths
+    state = QuantizedCommState(bits=2, bits_by_name={"0.weight": 4, r"6\..*": 8}, model=model,
+                               min_numel=0, error_feedback=True)
+    ddp.register_comm_hook(state, quantized_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    before = flat_params(model)
+    for i in range(12):
+        step(ddp, opt, rank, i)
+    torch.save({"params": flat_params(model), "before": before,
+                "widths": sorted(state.state_dict()["residuals"])}, out / f"rank{rank}.pt")
+    state.close()
+    del ddp
+    gc.collect()
+
+
+def test_bits_by_name_sends_each_width(tmp_path):
+    run_workers(mixed_widths_worker, 2, tmp_path)
+    res = results(tmp_path, 2)
+    assert_identical(res)
+    assert (res[0]["params"] - res[0]["before"]).abs().max() > 1e-3
+    assert {name.split("/")[0] for name in res[0]["widths"]} == {"2", "4", "8"}
+
+
+def test_small_buckets_go_uncompressed(tmp_path):
+    opts = {"bits": 2, "min_numel": 10**9}
+    run_workers(train_worker, 2, tmp_path, opts, 6)
+    res = results(tmp_path, 2)
+    assert_identical(res)
+    assert res[0]["sent"] == 0 and res[0]["ratio"] == pytest.approx(1.0)
