@@ -71,10 +71,10 @@ def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor
 
 
 def _decode_sum_into(out: Tensor, rows: Tensor, compressor: Compressor) -> Tensor:
-    """out ← Σ_i decode(rows[i]), accumulated in row (rank) order; one row decoded at a time."""
-    out.copy_(compressor.decompress(rows[0], out.numel()))
+    """out ← Σ_i decode(rows[i]), accumulated in row (rank) order, decoded block by block."""
+    compressor.decompress_into(rows[0], out)
     for row in rows[1:]:
-        out += compressor.decompress(row, out.numel())
+        compressor.decompress_into(row, out, accumulate=True)
     return out
 
 
@@ -139,7 +139,7 @@ def scatter_sum(
     traffic.sent += (n - 1) * owner_payload.numel()
     traffic.received += (n - 1) * owner_payload.numel()
     for j, row in enumerate(gathered.view(n, -1)):
-        work[j * chunk : (j + 1) * chunk] = compressor.decompress(row, chunk)
+        compressor.decompress_into(row, work[j * chunk : (j + 1) * chunk])
     return work[:numel], traffic
 
 

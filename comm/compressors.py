@@ -17,13 +17,14 @@ decode a payload get bit-identical values.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from distq.comm import kernels
 from distq.comm.noise import Key
-from distq.comm.wire import WireFormat, join, split
+from distq.comm.wire import WireFormat, split
 from distq.packing import pack, unpack
 
 
@@ -44,81 +45,138 @@ class Compressor(ABC):
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         """float32 values encoded in `payload`."""
 
+    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        """Decode into `out` (out += decoded if `accumulate`); returns out."""
+        values = self.decompress(payload, out.numel())
+        return out.add_(values) if accumulate else out.copy_(values)
+
 
 ROW_WIDTH = 4096  # kernel row width when one scale covers the whole input
+BLOCK_ELEMENTS = 1 << 20  # elements per kernel call: bounds the codec's scratch memory
 
 
 class BucketCodec(Compressor):
     """Codes c ∈ [0, 2^bits) decoded as (c − k)·s/k per bucket (k = 0: (2c − 1)·s).
 
-    Subclasses choose the scale (`_scales`) and the codes (`_codes`), both pure torch kernels
-    from `kernels`, compiled; for 1, 2, 4 and 8 bits the packing is fused into the same pass.
+    Subclasses choose the scale (`_row_stats`, `_finish_scales`) and the codes (`_codes`), pure
+    torch kernels from `kernels`, compiled; for 1, 2, 4 and 8 bits the packing is fused into the
+    same pass. Inputs are processed in blocks of about BLOCK_ELEMENTS, so encoding and decoding
+    allocate nothing of the input's size besides the payload and the decoded output.
     """
 
     def __init__(self, wire: WireFormat, k: int) -> None:
         self.wire = wire
         self.k = k
-        self._fused = wire.bits in (1, 2, 4, 8) and self._width(0) * wire.bits % 8 == 0
+        self._width = wire.bucket_size or ROW_WIDTH
+        self._row_bytes = self._width * wire.bits // 8
+        self._aligned = self._width * wire.bits % 8 == 0  # every row starts on a byte
+        self._fused = self._aligned and wire.bits in (1, 2, 4, 8)
+        self._block_rows = max(1, BLOCK_ELEMENTS // self._width)
 
     @abstractmethod
-    def _scales(self, xb: Tensor, numel: int) -> Tensor:
-        """Scale of each row of the padded [n_buckets, width] view (NaN if non-finite)."""
+    def _row_stats(self, xb: Tensor) -> Tensor:
+        """Per-row statistic of a block view that the scales are made of."""
 
     @abstractmethod
-    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
-        """Codes of the view for scales s (row-packed bytes if `packed`)."""
+    def _finish_scales(self, stats: Tensor, numel: int) -> Tensor:
+        """Scale per bucket from all rows' statistics (NaN where the input is not finite)."""
+
+    @abstractmethod
+    def _codes(
+        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
+    ) -> Tensor:
+        """Codes of a block view starting at element `offset` (row-packed bytes if `packed`)."""
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
-        return self._scales(self._view(x), x.numel())
+        stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
+        return self._finish_scales(torch.cat(stats), x.numel())
 
     def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
-        if x.numel() == 0:
-            return torch.empty(0, dtype=torch.uint8, device=x.device)
-        numel, xb = x.numel(), self._view(x)
-        s = self._scales(xb, numel) if scales is None else scales
-        s = round_up_to_wire(s, self.wire.scale_dtype)
-        count = torch.tensor(numel, device=x.device)
-        codes = self._codes(xb, self._per_row(s, xb), key.tensor(x.device), count, self._fused)
-        codes = codes.reshape(-1)
-        if self._fused:
-            packed = codes[: self.wire.code_nbytes(numel)]
-        else:
-            packed = pack(codes[:numel], self.wire.bits)
-        return join(packed, s, self.wire)
+        numel = x.numel()
+        payload = torch.empty(self.wire.payload_nbytes(numel), dtype=torch.uint8, device=x.device)
+        if numel == 0:
+            return payload
+        s = round_up_to_wire(
+            self.scales(x, key) if scales is None else scales, self.wire.scale_dtype
+        )
+        row_scales = self._row_scales(s, numel)
+        code_bytes = self.wire.code_nbytes(numel)
+        seed, count = key.tensor(x.device), torch.tensor(numel, device=x.device)
+        codes = []
+        for r0, r1 in self._blocks(numel):
+            offset = torch.tensor(r0 * self._width, device=x.device)
+            block = self._codes(
+                self._block(x, r0, r1), row_scales[r0:r1], seed, offset, count, self._fused
+            ).reshape(-1)
+            if not self._aligned:
+                codes.append(block)
+                continue
+            if not self._fused:
+                block = pack(block, self.wire.bits)
+            b0, b1 = r0 * self._row_bytes, min(code_bytes, r1 * self._row_bytes)
+            payload[b0:b1] = block[: b1 - b0]
+        if not self._aligned:  # rows not byte-aligned: pack the whole code stream at once
+            payload[:code_bytes] = pack(torch.cat(codes)[:numel], self.wire.bits)
+        payload[code_bytes:] = s.to(self.wire.scale_dtype).view(torch.uint8)
+        return payload
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
+        return self.decompress_into(payload, torch.empty(numel, device=payload.device))
+
+    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        numel = out.numel()
         packed, s = split(payload, numel, self.wire)
         if numel == 0:
-            return torch.empty(0, device=payload.device)
-        width = self._width(numel)
-        rows = -(-numel // width)
-        if self._fused:
-            row_bytes = width * self.wire.bits // 8
-            full = torch.cat([packed, packed.new_zeros(rows * row_bytes - packed.numel())])
-            packed = full.view(rows, row_bytes)
-            values = kernels.compiled(kernels.packed_level_values)(
-                packed, self._per_row(s, packed), self.k, self.wire.bits
-            )
-        else:
-            codes = self._view(unpack(packed, self.wire.bits, numel))
-            values = kernels.compiled(kernels.level_values)(codes, self._per_row(s, codes), self.k)
-        return values.reshape(-1)[:numel]
+            return out
+        row_scales = self._row_scales(s, numel)
+        codes = None if self._aligned else unpack(packed, self.wire.bits, numel)
+        for r0, r1 in self._blocks(numel):
+            rows = r1 - r0
+            if self._aligned:
+                block = packed[r0 * self._row_bytes : r1 * self._row_bytes]
+                if block.numel() < rows * self._row_bytes:  # the last row's unused tail
+                    block = torch.cat(
+                        [block, block.new_zeros(rows * self._row_bytes - block.numel())]
+                    )
+            if self._fused:
+                values = kernels.compiled(kernels.packed_level_values)(
+                    block.view(rows, -1), row_scales[r0:r1], self.k, self.wire.bits
+                )
+            else:
+                if self._aligned:
+                    block_codes = unpack(block, self.wire.bits, rows * self._width)
+                else:
+                    block_codes = self._block(codes, r0, r1)
+                values = kernels.compiled(kernels.level_values)(
+                    block_codes.view(rows, -1), row_scales[r0:r1], self.k
+                )
+            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
+            if accumulate:
+                out[e0:e1] += values.reshape(-1)[: e1 - e0]
+            else:
+                out[e0:e1] = values.reshape(-1)[: e1 - e0]
+        return out
 
-    def _width(self, numel: int) -> int:
-        """Row width of the kernels' 2-D view: bucket_size, or a fixed row for one-scale codecs."""
-        return self.wire.bucket_size or ROW_WIDTH
+    def _blocks(self, numel: int) -> Iterator[tuple[int, int]]:
+        """(first row, end row) of each block of rows covering `numel` elements."""
+        rows = -(-numel // self._width)
+        for r0 in range(0, rows, self._block_rows):
+            yield r0, min(rows, r0 + self._block_rows)
 
-    def _per_row(self, s: Tensor, rows: Tensor) -> Tensor:
-        """One scale per row of the view: the bucket scales, or the single scale repeated."""
-        return s if self.wire.bucket_size is not None else s.expand(rows.shape[0])
+    def _block(self, t: Tensor, r0: int, r1: int) -> Tensor:
+        """Rows r0..r1 of the [rows, width] view of flat t; only the last block is padded."""
+        e0, e1 = r0 * self._width, min(t.numel(), r1 * self._width)
+        piece = t[e0:e1]
+        pad = (r1 - r0) * self._width - (e1 - e0)
+        if pad:
+            piece = torch.cat([piece, piece.new_zeros(pad)])
+        return piece.view(r1 - r0, self._width)
 
-    def _view(self, t: Tensor) -> Tensor:
-        """[n_buckets, width] view of a flat tensor, zero-padded at the end."""
-        width = self._width(t.numel())
-        pad = -t.numel() % width
-        if pad or t.numel() == 0:
-            t = torch.cat([t, t.new_zeros(pad or width)])
-        return t.view(-1, width)
+    def _row_scales(self, s: Tensor, numel: int) -> Tensor:
+        """One scale per row: the bucket scales, or the single scale repeated."""
+        if self.wire.bucket_size is not None:
+            return s
+        return s.expand(-(-numel // self._width))
 
 
 def round_up_to_wire(s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -153,16 +211,20 @@ class StochasticQuantizer(BucketCodec):
         which Lemma 3's bound E‖Q(g) − g‖² ≤ Δ_g‖g‖_∞‖g‖₁ does not hold)."""
         return 1.0 / self.k if self.k else 1.0
 
-    def _scales(self, xb: Tensor, numel: int) -> Tensor:
-        s = kernels.compiled(kernels.max_abs_scales)(xb)
-        return s if self.wire.bucket_size is not None else s.amax(dim=0, keepdim=True)
+    def _row_stats(self, xb: Tensor) -> Tensor:
+        return kernels.compiled(kernels.max_abs_scales)(xb)
 
-    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
+    def _finish_scales(self, stats: Tensor, numel: int) -> Tensor:
+        return stats if self.wire.bucket_size is not None else stats.amax(dim=0, keepdim=True)
+
+    def _codes(
+        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
+    ) -> Tensor:
         if packed:
             return kernels.compiled(kernels.stochastic_packed)(
-                xb, s, key, numel, self.k, self.wire.bits
+                xb, s, key, offset, numel, self.k, self.wire.bits
             )
-        return kernels.compiled(kernels.stochastic_codes)(xb, s, key, numel, self.k)
+        return kernels.compiled(kernels.stochastic_codes)(xb, s, key, offset, numel, self.k)
 
 
 def terngrad(bucket_size: int | None = None) -> StochasticQuantizer:
@@ -176,20 +238,24 @@ class SignCompressor(BucketCodec):
     def __init__(self, bucket_size: int | None = 512, scale_dtype: torch.dtype = torch.float32):
         super().__init__(WireFormat(1, bucket_size, scale_dtype), k=0)
 
-    def _scales(self, xb: Tensor, numel: int) -> Tensor:
-        sums = kernels.compiled(kernels.abs_sums)(xb)
+    def _row_stats(self, xb: Tensor) -> Tensor:
+        return kernels.compiled(kernels.abs_sums)(xb)
+
+    def _finish_scales(self, stats: Tensor, numel: int) -> Tensor:
         if self.wire.bucket_size is None:
-            s = sums.sum(dim=0, keepdim=True) / max(numel, 1)
+            s = stats.sum(dim=0, keepdim=True) / max(numel, 1)
         else:
             width = self.wire.bucket_size
-            real = (numel - torch.arange(sums.numel(), device=xb.device) * width).clamp(1, width)
-            s = sums / real
+            rows = torch.arange(stats.numel(), device=stats.device)
+            s = stats / (numel - rows * width).clamp(1, width)  # the last bucket may be partial
         return torch.where(torch.isfinite(s), s, torch.nan)
 
-    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, packed: bool) -> Tensor:
+    def _codes(
+        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
+    ) -> Tensor:
         if packed:
-            return kernels.compiled(kernels.sign_packed)(xb, numel)
-        return kernels.compiled(kernels.sign_codes)(xb, numel)
+            return kernels.compiled(kernels.sign_packed)(xb, offset, numel)
+        return kernels.compiled(kernels.sign_codes)(xb, offset, numel)
 
 
 class ErrorFeedback(Compressor):
@@ -239,12 +305,15 @@ class ErrorFeedback(Compressor):
         payload = self.inner.compress(x, key, scales)
         if residual is None:
             residual = self.residuals[key.slot] = torch.empty_like(x)
-        torch.sub(x, self.inner.decompress(payload, x.numel()), out=residual)
+        self.inner.decompress_into(payload, residual).neg_().add_(x)  # e = target − Q(target)
         torch.nan_to_num_(residual, nan=0.0, posinf=0.0, neginf=0.0)
         return payload
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         return self.inner.decompress(payload, numel)
+
+    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        return self.inner.decompress_into(payload, out, accumulate)
 
     def reset(self) -> None:
         """Forget all residuals (a new bucket layout or world size)."""

@@ -46,8 +46,9 @@ def abs_sums(xb: Tensor) -> Tensor:
     return xb.abs().sum(dim=1)
 
 
-def _index(xb: Tensor) -> Tensor:
-    return torch.arange(xb.numel(), dtype=torch.int64, device=xb.device).view_as(xb)
+def _index(xb: Tensor, offset: Tensor) -> Tensor:
+    """Global element index of each entry of a block view starting at element `offset`."""
+    return (torch.arange(xb.numel(), dtype=torch.int64, device=xb.device) + offset).view_as(xb)
 
 
 def _ratio(xb: Tensor, s: Tensor) -> Tensor:
@@ -68,18 +69,20 @@ def _stochastic(x: Tensor, s: Tensor, index: Tensor, key: Tensor, k: int) -> Ten
     return (torch.copysign(r, x) + k).to(torch.int32)
 
 
-def stochastic_codes(xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, k: int) -> Tensor:
-    """Codes of every element of the bucket view; padding past `numel` gets code 0."""
-    index = _index(xb)
+def stochastic_codes(
+    xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, k: int
+) -> Tensor:
+    """Codes of every element of the block view; padding past `numel` gets code 0."""
+    index = _index(xb, offset)
     return torch.where(index < numel, _stochastic(xb, s, index, key, k), 0).to(torch.uint8)
 
 
-def sign_codes(xb: Tensor, numel: Tensor) -> Tensor:
+def sign_codes(xb: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
     """1 where x ≥ 0, else 0; padding past `numel` gets 0."""
-    return torch.where(_index(xb) < numel, (xb >= 0).to(torch.uint8), 0)
+    return torch.where(_index(xb, offset) < numel, (xb >= 0).to(torch.uint8), 0)
 
 
-def _packed(xb: Tensor, numel: Tensor, bits: int, code) -> Tensor:
+def _packed(xb: Tensor, offset: Tensor, numel: Tensor, bits: int, code) -> Tensor:
     """Row-packed bytes of code(x_slice, index_slice) for bits 1, 2, 4, 8 (LSB-first).
 
     Byte j of a row holds the codes of elements j·p … j·p + p − 1 (p = 8/bits); building it
@@ -91,6 +94,7 @@ def _packed(xb: Tensor, numel: Tensor, bits: int, code) -> Tensor:
     first = (
         torch.arange(rows, dtype=torch.int64, device=xb.device)[:, None] * width
         + torch.arange(0, width, per_byte, dtype=torch.int64, device=xb.device)[None, :]
+        + offset
     )
     byte = None
     for t in range(per_byte):
@@ -117,15 +121,15 @@ def unpack_rows(packed: Tensor, bits: int) -> Tensor:
 
 
 def stochastic_packed(
-    xb: Tensor, s: Tensor, key: Tensor, numel: Tensor, k: int, bits: int
+    xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, k: int, bits: int
 ) -> Tensor:
     """`stochastic_codes`, row-packed: the same bytes as packing them with distq.packing."""
-    return _packed(xb, numel, bits, lambda x, index: _stochastic(x, s, index, key, k))
+    return _packed(xb, offset, numel, bits, lambda x, index: _stochastic(x, s, index, key, k))
 
 
-def sign_packed(xb: Tensor, numel: Tensor) -> Tensor:
+def sign_packed(xb: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
     """`sign_codes` packed 8 to a byte."""
-    return _packed(xb, numel, 1, lambda x, index: (x >= 0).to(torch.int32))
+    return _packed(xb, offset, numel, 1, lambda x, index: (x >= 0).to(torch.int32))
 
 
 def packed_level_values(packed: Tensor, s: Tensor, k: int, bits: int) -> Tensor:

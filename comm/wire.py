@@ -58,12 +58,6 @@ class WireFormat:
         return per_byte if self.bucket_size is None else math.lcm(self.bucket_size, per_byte)
 
 
-def join(codes: Tensor, scales: Tensor, wire: WireFormat) -> Tensor:
-    """One uint8 payload: packed codes, then the scales' bytes."""
-    raw = scales.to(wire.scale_dtype).contiguous().view(torch.uint8)
-    return torch.cat([codes, raw])
-
-
 def split(payload: Tensor, numel: int, wire: WireFormat) -> tuple[Tensor, Tensor]:
     """(packed codes, float32 scales) of a payload made by `join`."""
     n_codes = wire.code_nbytes(numel)
