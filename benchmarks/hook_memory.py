@@ -8,6 +8,11 @@ hook's extra memory is that peak minus plain DDP's, in units of the largest DDP 
 bound: ≤ 2× the bucket being sent). Lifetime peaks (imports and torch.compile included) and the
 persistent growth (error-feedback residuals) are reported beside it.
 
+glibc keeps freed memory of mid-sized allocations in per-thread arenas, which would make RSS
+report the allocator's retention rather than live tensors; the workers run with
+MALLOC_MMAP_THRESHOLD_=65536 so every tensor above 64 KiB is mapped on allocation and returned
+on free, and RSS tracks live memory.
+
     .venv/bin/python benchmarks/hook_memory.py
 """
 
@@ -26,12 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from distq.comm import QuantizedCommState, quantized_hook
 
+TORCH_HOOK = "torch allreduce_hook"
 CONFIGS = {
     "DDP fp32 all-reduce": None,
+    "DDP + torch's Python allreduce_hook": TORCH_HOOK,
     "distq 2-bit scatter": {"bits": 2, "collective": "scatter"},
     "distq 2-bit allgather": {"bits": 2, "collective": "allgather"},
     "distq 2-bit scatter + error feedback": {"bits": 2, "collective": "scatter",
@@ -61,9 +69,11 @@ def worker(rank: int, port: int, name: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ddp = DistributedDataParallel(model())
     options = CONFIGS[name]
-    state = QuantizedCommState(**options) if options else None
+    state = QuantizedCommState(**options) if isinstance(options, dict) else None
     if state:
         ddp.register_comm_hook(state, quantized_hook)
+    elif options == TORCH_HOOK:  # reference: the cost of any Python comm hook in DDP
+        ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(rank)
     start_rss = 0.0
@@ -99,6 +109,7 @@ def free_port() -> int:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned workers
     params = sum(p.numel() for p in model().parameters())
     rows = {}
     for name in CONFIGS:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "propagate")
 ERROR_EVERY = 10  # steps between measurements of the relative quantization error
+ERROR_SAMPLE = 1 << 20  # elements the relative error is measured on
 SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per DDP bucket: one per distinct bit width
 
 
@@ -371,12 +372,16 @@ def quantized_hook(
         result = state.reduce(buffer.detach(), lengths, widths, index, step)
         if last:
             state.stats.steps += 1
-        if not torch.isfinite(result).all() and state.nonfinite == "raise":
+        # A sum is NaN/Inf iff an element is (or it overflows, which is as unusable); unlike
+        # isfinite(result).all() it allocates nothing of the bucket's size.
+        if state.nonfinite == "raise" and not torch.isfinite(result.sum()):
             raise FloatingPointError(
                 f"non-finite gradient in DDP bucket {index} at step {step} on some rank "
                 "(every rank raises alike; nonfinite='propagate' hands the NaN to the optimizer)"
             )
-        return result.to(buffer.dtype)
+        # Written back into DDP's own bucket, like an in-place all-reduce: the scratch buffer
+        # is freed now instead of being held by the future until backward ends.
+        return buffer.copy_(result)
 
     if state._worker is None:
         future: torch.futures.Future = torch.futures.Future()
@@ -463,7 +468,11 @@ def _plain(compressor: Compressor) -> Compressor:
 
 
 def _relative_error(x: Tensor, compressor: Compressor, key: Key) -> float:
-    """‖Q(x) − x‖² / ‖x‖² of one quantization of this rank's gradient (same noise as sent)."""
-    diff = compressor.decompress(compressor.compress(x, key), x.numel()).sub_(x)
-    norm = float(torch.dot(x, x))
+    """‖Q(x) − x‖² / ‖x‖² of one quantization of this rank's gradient, with the noise it was
+    sent with, over its first ERROR_SAMPLE elements (whole buckets, so their codes are the ones
+    sent when the scale is per bucket) to keep the measurement's memory small."""
+    bucket = compressor.wire.bucket_size
+    sample = x[: ERROR_SAMPLE - ERROR_SAMPLE % bucket if bucket else ERROR_SAMPLE]
+    diff = compressor.decompress(compressor.compress(sample, key), sample.numel()).sub_(sample)
+    norm = float(torch.dot(sample, sample))
     return float(torch.dot(diff, diff)) / norm if norm > 0 else 0.0
