@@ -1,7 +1,8 @@
 """Gradient codec throughput on this machine, beside a measured memcpy of the same tensor.
 
-Times `compress` (scales, stochastic rounding, bit packing, payload assembly) and `decompress`
-(unpack, dequantize) on a 25.2 M-element fp32 tensor (100 MB; the size of the reference numbers
+Times `compress` (scales, stochastic rounding, bit packing, payload assembly) and
+`decompress_into` a preallocated tensor (unpack, dequantize; the hook's path) on a 25.2 M-element
+fp32 tensor (100 MB; the size of the reference numbers
 in DESIGN.md §7), eager and torch.compile'd, and reports GB/s of fp32 input and the ratio to
 memcpy. Every configuration is timed interleaved with the others, median of `--repeats`.
 
@@ -46,14 +47,14 @@ def measure(numel: int, repeats: int, threads: int) -> dict[str, tuple[float, fl
     codecs = {name: make() for name, make in CONFIGS.items()}
     payloads = {name: c.compress(x, Key()) for name, c in codecs.items()}  # warm-up / compile
     for name, c in codecs.items():
-        c.decompress(payloads[name], numel)
+        c.decompress_into(payloads[name], out)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in codecs}
     memcpy = []
     for step in range(repeats):  # interleave configurations
         memcpy.append(median_seconds(lambda: out.copy_(x), 1))
         for name, c in codecs.items():
             enc = median_seconds(lambda c=c, s=step: c.compress(x, Key(step=s)), 1)
-            dec = median_seconds(lambda c=c, n=name: c.decompress(payloads[n], numel), 1)
+            dec = median_seconds(lambda c=c, n=name: c.decompress_into(payloads[n], out), 1)
             results[name].append((enc, dec))
     summary = {name: (statistics.median(e for e, _ in r), statistics.median(d for _, d in r))
                for name, r in results.items()}
