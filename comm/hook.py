@@ -227,7 +227,9 @@ class QuantizedCommState:
         if len(groups) > 1:
             return self._reduce_mixed(buffer, lengths, groups, index, step).div_(n)
         compressor = self.compressor_for(groups[0][0])
-        work = torch.zeros(working_length(numel, n, compressor, self.collective))
+        work = torch.zeros(
+            working_length(numel, n, compressor, self.collective), device=buffer.device
+        )
         x = work[:numel].copy_(buffer)
         if self.clip is not None:
             clip_by_std_(x, self.clip, lengths)
