@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.distq-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node=2 -m distq.launch.train
 
-test: $(STAMP) lint
+test: $(STAMP) lint system-deps
 	$(BIN)/pytest -q
+
+system-deps:
+	bash .ci/system-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -115,7 +115,12 @@ def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor)
 
 
 def scatter_sum(
-    x: Tensor, compressor: Compressor, key: Key, group=None, buffers: dict | None = None
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    group=None,
+    buffers: dict | None = None,
+    errors: dict | None = None,
 ) -> tuple[Tensor, Traffic]:
     """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather.
 
@@ -134,6 +139,12 @@ def scatter_sum(
 
     mine = _decode_sum_into(work[rank * chunk : (rank + 1) * chunk], received, compressor)
     owner_payload = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
+    if errors is not None:  # the second quantization's error, on this rank's chunk
+        decoded = compressor.decompress(owner_payload, chunk).sub_(mine)
+        norm = float(torch.dot(mine, mine))
+        errors["requant_relative_error"] = (
+            float(torch.dot(decoded, decoded)) / norm if norm else 0.0
+        )
     gathered = _buffer(buffers, "scatter-gathered", owner_payload, n * owner_payload.numel())
     dist.all_gather_single(gathered, owner_payload, group=group)
     traffic.sent += (n - 1) * owner_payload.numel()
@@ -144,7 +155,12 @@ def scatter_sum(
 
 
 def hierarchical_sum(
-    x: Tensor, compressor: Compressor, key: Key, topology: Topology, buffers: dict | None = None
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    topology: Topology,
+    buffers: dict | None = None,
+    errors: dict | None = None,
 ) -> tuple[Tensor, Traffic]:
     """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
     Overwrites x."""
@@ -156,7 +172,9 @@ def hierarchical_sum(
         fp_bytes = node_sum.numel() * node_sum.element_size()
         traffic.intra_node_sent += 2 * (local - 1) * fp_bytes // local
     if topology.is_leader and topology.num_nodes > 1:  # one node: nothing crosses a slow link
-        reduced, inter = scatter_sum(node_sum, compressor, key, topology.leader_group, buffers)
+        reduced, inter = scatter_sum(
+            node_sum, compressor, key, topology.leader_group, buffers, errors
+        )
         node_sum.copy_(reduced)
         traffic.add(inter)
     if local > 1:
@@ -176,13 +194,15 @@ def quantized_sum(
     *,
     inplace: bool = False,
     buffers: dict | None = None,
+    errors: dict | None = None,
 ) -> tuple[Tensor, Traffic]:
     """The bit-identical Σ over ranks of (quantized) x by the named collective.
 
     inplace=True lets the collective use x as its scratch space (x is overwritten and the
     result may share its memory): with `working_length(...)` elements nothing else of the
     gradient's size is allocated but one decoded row at a time. `buffers` caches the receive
-    buffers between calls.
+    buffers between calls. If `errors` is a dict, the relative error of the second
+    quantization (scatter's owner step) is stored in it as "requant_relative_error".
     """
     if collective not in COLLECTIVES:
         raise ValueError(f"collective {collective!r}; allowed: {', '.join(COLLECTIVES)}")
@@ -191,5 +211,6 @@ def quantized_sum(
     if collective == "allgather":
         return allgather_sum(x, compressor, key, group, buffers)
     if collective == "scatter":
-        return scatter_sum(x, compressor, key, group, buffers)
-    return hierarchical_sum(x, compressor, key, topology or Topology.discover(group), buffers)
+        return scatter_sum(x, compressor, key, group, buffers, errors)
+    topology = topology or Topology.discover(group)
+    return hierarchical_sum(x, compressor, key, topology, buffers, errors)

@@ -30,7 +30,6 @@ from distq.comm.topology import Topology
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "propagate")
-ERROR_EVERY = 10  # steps between measurements of the relative quantization error
 ERROR_SAMPLE = 1 << 20  # elements the relative error is measured on
 SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per DDP bucket: one per distinct bit width
 
@@ -45,7 +44,17 @@ class CompressionStats:
     intra_node_bytes_sent: int = 0
     fp32_allreduce_bytes: int = 0
     uncompressed_bytes_sent: int = 0
-    relative_error: float = float("nan")
+    relative_error: float = float("nan")  # ‖Q(g) − g‖²/‖g‖², this rank's own quantization
+    requant_relative_error: float = float("nan")  # scatter's second quantization (owner chunk)
+    clip_bias: float = float("nan")  # ‖clip(g) − g‖²/‖g‖²
+    measured_step: int = -1  # the step these three were measured at
+
+    @property
+    def measured_blowup(self) -> float:
+        """E‖Q(g)‖²/‖g‖² = 1 + the relative errors of every quantization (they are unbiased, so
+        their variances add); NaN before the first measurement."""
+        second = self.requant_relative_error
+        return 1.0 + self.relative_error + (0.0 if second != second else second)
 
     @property
     def compression_ratio(self) -> float:
@@ -110,6 +119,8 @@ class QuantizedCommState:
             NaN/Inf, or 'propagate' the NaN to every rank alike (so an optimizer or AMP scaler
             skips the step everywhere).
         overlap: run exchanges on a worker thread while backward continues (False: inline).
+        error_every: measure the quantization errors and clipping bias every this many steps
+            (on the first 1 M elements of the bucket; one extra encode and decode).
     """
 
     __slots__ = (
@@ -128,6 +139,7 @@ class QuantizedCommState:
         "clip",
         "collective",
         "compressor_kind",
+        "error_every",
         "error_feedback",
         "iter",
         "min_numel",
@@ -155,6 +167,7 @@ class QuantizedCommState:
         seed: int = 0,
         nonfinite: str = "raise",
         overlap: bool = True,
+        error_every: int = 10,
     ) -> None:
         _check_choice("collective", collective, COLLECTIVES)
         _check_choice("compressor", compressor, COMPRESSORS)
@@ -179,6 +192,9 @@ class QuantizedCommState:
         self.bits_by_name = dict(bits_by_name or {})
         self.compressor_kind, self.seed, self.nonfinite = compressor, seed, nonfinite
         self.overlap = overlap
+        if error_every < 1:
+            raise ValueError(f"error_every={error_every}; allowed: a positive number of steps")
+        self.error_every = error_every
         self.iter = 0
         self._priming = False
         self.stats = CompressionStats()
@@ -232,7 +248,12 @@ class QuantizedCommState:
         )
         x = work[:numel].copy_(buffer)
         if self.clip is not None:
+            before = x[:ERROR_SAMPLE].clone() if step % self.error_every == 0 else None
             clip_by_std_(x, self.clip, lengths)
+            if before is not None:
+                norm = float(torch.dot(before, before))
+                moved = before.sub_(x[:ERROR_SAMPLE])
+                self.stats.clip_bias = float(torch.dot(moved, moved)) / norm if norm else 0.0
         target = work if self.collective == "scatter" else x
         summed = self._exchange(target, compressor, index * SLOTS_PER_BUCKET, step)
         return summed[:numel].div_(n)
@@ -242,8 +263,11 @@ class QuantizedCommState:
         key = Key(self.seed, step, self._rank, slot=slot)
         if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(slot, x.numel()):
             log.warning("DDP bucket layout changed: error-feedback residual %d reset", slot)
-        if step % ERROR_EVERY == 0:
+        errors = None
+        if step % self.error_every == 0:
             self.stats.relative_error = _relative_error(x, _plain(compressor), key)
+            self.stats.measured_step = step
+            errors = {}
         summed, traffic = quantized_sum(
             x,
             compressor,
@@ -253,7 +277,10 @@ class QuantizedCommState:
             self._topology,
             inplace=True,
             buffers=self._buffers.setdefault(slot, {}),
+            errors=errors,
         )
+        if errors:
+            self.stats.requant_relative_error = errors["requant_relative_error"]
         self._count(traffic)
         return summed
 

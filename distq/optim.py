@@ -209,6 +209,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             "names": list(self.names),
         }
 
+    def quantized_parameters(self) -> dict[str, nn.Parameter]:
+        """name -> parameter of every quantized tensor (each holds ŵ)."""
+        return dict(self._params)
+
     @property
     def loss_aware(self) -> bool:
         return get_scheme(self.scheme).loss_aware

@@ -1,4 +1,5 @@
-"""The `distq` command: train, export a packed checkpoint, list the quantization schemes."""
+"""The `distq` command: train, export a packed checkpoint, list the weight schemes, plot a run's
+monitor log, plan the communication of a configuration."""
 
 from __future__ import annotations
 
@@ -38,7 +39,37 @@ def schemes_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train.main, "export": export_command, "schemes": schemes_command}
+def report_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distq report", description="Plot a run's monitor log (loss, errors, bounds, bytes)."
+    )
+    parser.add_argument("run_dir", help="out_dir of a distq train run made with the monitor on")
+    parser.add_argument("--rank", type=int, default=0, help="whose log to plot (default 0)")
+    args = parser.parse_args(argv)
+    from distq.monitor.report import write_report
+
+    try:
+        paths = write_report(args.run_dir, args.rank)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def plan_command(argv: list[str]) -> int:
+    from distq.launch import plan
+
+    return plan.main(argv)
+
+
+COMMANDS = {
+    "train": train.main,
+    "export": export_command,
+    "schemes": schemes_command,
+    "report": report_command,
+    "plan": plan_command,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,11 @@ class TrainConfig:
         choices=COMPRESSORS,
     )
     error_feedback: bool = option(False, "add each step's compression error to the next")
+    monitor: bool = option(True, "log quantization errors and theory bounds (JSONL in out_dir)")
+    monitor_every: int = option(10, "steps between error measurements", minimum=1)
+    metrics_port: int | None = option(
+        9400, "Prometheus /metrics on this port + local rank (null: no exporter)", minimum=0
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -33,8 +34,11 @@ from distq.launch.environment import (
     shutdown,
 )
 from distq.launch.recipes import digits
+from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter
 from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "summary.json"
@@ -89,9 +93,37 @@ def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommSt
         compressor=cfg.grad_compressor,
         seed=cfg.seed,
         nonfinite="propagate" if cfg.nonfinite == "skip" else "raise",
+        error_every=cfg.monitor_every,
     )
     ddp.register_comm_hook(state, quantized_hook)
     return state
+
+
+def build_monitor(
+    cfg: config.TrainConfig, env: DistEnv, optimizer: torch.optim.Optimizer, comm
+) -> ConvergenceMonitor:
+    """The convergence monitor for this rank, with its Prometheus exporter if a port is set."""
+    exporter = None
+    if cfg.metrics_port is not None:
+        exporter = MetricsExporter(env.rank)
+        try:
+            exporter.start(cfg.metrics_port + env.local_rank if cfg.metrics_port else 0)
+        except OSError as exc:  # a busy port must not stop training
+            log.warning("rank %d: no metrics exporter (%s)", env.rank, exc)
+            exporter = None
+    gradient = None
+    if comm is not None and cfg.grad_compressor != "sign":
+        k = 2 ** (cfg.grad_bits - 1) - 1
+        gradient = GradientSetup(
+            delta_g=1.0 / k if k else 1.0,
+            clip=cfg.clip,
+            bucket_numel=cfg.bucket_size or 25 * 2**20 // 4,
+            quantizations=1 if cfg.collective == "allgather" else 2,
+        )
+    quantizer = optimizer if isinstance(optimizer, QuantizedOptimizer) else None
+    return ConvergenceMonitor(
+        Path(cfg.out_dir), env.rank, quantizer, comm, gradient, exporter, cfg.monitor_every
+    )
 
 
 def _comm_path(out_dir: Path, rank: int) -> Path:
@@ -166,6 +198,8 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     )
     say(summary.to_str())
 
+    monitor = build_monitor(cfg, env, optimizer, comm) if cfg.monitor else None
+    step_index = start_epoch * batches.steps_per_epoch
     started = time.perf_counter()
     loss_value, accuracy = math.nan, digits.accuracy(model, test_x, test_y)
     for epoch in range(start_epoch, cfg.epochs):
@@ -180,12 +214,16 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         )
         loss_sum = torch.zeros((), device=device)
         for idx in bar:
+            step_started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
             loss.backward()
             optimizer.step()
             schedule.step()
             loss_sum += loss.detach()
+            step_index += 1
+            if monitor is not None:
+                monitor.step(step_index, loss.item(), time.perf_counter() - step_started)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         loss_value = _mean_over_ranks(loss_sum / len(steps), env)
         accuracy = digits.accuracy(model, test_x, test_y)
@@ -228,6 +266,10 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
         f"\ncheckpoint: {ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
     )
+    if monitor is not None:
+        monitor.close()
+        if monitor.alarms:
+            say(f"monitor alarms (rank 0): {monitor.alarms}")
     if comm is not None:
         stats = comm.compression_stats()
         say(

@@ -21,12 +21,38 @@ from distq.quant.base import scheme_names as _scheme_names
 
 SCHEMES: tuple[str, ...] = _scheme_names()
 
-__all__ = ["SCHEMES", "Projection", "Scheme", "get_scheme", "project", "scheme_bits"]
+__all__ = [
+    "SCHEMES",
+    "Projection",
+    "Scheme",
+    "get_scheme",
+    "level_spacing",
+    "project",
+    "scheme_bits",
+]
 
 
 def scheme_bits(scheme: str, bits: int | None = None) -> int:
     """Bits per weight that `scheme` stores (validating `bits` against what it accepts)."""
     return resolve_bits(get_scheme(scheme), bits)
+
+
+def level_spacing(scheme: str, bits: int | None = None) -> float:
+    """Δ_w: the largest gap between adjacent levels of the scheme's set, in units of α.
+
+    Binary ±1: 2; ternary: 1; m-bit linear: 1/k (k = 2^(m−1) − 1); m-bit log: ½ (between ½
+    and 1) once there are at least two magnitudes, else 1. A weight within [−α, α] is at most
+    α·Δ_w/2 from its nearest level, which is what the theory's weight error floor uses.
+    """
+    m = scheme_bits(scheme, bits)
+    if m == 1:
+        return 2.0
+    k = 2 ** (m - 1) - 1
+    if scheme == "linear":
+        return 1.0 / k
+    if scheme == "log":
+        return 0.5 if k >= 2 else 1.0
+    return 1.0
 
 
 def project(

@@ -1,0 +1,83 @@
+"""Prometheus exporter for one rank: an isolated registry served on /metrics (and /health).
+
+Off unless asked for (the CLI turns it on): `start()` binds base_port + local_rank on a daemon
+thread. Metric names are `distq_*` with `rank` (and `tensor`) labels; README lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+log = logging.getLogger(__name__)
+
+GAUGES = {
+    "distq_weight_quant_error": ("‖ŵ − w‖²_D of a quantized tensor", ("rank", "tensor")),
+    "distq_weight_quant_error_relative": ("‖ŵ − w‖²_D / ‖w‖²_D", ("rank", "tensor")),
+    "distq_weight_alpha": ("scale α of a quantized tensor", ("rank", "tensor")),
+    "distq_weight_rounding_bound": ("d·α²·Δ_w²/4, the theory's weight term", ("rank", "tensor")),
+    "distq_grad_quant_error_relative": ("‖Q(g) − g‖²/‖g‖², all quantizations", ("rank",)),
+    "distq_grad_clip_bias_relative": ("‖clip(g) − g‖²/‖g‖²", ("rank",)),
+    "distq_grad_blowup": ("measured E‖Q(g)‖²/‖g‖²", ("rank",)),
+    "distq_grad_blowup_bound": ("the theory's bound on the blow-up", ("rank",)),
+    "distq_compression_ratio": ("fp32 all-reduce bytes ÷ bytes sent", ("rank",)),
+    "distq_loss": ("training loss (this rank's last step)", ("rank",)),
+    "distq_step_seconds": ("wall time of the last step", ("rank",)),
+    "distq_step": ("optimizer steps taken", ("rank",)),
+}
+COUNTERS = {
+    "distq_wire_bytes": ("gradient payload bytes on the wire", ("rank", "direction")),
+    "distq_alarms": ("monitor alarms raised", ("rank", "kind")),
+}
+
+
+class MetricsExporter:
+    """The rank's metrics in an isolated registry, optionally served over HTTP."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = str(rank)
+        self.registry = CollectorRegistry()
+        self.gauges = {
+            n: Gauge(n, h, labels, registry=self.registry) for n, (h, labels) in GAUGES.items()
+        }
+        self.counters = {
+            n: Counter(n, h, labels, registry=self.registry) for n, (h, labels) in COUNTERS.items()
+        }
+        self._server: WSGIServer | None = None
+        self.port: int | None = None
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.gauges[name].labels(rank=self.rank, **labels).set(value)
+
+    def add(self, name: str, amount: float, **labels: str) -> None:
+        if amount > 0:
+            self.counters[name].labels(rank=self.rank, **labels).inc(amount)
+
+    def start(self, port: int, address: str = "0.0.0.0") -> None:
+        """Serve /metrics and /health on `port` from a daemon thread."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/health":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            return metrics(environ, start_response)
+
+        self._server = make_server(
+            address, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
+        )
+        self.port = self._server.server_port
+        threading.Thread(
+            target=self._server.serve_forever, name="distq-metrics", daemon=True
+        ).start()
+        log.info("rank %s metrics on http://%s:%d/metrics", self.rank, address, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

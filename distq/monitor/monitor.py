@@ -1,0 +1,214 @@
+"""ConvergenceMonitor: the combined weight and gradient quantization error, step by step,
+beside the theory's bounds (DESIGN §5), to a JSONL log and a Prometheus exporter, with alarms.
+
+Every `every` steps it reads ‖ŵ − w‖²_D per tensor from the QuantizedOptimizer; whenever the
+comm hook has measured its gradient errors (both quantizations of `scatter`, and the clipping
+bias; every `error_every` hook steps) it records them beside the theory's bound. Alarms warn
+(and count) when the measured gradient blow-up exceeds its bound, or when the combined error has
+risen `rising` checks in a row. The loss, step time and bytes are recorded every step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distq.monitor.exporter import MetricsExporter
+from distq.monitor.weights import weight_errors
+from distq.optim import QuantizedOptimizer
+from distq.theory import grad_blowup_clipped, grad_blowup_unclipped
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "monitor-rank{rank}.jsonl"
+
+
+@dataclass
+class GradientSetup:
+    """What the gradient bound needs: Δ_g, clip multiple c (None: unclipped), the dimension of
+    one scale's bucket, and how many quantizations a value goes through (scatter: 2)."""
+
+    delta_g: float
+    clip: float | None
+    bucket_numel: int
+    quantizations: int = 1
+
+    def blowup_bound(self) -> float:
+        """The theory's E‖Q(g)‖²/‖g‖² bound; variances of independent quantizations add."""
+        one = (
+            grad_blowup_clipped(self.clip, self.delta_g)
+            if self.clip is not None
+            else grad_blowup_unclipped(self.bucket_numel, self.delta_g)
+        )
+        return 1.0 + self.quantizations * (float(one) - 1.0)
+
+
+@dataclass
+class ConvergenceMonitor:
+    """Collects, logs, exports and checks the quantization errors of one rank's training."""
+
+    run_dir: Path
+    rank: int = 0
+    optimizer: QuantizedOptimizer | None = None
+    comm: Any = None  # a QuantizedCommState (duck-typed: compression_stats())
+    gradient: GradientSetup | None = None
+    exporter: MetricsExporter | None = None
+    every: int = 10
+    rising: int = 5
+    _log: Any = field(default=None, init=False)
+    _history: list[float] = field(default_factory=list, init=False)
+    _bytes_seen: tuple[int, int] = field(default=(0, 0), init=False)
+    _grad_seen: int = field(default=-1, init=False)
+    _last_grad_error: float = field(default=0.0, init=False)
+    alarms: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every={self.every}; allowed: a positive number of steps")
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._log = (self.run_dir / LOG_NAME.format(rank=self.rank)).open("a")
+
+    def step(self, step: int, loss: float, step_seconds: float) -> dict[str, Any]:
+        """Record one optimizer step: loss, time and bytes always; gradient errors whenever the
+        hook has measured new ones; weight errors and the combined error every `every` steps."""
+        record: dict[str, Any] = {
+            "step": step,
+            "time": time.time(),
+            "rank": self.rank,
+            "loss": loss,
+            "step_seconds": step_seconds,
+        }
+        record.update(self._traffic())
+        record.update(self._gradient_errors(step))
+        if step % self.every == 0:
+            record.update(self._weight_errors())
+            self._check_combined(step, record)
+        self._log.write(json.dumps(record) + "\n")
+        self._log.flush()
+        self._export(record)
+        return record
+
+    def _traffic(self) -> dict[str, Any]:
+        if self.comm is None:
+            return {}
+        stats = self.comm.compression_stats()
+        return {
+            "bytes_sent": stats.bytes_sent,
+            "bytes_received": stats.bytes_received,
+            "fp32_allreduce_bytes": stats.fp32_allreduce_bytes,
+            "compression_ratio": stats.compression_ratio,
+        }
+
+    def _gradient_errors(self, step: int) -> dict[str, Any]:
+        """The hook's newest error measurement, if it is one this monitor has not seen yet."""
+        if self.comm is None:
+            return {}
+        stats = self.comm.compression_stats()
+        if stats.measured_step <= self._grad_seen:
+            return {}
+        self._grad_seen = stats.measured_step
+        out = {
+            "grad_measured_at_hook_step": stats.measured_step,
+            "grad_error_relative": stats.measured_blowup - 1.0,
+            "grad_first_error_relative": stats.relative_error,
+            "grad_second_error_relative": _or_none(stats.requant_relative_error),
+            "grad_clip_bias_relative": _or_none(stats.clip_bias),
+            "grad_blowup": stats.measured_blowup,
+        }
+        self._last_grad_error = out["grad_error_relative"]
+        if self.gradient is not None:
+            out["grad_blowup_bound"] = bound = self.gradient.blowup_bound()
+            if stats.measured_blowup > bound:
+                self._alarm(
+                    "blowup_above_bound",
+                    step,
+                    f"measured gradient blow-up {stats.measured_blowup:.3f} exceeds "
+                    f"the theory's bound {bound:.3f}",
+                )
+        return out
+
+    def _weight_errors(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {}
+        tensors = weight_errors(self.optimizer)
+        total = sum(e.error for e in tensors.values())
+        norm = sum(e.error / e.relative for e in tensors.values() if e.relative > 0)
+        return {
+            "weights": {
+                name: {
+                    "error": e.error,
+                    "relative": e.relative,
+                    "alpha": e.alpha,
+                    "delta_w": e.delta_w,
+                    "rounding_bound": e.rounding_bound,
+                }
+                for name, e in tensors.items()
+            },
+            "weight_error": total,
+            "weight_error_relative": total / norm if norm > 0 else 0.0,
+        }
+
+    def _check_combined(self, step: int, record: dict[str, Any]) -> None:
+        """Combined = relative weight error + latest relative gradient error; alarm if it has
+        risen `rising` checks in a row."""
+        combined = record.get("weight_error_relative", 0.0) + self._last_grad_error
+        record["combined_error_relative"] = combined
+        self._history = [*self._history, combined][-(self.rising + 1) :]
+        if len(self._history) > self.rising and all(
+            b > a for a, b in zip(self._history, self._history[1:], strict=False)
+        ):
+            self._alarm(
+                "combined_error_rising",
+                step,
+                f"combined quantization error rose {self.rising} checks in a row "
+                f"(now {combined:.4g})",
+            )
+
+    def _alarm(self, kind: str, step: int, message: str) -> None:
+        self.alarms[kind] = self.alarms.get(kind, 0) + 1
+        log.warning("rank %d step %d: %s", self.rank, step, message)
+        if self.exporter is not None:
+            self.exporter.add("distq_alarms", 1, kind=kind)
+
+    def _export(self, record: dict[str, Any]) -> None:
+        e = self.exporter
+        if e is None:
+            return
+        e.set("distq_loss", record["loss"])
+        e.set("distq_step_seconds", record["step_seconds"])
+        e.set("distq_step", record["step"])
+        if "bytes_sent" in record:
+            sent, received = self._bytes_seen
+            e.add("distq_wire_bytes", record["bytes_sent"] - sent, direction="sent")
+            e.add("distq_wire_bytes", record["bytes_received"] - received, direction="received")
+            self._bytes_seen = (record["bytes_sent"], record["bytes_received"])
+            if math.isfinite(record["compression_ratio"]):
+                e.set("distq_compression_ratio", record["compression_ratio"])
+        for name, w in record.get("weights", {}).items():
+            e.set("distq_weight_quant_error", w["error"], tensor=name)
+            e.set("distq_weight_quant_error_relative", w["relative"], tensor=name)
+            e.set("distq_weight_alpha", w["alpha"], tensor=name)
+            e.set("distq_weight_rounding_bound", w["rounding_bound"], tensor=name)
+        for key, metric in (
+            ("grad_error_relative", "distq_grad_quant_error_relative"),
+            ("grad_clip_bias_relative", "distq_grad_clip_bias_relative"),
+            ("grad_blowup", "distq_grad_blowup"),
+            ("grad_blowup_bound", "distq_grad_blowup_bound"),
+        ):
+            if record.get(key) is not None:
+                e.set(metric, record[key])
+
+    def close(self) -> None:
+        self._log.close()
+        if self.exporter is not None:
+            self.exporter.close()
+
+
+def _or_none(value: float) -> float | None:
+    return None if value != value else value

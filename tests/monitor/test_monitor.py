@@ -1,0 +1,128 @@
+"""The convergence monitor on real objects: weight errors, gradient errors from a real 2-rank
+hook, theory bounds, alarms, JSONL, the Prometheus exporter's text, and the report's PNGs."""
+
+import gc
+import json
+import urllib.request
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distq.comm import QuantizedCommState, quantized_hook
+from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, weight_errors
+from distq.monitor.report import write_report
+from distq.optim import QuantizedOptimizer
+from distq.theory import grad_blowup_clipped, grad_blowup_unclipped
+from tests.distributed import run_workers
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    return model
+
+
+def train_steps(model, opt, steps, first=0):
+    for i in range(first, first + steps):
+        g = torch.Generator().manual_seed(i)
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_weight_errors_are_the_d_weighted_distance():
+    model = make()
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, "linear", 3)
+    train_steps(model, opt, 5)
+    errors = weight_errors(opt)
+    assert set(errors) == {"2.weight", "4.weight"}
+    for name, e in errors.items():
+        p = dict(model.named_parameters())[name]
+        d, w = opt.curvature(p), opt.latent[name]
+        expected = float((d * (p.detach() - w) ** 2).sum())
+        assert e.error == pytest.approx(expected, rel=1e-6)
+        assert e.relative == pytest.approx(expected / float((d * w**2).sum()), rel=1e-6)
+        assert e.delta_w == pytest.approx(1 / 3)
+        assert 0 < e.error <= e.rounding_bound  # latent weights lie within ±α·(1 + Δ/2) here
+
+
+def test_gradient_bound_uses_the_theory_and_adds_second_quantization():
+    clipped = GradientSetup(delta_g=1.0, clip=2.5, bucket_numel=512, quantizations=2)
+    assert clipped.blowup_bound() == pytest.approx(1 + 2 * (grad_blowup_clipped(2.5, 1.0) - 1))
+    unclipped = GradientSetup(delta_g=1 / 3, clip=None, bucket_numel=4096)
+    assert unclipped.blowup_bound() == pytest.approx(grad_blowup_unclipped(4096, 1 / 3))
+
+
+def test_rising_combined_error_raises_an_alarm(tmp_path):
+    model = make()
+    opt = QuantizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, "ternary")
+    monitor = ConvergenceMonitor(tmp_path, optimizer=opt, every=1, rising=3)
+    for step in range(1, 7):
+        with torch.no_grad():  # push the latent weights away from ŵ, further each step
+            for name, p in opt.quantized_parameters().items():
+                opt.latent[name].copy_(p + 0.01 * step * torch.sign(torch.randn_like(p)))
+        monitor.step(step, loss=1.0, step_seconds=0.01)
+    monitor.close()
+    assert monitor.alarms == {"combined_error_rising": 3}  # steps 4, 5, 6
+    lines = (tmp_path / "monitor-rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and "weights" in json.loads(lines[-1])
+
+
+def monitored_worker(rank, world, out):
+    model = make()
+    ddp = DistributedDataParallel(model)
+    state = QuantizedCommState(bits=2, bucket_size=64, collective="scatter", min_numel=0,
+                               clip=2.5, error_every=10)
+    ddp.register_comm_hook(state, quantized_hook)
+    opt = QuantizedOptimizer(torch.optim.Adam(ddp.parameters(), lr=1e-2), ddp, "ternary")
+    exporter = MetricsExporter(rank)
+    exporter.start(0)
+    tight = GradientSetup(delta_g=1e-6, clip=2.5, bucket_numel=64, quantizations=2)
+    monitor = ConvergenceMonitor(out, rank, opt, state, tight, exporter, every=10)
+    for i in range(30):
+        g = torch.Generator().manual_seed(100 * rank + i)
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        monitor.step(i + 1, loss.item(), 0.01)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics").read().decode()
+    (out / f"metrics{rank}.txt").write_text(text)
+    (out / f"alarms{rank}.json").write_text(json.dumps(monitor.alarms))
+    monitor.close()
+    state.close()
+    del ddp
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_monitor_with_a_real_hook_logs_exports_and_plots(tmp_path):
+    run_workers(monitored_worker, 2, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "monitor-rank0.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    measured = [r for r in records if "grad_blowup" in r]
+    # hook steps 0 and 1 are fp32 warm-up; it measures at hook steps 10 and 20 (steps 11, 21)
+    assert [r["grad_measured_at_hook_step"] for r in measured] == [10, 20]
+    assert [r["step"] for r in measured] == [11, 21]
+    for r in measured:
+        assert r["grad_blowup"] > 1.0  # unbiased: E‖Q(g)‖² = ‖g‖² + error
+        assert r["grad_first_error_relative"] > 0 and r["grad_second_error_relative"] > 0
+        assert r["grad_clip_bias_relative"] >= 0
+        assert r["grad_blowup"] == pytest.approx(
+            1 + r["grad_first_error_relative"] + r["grad_second_error_relative"])
+        assert r["bytes_sent"] > 0 and r["compression_ratio"] > 5
+    # a bound built with Δ_g = 1e-6 is far below any real 2-bit error: every check alarms
+    assert json.loads((tmp_path / "alarms0.json").read_text()) == {"blowup_above_bound": 2}
+    text = (tmp_path / "metrics1.txt").read_text()
+    assert 'distq_weight_quant_error{rank="1",tensor="2.weight"}' in text
+    assert 'distq_wire_bytes_total{direction="sent",rank="1"}' in text
+    assert 'distq_alarms_total{kind="blowup_above_bound",rank="1"} 2.0' in text
+    paths = write_report(tmp_path)
+    assert [p.name for p in paths] == ["loss.png", "weight_error.png", "grad_blowup.png",
+                                       "bytes.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)

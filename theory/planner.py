@@ -1,0 +1,298 @@
+"""Plan a quantized gradient exchange before running it: bytes, time and variance per step.
+
+The byte counts are the exact formulas of distq.comm (README "On the wire"), recomputed here
+without torch; the variance is the theory's blow-up bound (`distq.theory.bounds`). The model is
+deliberately simple: one exchange of the whole gradient per step, communication not overlapped
+with compute, codec time not counted, and only the slow link timed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass
+
+from distq.theory.bounds import grad_blowup_clipped, grad_blowup_unclipped, level_spacing
+
+COLLECTIVES = ("allgather", "scatter", "hierarchical")
+QUANTIZATIONS = {"allgather": 1, "scatter": 2, "hierarchical": 2}
+NOTES = (
+    "MB: 10^6 bytes each rank sends over the slow link per step; fp32 all-reduce is one flat",
+    "ring over all ranks; hierarchical counts only the node leaders' quantized exchange.",
+    "step = compute + comm (no overlap; codec time not counted).",
+    "blow-up: the theory's bound on E|Q(g)|²/|g|²; scatter and hierarchical quantize twice",
+    "and the two variances add.",
+)
+
+_PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BINARY = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_BANDWIDTH = re.compile(
+    r"(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*(?P<prefix>[kKmMgGtT]i?)?"
+    r"(?P<unit>bits?|Bytes?|b|B)(?:/s|ps)?"
+)
+
+
+def parse_bandwidth(value: str | float) -> float:
+    """Link bandwidth in bits per second, from a number (bit/s) or a string such as "200mbit",
+    "1gbit", "10Gb/s", "200Mbps", "25MB/s", "1GiB/s".
+
+    Units: "bit"/"b" are bits, "B"/"Byte" bytes (×8); prefixes k, M, G, T are decimal (any case),
+    Ki, Mi, Gi, Ti binary; "/s" or "ps" may follow. A bare number is bits per second.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        bps = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            bps = float(text)
+        except ValueError:
+            match = _BANDWIDTH.fullmatch(text)
+            if match is None:
+                raise ValueError(
+                    f"bandwidth {value!r}; allowed: a number of bit/s or e.g. '200mbit', "
+                    "'1gbit', '10Gb/s', '25MB/s', '1GiB/s'"
+                ) from None
+            prefix = (match["prefix"] or "").lower()
+            scale = _BINARY[prefix[0]] if prefix.endswith("i") else _PREFIXES[prefix]
+            unit_bits = 8 if match["unit"].startswith("B") else 1
+            bps = float(match["num"]) * scale * unit_bits
+    else:
+        raise ValueError(f"bandwidth {value!r}; allowed: a number of bit/s or a string")
+    if not (math.isfinite(bps) and bps > 0):
+        raise ValueError(f"bandwidth {value!r}; allowed: a finite rate > 0")
+    return bps
+
+
+def payload_nbytes(n: int, bits: int, bucket_size: int | None, scale_bytes: int = 4) -> int:
+    """P(n) = ⌈n·b/8⌉ + scale_bytes·⌈n/bucket⌉ (one scale when bucket_size is None; 0 for n = 0):
+    packed codes then one scale per bucket (distq.comm.wire.WireFormat.payload_nbytes)."""
+    if n == 0:
+        return 0
+    scales = 1 if bucket_size is None else -(-n // bucket_size)
+    return -(-n * bits // 8) + scale_bytes * scales
+
+
+def chunk_length(n: int, ranks: int, bits: int, bucket_size: int | None) -> int:
+    """Elements per rank's chunk in `scatter`: c = max(1, ⌈n/(w·u)⌉)·u with the unit
+    u = lcm(bucket, 8/gcd(b, 8)) (u = 8/gcd(b, 8) without buckets), the smallest count whose
+    codes fill whole bytes and whole buckets (distq.comm.collectives.chunk_length)."""
+    per_byte = 8 // math.gcd(bits, 8)
+    unit = per_byte if bucket_size is None else math.lcm(bucket_size, per_byte)
+    return max(1, -(-n // (ranks * unit))) * unit
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One exchange: bytes a rank sends over the slow link per step, its time, the step time,
+    the speed-up and byte ratio against fp32 all-reduce (None where 0/0), how many times the
+    gradient is quantized, and the predicted E‖Q(g)‖²/‖g‖² (None: 1 bit, no bound)."""
+
+    name: str
+    bytes_sent: float
+    comm_seconds: float
+    step_seconds: float
+    speedup: float | None
+    ratio: float | None
+    quantizations: int
+    blowup: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Inputs and the predictions of `plan`: the fp32 reference and every collective."""
+
+    params: int
+    bits: int
+    bucket_size: int | None
+    clip: float | None
+    world_size: int
+    collective: str
+    bandwidth_bps: float
+    compute_seconds: float
+    scale_bytes: int
+    nodes: int
+    fp32: Estimate
+    collectives: dict[str, Estimate]
+
+    @property
+    def chosen(self) -> Estimate:
+        """The estimate for the requested collective."""
+        return self.collectives[self.collective]
+
+    def to_str(self, all_collectives: bool = False) -> str:
+        """A table: the fp32 all-reduce, then the chosen collective (or all three, chosen
+        marked *), followed by the assumptions the numbers rest on."""
+        bucket = (
+            "one scale a tensor" if self.bucket_size is None else f"buckets of {self.bucket_size}"
+        )
+        clip = "no clipping" if self.clip is None else f"clip at {self.clip:g}σ"
+        nodes = (
+            f", {self.nodes} nodes" if self.collective == "hierarchical" or all_collectives else ""
+        )
+        head = (
+            f"{self.params:,} params, {self.bits}-bit, {bucket}, {clip}, {self.world_size} ranks"
+            f"{nodes}, {self.bandwidth_bps / 1e6:g} Mbit/s, "
+            f"compute {self.compute_seconds * 1e3:g} ms"
+        )
+        names = COLLECTIVES if all_collectives else (self.collective,)
+        rows = [self.fp32] + [self.collectives[name] for name in names]
+        header = (
+            "exchange",
+            "MB sent/rank",
+            "comm ms",
+            "step ms",
+            "speed-up",
+            "bytes ratio",
+            "quantized",
+            "blow-up",
+        )
+        table = [header] + [self._row(row) for row in rows]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        lines = [head, ""]
+        for line in table:
+            cells = [line[0].ljust(widths[0])] + [
+                cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)
+            ]
+            lines.append("  ".join(cells).rstrip())
+        lines += ["", *NOTES]
+        return "\n".join(lines)
+
+    def _row(self, row: Estimate) -> tuple[str, ...]:
+        name = row.name + (" *" if row.name == self.collective else "")
+        return (
+            name,
+            f"{row.bytes_sent / 1e6:.3f}",
+            f"{row.comm_seconds * 1e3:.1f}",
+            f"{row.step_seconds * 1e3:.1f}",
+            "—" if row.speedup is None else f"{row.speedup:.2f}×",
+            "—" if row.ratio is None else f"{row.ratio:.2f}×",
+            str(row.quantizations),
+            "n/a (1 bit)" if row.blowup is None else f"{row.blowup:.3f}",
+        )
+
+
+def _check_int(name: str, value: object, lowest: int, highest: int | None = None) -> int:
+    """value as an int in lowest..highest, else ValueError naming it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < lowest
+        or (highest is not None and value > highest)
+    ):
+        allowed = f"an int ≥ {lowest}" if highest is None else f"an int in {lowest}..{highest}"
+        raise ValueError(f"{name}={value!r}; allowed: {allowed}")
+    return int(value)
+
+
+def _check_number(name: str, value: object, positive: bool) -> float:
+    """value as a finite float, > 0 (positive) or ≥ 0, else ValueError naming it."""
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        raise ValueError(f"{name}={value!r}; allowed: a finite number {'>' if positive else '≥'} 0")
+    return float(value)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def plan(
+    params: int,
+    bits: int,
+    bucket_size: int | None,
+    clip: float | None,
+    world_size: int,
+    collective: str,
+    bandwidth_bps: float,
+    compute_seconds: float = 0.0,
+    scale_bytes: int = 4,
+    nodes: int | None = None,
+) -> Plan:
+    """Predict one step's exchange of a `params`-element gradient among `world_size` ranks.
+
+    Bytes each rank sends (README "On the wire", distq.comm.collectives; N = params, w = ranks):
+      fp32 ring all-reduce  2(w−1)/w · 4N
+      allgather             (w−1) · P(N)
+      scatter               2(w−1) · P(c),  c = `chunk_length`(N, w)
+      hierarchical          `scatter` among the `nodes` leaders: 2(nodes−1) · P(c(N, nodes));
+                            the fp32 reduce and broadcast inside a node are on the fast link and
+                            not counted (nodes None: one rank per node, i.e. nodes = w).
+    Time (our model): comm = bytes·8/bandwidth; step = compute + comm (no overlap); speed-up =
+    fp32 step / step; bytes ratio = fp32 bytes / bytes.
+
+    Blow-up (our derivation): one quantization inflates E‖·‖² by b = `grad_blowup_clipped`(c, Δ_g)
+    with clipping, else `grad_blowup_unclipped`(d, Δ_g), d = bucket size (params if unbucketed;
+    a bound that grows with d, so also used for scatter's smaller re-quantized chunks),
+    Δ_g = 1/(2^(bits−1) − 1). The scatter owner re-quantizes the sum: the two rounding noises are
+    independent and unbiased, so their variances add, each ≈ (b − 1)·‖g‖² to first order: the
+    blow-up is ≈ 1 + 2(b − 1) (the product b² adds the second-order (b − 1)²). The owner does
+    not re-clip the sum; we assume its max/σ is no worse than its clipped terms' and use the same
+    b for both (an approximation). 1 bit has no Lemma 3 bound: blow-up None.
+    """
+    params, bits = _check_int("params", params, 1), _check_int("bits", bits, 1, 8)
+    if bucket_size is not None:
+        bucket_size = _check_int("bucket_size", bucket_size, 1)
+    if clip is not None:
+        clip = _check_number("clip", clip, positive=True)
+    world_size = _check_int("world_size", world_size, 1)
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective={collective!r}; allowed: {', '.join(COLLECTIVES)}")
+    bandwidth_bps = _check_number("bandwidth_bps", bandwidth_bps, positive=True)
+    compute_seconds = _check_number("compute_seconds", compute_seconds, positive=False)
+    if scale_bytes not in (2, 4):
+        raise ValueError(f"scale_bytes={scale_bytes!r}; allowed: 4 (fp32) or 2 (fp16)")
+    nodes = world_size if nodes is None else _check_int("nodes", nodes, 1, world_size)
+
+    def scatter_bytes(ranks: int) -> int:
+        chunk = chunk_length(params, ranks, bits, bucket_size)
+        return 2 * (ranks - 1) * payload_nbytes(chunk, bits, bucket_size, scale_bytes)
+
+    sent = {
+        "allgather": (world_size - 1) * payload_nbytes(params, bits, bucket_size, scale_bytes),
+        "scatter": scatter_bytes(world_size),
+        "hierarchical": scatter_bytes(nodes),
+    }
+    fp32_bytes = 2 * (world_size - 1) / world_size * 4 * params
+    fp32_step = compute_seconds + fp32_bytes * 8 / bandwidth_bps
+
+    if bits == 1:
+        once = None
+    elif clip is not None:
+        once = grad_blowup_clipped(clip, level_spacing(bits))
+    else:
+        once = grad_blowup_unclipped(bucket_size or params, level_spacing(bits))
+
+    def estimate(name: str, nbytes: float, quantizations: int) -> Estimate:
+        step = compute_seconds + nbytes * 8 / bandwidth_bps
+        blowup = None if once is None else 1 + quantizations * (once - 1)
+        return Estimate(
+            name,
+            nbytes,
+            nbytes * 8 / bandwidth_bps,
+            step,
+            _ratio(fp32_step, step),
+            _ratio(fp32_bytes, nbytes),
+            quantizations,
+            blowup,
+        )
+
+    return Plan(
+        params,
+        bits,
+        bucket_size,
+        clip,
+        world_size,
+        collective,
+        bandwidth_bps,
+        compute_seconds,
+        scale_bytes,
+        nodes,
+        fp32=estimate("fp32 all-reduce", fp32_bytes, 0),
+        collectives={name: estimate(name, sent[name], QUANTIZATIONS[name]) for name in COLLECTIVES},
+    )
