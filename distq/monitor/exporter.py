@@ -22,6 +22,7 @@ GAUGES = {
     "distq_weight_rounding_bound": ("d·α²·Δ_w²/4, the theory's weight term", ("rank", "tensor")),
     "distq_grad_quant_error_relative": ("‖Q(g) − g‖²/‖g‖², all quantizations", ("rank",)),
     "distq_grad_clip_bias_relative": ("‖clip(g) − g‖²/‖g‖²", ("rank",)),
+    "distq_grad_clip_bias_predicted": ("the theory's clipping bias for Gaussian g", ("rank",)),
     "distq_grad_blowup": ("measured E‖Q(g)‖²/‖g‖²", ("rank",)),
     "distq_grad_blowup_bound": ("the theory's bound on the blow-up", ("rank",)),
     "distq_compression_ratio": ("fp32 all-reduce bytes ÷ bytes sent", ("rank",)),

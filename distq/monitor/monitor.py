@@ -21,7 +21,7 @@ from typing import Any
 from distq.monitor.exporter import MetricsExporter
 from distq.monitor.weights import weight_errors
 from distq.optim import QuantizedOptimizer
-from distq.theory import grad_blowup_clipped, grad_blowup_unclipped
+from distq.theory import clip_bias_per_element, grad_blowup_clipped, grad_blowup_unclipped
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class ConvergenceMonitor:
     every: int = 10
     rising: int = 5
     _log: Any = field(default=None, init=False)
-    _history: list[float] = field(default_factory=list, init=False)
+    _streak: int = field(default=0, init=False)
+    _last_combined: float | None = field(default=None, init=False)
     _bytes_seen: tuple[int, int] = field(default=(0, 0), init=False)
     _grad_seen: int = field(default=-1, init=False)
     _last_grad_error: float = field(default=0.0, init=False)
@@ -89,8 +90,9 @@ class ConvergenceMonitor:
         if step % self.every == 0:
             record.update(self._weight_errors())
             self._check_combined(step, record)
-        self._log.write(json.dumps(record) + "\n")
-        self._log.flush()
+        self._log.write(json.dumps(_finite_or_null(record)) + "\n")
+        if step % self.every == 0:  # flushing every step would cost more than the rest
+            self._log.flush()
         self._export(record)
         return record
 
@@ -122,6 +124,9 @@ class ConvergenceMonitor:
             "grad_blowup": stats.measured_blowup,
         }
         self._last_grad_error = out["grad_error_relative"]
+        if self.gradient is not None and self.gradient.clip is not None:
+            # per element σ²·f(c), so relative to ‖g‖² ≈ dσ² it is f(c) (Gaussian g)
+            out["grad_clip_bias_predicted"] = float(clip_bias_per_element(self.gradient.clip))
         if self.gradient is not None:
             out["grad_blowup_bound"] = bound = self.gradient.blowup_bound()
             if stats.measured_blowup > bound:
@@ -155,20 +160,17 @@ class ConvergenceMonitor:
         }
 
     def _check_combined(self, step: int, record: dict[str, Any]) -> None:
-        """Combined = relative weight error + latest relative gradient error; alarm if it has
-        risen `rising` checks in a row."""
+        """Combined = relative weight error + latest relative gradient error; alarm once when it
+        has risen `rising` checks in a row."""
         combined = record.get("weight_error_relative", 0.0) + self._last_grad_error
         record["combined_error_relative"] = combined
-        self._history = [*self._history, combined][-(self.rising + 1) :]
-        if len(self._history) > self.rising and all(
-            b > a for a, b in zip(self._history, self._history[1:], strict=False)
-        ):
-            self._alarm(
-                "combined_error_rising",
-                step,
-                f"combined quantization error rose {self.rising} checks in a row "
-                f"(now {combined:.4g})",
-            )
+        rose = self._last_combined is not None and combined > self._last_combined
+        self._streak = self._streak + 1 if rose else 0
+        self._last_combined = combined
+        if self._streak == self.rising:  # once per streak, when it reaches `rising`
+            self._alarm("combined_error_rising", step,
+                        f"combined quantization error rose {self.rising} checks in a row "
+                        f"(now {combined:.4g})")
 
     def _alarm(self, kind: str, step: int, message: str) -> None:
         self.alarms[kind] = self.alarms.get(kind, 0) + 1
@@ -208,6 +210,13 @@ class ConvergenceMonitor:
         self._log.close()
         if self.exporter is not None:
             self.exporter.close()
+
+
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN/Inf become null: JSONL stays strict JSON for any reader."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
 
 
 def _or_none(value: float) -> float | None:

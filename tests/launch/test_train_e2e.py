@@ -75,3 +75,18 @@ def test_cli_lists_schemes():
     stdout = run(sys.executable, "-m", "distq.launch.cli", "schemes")
     for name in ("binary", "ternary", "ternary-approx", "ternary2", "linear", "log", "twn"):
         assert name in stdout
+
+
+def test_monitor_logs_every_step_and_report_plots_it(trained):
+    out, _ = trained
+    import json
+
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (out / f"monitor-rank{rank}.jsonl").open()]
+        assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+        assert len(records) == 3 * 22  # 3 epochs x 22 steps of 2 x 32 examples
+        assert any("weights" in r for r in records) and any("grad_blowup" in r for r in records)
+        assert all(r["grad_blowup"] < r["grad_blowup_bound"] for r in records if "grad_blowup" in r)
+    stdout = run(sys.executable, "-m", "distq.launch.cli", "report", str(out))
+    for name in ("loss.png", "weight_error.png", "grad_blowup.png", "bytes.png"):
+        assert name in stdout and (out / name).stat().st_size > 10_000
