@@ -98,17 +98,22 @@ def main() -> None:
         print(f"| {d} | {fp:.4f} | {raw:.4f} | {clipped:.4f} | {raw / fp:.2f} | "
               f"{clipped / fp:.2f} | {float(grad_blowup_unclipped(d, 1.0)):.1f} | "
               f"{float(grad_blowup_clipped(2.5, 1.0)):.2f} |")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for option in OPTIONS:
-        ax.plot(args.dims, [statistics.mean(results[(d, option)]) for d in args.dims],
-                marker="o", label=option)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("dimension d")
-    ax.set_ylabel("final training loss")
-    ax.set_title("Linear regression, LAB weights: gradient quantization vs d")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        losses = [statistics.mean(results[(d, option)]) for d in args.dims]
+        left.plot(args.dims, losses, marker="o", label=option)
+        if option != "full precision":
+            full = [statistics.mean(results[(d, "full precision")]) for d in args.dims]
+            right.plot(args.dims, [q / f for q, f in zip(losses, full, strict=True)],
+                       marker="o", label=option)
+    left.set(xscale="log", yscale="log", xlabel="dimension d", ylabel="final training loss",
+             title="Final loss (LAB weights)")
+    right.set(xscale="log", xlabel="dimension d", ylabel="loss ÷ full-precision gradients",
+              title="Cost of 2-bit gradients")
+    right.axhline(1.0, color="gray", lw=0.8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.plot)
     print(f"\nplot: {args.plot}")
