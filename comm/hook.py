@@ -264,7 +264,7 @@ class QuantizedCommState:
         if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(slot, x.numel()):
             log.warning("DDP bucket layout changed: error-feedback residual %d reset", slot)
         errors = None
-        if step % self.error_every == 0:
+        if step % self.error_every == 0 and self._quantizes_here():
             self.stats.relative_error = _relative_error(x, _plain(compressor), key)
             self.stats.measured_step = step
             errors = {}
@@ -297,6 +297,13 @@ class QuantizedCommState:
                 flat[mask], self.compressor_for(width), index * SLOTS_PER_BUCKET + part, step
             )
         return flat
+
+    def _quantizes_here(self) -> bool:
+        """Whether this rank's exchange quantizes (hierarchical: only node leaders, and only
+        with more than one node), so its errors are worth measuring."""
+        if self._topology is None:
+            return True
+        return self._topology.is_leader and self._topology.num_nodes > 1
 
     def _count(self, traffic: Traffic) -> None:
         self.stats.bytes_sent += traffic.sent

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distq.quant import get_scheme, project, scheme_bits
+from distq.quant import project, scheme_bits
 from distq.selection import POSITIONAL, QuantizationSummary, select_quantized, summarize, unwrap
 
 log = logging.getLogger(__name__)
@@ -212,10 +212,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def quantized_parameters(self) -> dict[str, nn.Parameter]:
         """name -> parameter of every quantized tensor (each holds ŵ)."""
         return dict(self._params)
-
-    @property
-    def loss_aware(self) -> bool:
-        return get_scheme(self.scheme).loss_aware
 
     def __repr__(self) -> str:
         return (

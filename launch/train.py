@@ -117,7 +117,7 @@ def build_monitor(
         gradient = GradientSetup(
             delta_g=1.0 / k if k else 1.0,
             clip=cfg.clip,
-            bucket_numel=cfg.bucket_size or 25 * 2**20 // 4,
+            bucket_numel=cfg.bucket_size or 25 * 2**20 // 4,  # else: a default 25 MiB DDP bucket
             quantizations=1 if cfg.collective == "allgather" else 2,
         )
     quantizer = optimizer if isinstance(optimizer, QuantizedOptimizer) else None
