@@ -149,6 +149,8 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     env = env or DistEnv.from_environ()
     backend = choose_backend(cfg.backend)
     init_process_group(env, backend)
+    if env.distributed:
+        check_same_config(cfg, env)
     device = device_for(env, backend)
     say = print if env.is_main else (lambda *a, **k: None)
 
@@ -296,6 +298,28 @@ def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
     return value.item()
 
 
+# Settings that may differ between ranks (where each rank writes, how it reports).
+PER_RANK_SETTINGS = ("out_dir", "progress", "metrics_port")
+
+
+def check_same_config(cfg: config.TrainConfig, env: DistEnv) -> None:
+    """Every rank must train with rank 0's settings: compare them before anything trains.
+
+    A collective (all_gather_object), so every rank learns the same verdict and raises alike.
+    """
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in PER_RANK_SETTINGS}
+    everyone: list[dict | None] = [None] * env.world_size
+    dist.all_gather_object(everyone, mine)
+    problems = [
+        f"rank {rank} has {key}={theirs[key]!r} but rank 0 has {key}={everyone[0][key]!r}"
+        for rank, theirs in enumerate(everyone)
+        for key in everyone[0]
+        if theirs[key] != everyone[0][key]
+    ]
+    if problems:
+        raise config.ConfigError("ranks disagree on the configuration: " + "; ".join(problems))
+
+
 def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv) -> None:
     """A checkpoint resumes only a run with the same model, data, quantization and world size."""
     fixed = (
@@ -333,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_args(args)
     except config.ConfigError as exc:
         parser.error(str(exc))
-    run(cfg)
+    try:
+        run(cfg)
+    except config.ConfigError as exc:  # found once running: ranks disagree, or a bad resume
+        print(f"distq train: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -66,3 +66,31 @@ def test_missing_config_file_is_named():
 def test_flags_parse_none_only_where_null_is_allowed():
     cfg = parse(["--scheme", "none", "--clip-latent", "none"])
     assert cfg.scheme == "none" and cfg.clip_latent is None
+
+
+def mismatched_worker(rank, world, out):
+    from distq.launch import train
+    from distq.launch.environment import DistEnv
+
+    cfg = config.TrainConfig(grad_bits=2 if rank == 0 else 4, out_dir=str(out / f"r{rank}"),
+                             progress=False, metrics_port=None, epochs=1)
+    try:
+        train.run(cfg, DistEnv(rank, rank, world))
+        message = "trained"
+    except config.ConfigError as exc:
+        message = str(exc)
+    (out / f"rank{rank}.txt").write_text(message)
+    assert not (out / f"r{rank}" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_ranks_with_different_settings_stop_before_training(tmp_path):
+    from tests.distributed import run_workers
+
+    run_workers(mismatched_worker, 2, tmp_path)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message == (
+            "ranks disagree on the configuration: rank 1 has grad_bits=4 but rank 0 has "
+            "grad_bits=2"
+        )
