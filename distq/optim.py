@@ -66,10 +66,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.clip_latent = clip_latent
         self.nonfinite = nonfinite
         self.base_optimizer = base_optimizer
-        # Share the wrapped optimizer's groups and state, so LR schedulers and zero_grad act on it.
-        self.defaults = base_optimizer.defaults
-        self.param_groups = base_optimizer.param_groups
-        self.state = base_optimizer.state
         for hooks in (
             "_optimizer_step_pre_hooks",
             "_optimizer_step_post_hooks",
@@ -90,11 +86,28 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"parameters {missing} are quantized but not in base_optimizer")
         self._params: dict[str, nn.Parameter] = {n: params[n] for n in self.names}
-        self._group = {p: g for g in self.param_groups for p in g["params"]}
+        self._group = self._groups_by_parameter()
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
         self.skipped_steps = 0
         self._project_all()
+
+    # The wrapped optimizer's groups and state, looked up on every use: its load_state_dict
+    # replaces the group dicts, and LR schedulers must keep acting on the live ones.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base_optimizer.param_groups
+
+    @property
+    def state(self) -> dict:
+        return self.base_optimizer.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.base_optimizer.defaults
+
+    def _groups_by_parameter(self) -> dict[Tensor, dict[str, Any]]:
+        return {p: g for g in self.param_groups for p in g["params"]}
 
     # -- the step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,6 +207,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             )
             raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
         self.base_optimizer.load_state_dict(state_dict["base"])
+        self._group = self._groups_by_parameter()  # the load made new group dicts
         with torch.no_grad():
             for name, latent in self.latent.items():
                 latent.copy_(state_dict["latent"][name])

@@ -83,7 +83,11 @@ class TrainConfig:
     )
     seed: int = option(0, "random seed (model init, data split and order)", minimum=0)
     out_dir: str = option("runs/digits", "where checkpoints and logs go")
-    resume: bool = option(False, "continue from out_dir/checkpoint.pt if it exists")
+    resume: bool = option(False, "continue from the newest checkpoint in out_dir, if there is one")
+    checkpoint_every: int | None = option(
+        100, "steps between checkpoints, besides one per epoch (null: per epoch only)", minimum=1
+    )
+    keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep", minimum=1)
     backend: str = option(
         "auto",
         "torch.distributed backend (auto: nccl on GPU, else gloo)",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,29 @@ def init_process_group(env: DistEnv, backend: str) -> None:
                 f"WORLD_SIZE={env.world_size} but MASTER_ADDR is not set: start with torchrun, "
                 "or export MASTER_ADDR/MASTER_PORT (see slurm/ for SLURM jobs)"
             )
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(
+            backend, store=_restart_store(env), rank=env.rank, world_size=env.world_size
+        )
+
+
+def _restart_store(env: DistEnv) -> dist.Store | None:
+    """After torchrun restarts a failed group, a store whose keys are fresh (None: the default).
+
+    torchrun's agents share one TCPStore across restarts and hand it to the workers without a
+    per-attempt prefix, so the restarted ranks would read the dead ranks' addresses and fail with
+    "Connection refused"; prefixing the keys with the restart count keeps attempts apart.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return dist.PrefixStore(f"distq/attempt_{restart}", store)
 
 
 def shutdown(*objects_to_drop: object) -> None:

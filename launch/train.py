@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distq.comm import QuantizedCommState, prime_buckets, quantized_hook
-from distq.launch import checkpoint, config
+from distq.launch import checkpoint, config, preemption, rng
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
@@ -40,7 +41,7 @@ from distq.selection import summarize
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # bumped when the layout changes; older files are refused
 SUMMARY_NAME = "summary.json"
 
 
@@ -55,6 +56,7 @@ class TrainResult:
     steps: int
     seconds: float
     checkpoint: Path
+    stopped_by: str | None = None  # the signal that stopped training early, if one did
 
 
 def build_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -126,10 +128,6 @@ def build_monitor(
     )
 
 
-def _comm_path(out_dir: Path, rank: int) -> Path:
-    return out_dir / f"comm-rank{rank}.pt"
-
-
 def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
     """name -> {scheme, bits, per_channel} for the checkpoint, so export knows how to pack."""
     if not isinstance(optimizer, QuantizedOptimizer):
@@ -142,6 +140,81 @@ def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
         }
         for n in optimizer.names
     }
+
+
+@dataclass
+class Position:
+    """Where training stands: the data loader's epoch and step within it, and the global step."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class Trainer:
+    """The pieces of one rank's training state that a checkpoint saves and restores."""
+
+    cfg: config.TrainConfig
+    env: DistEnv
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    comm: QuantizedCommState | None
+    store: checkpoint.CheckpointStore
+
+    def save(self, position: Position, epoch_loss_sum: float) -> Path | None:
+        """Gather every rank's own state (RNG, hook state, loss so far) to rank 0, which writes
+        one checkpoint; returns its path on rank 0. A collective: every rank calls it."""
+        mine = {
+            "rng": rng.capture(),
+            "comm": _to_cpu(self.comm.state_dict()) if self.comm is not None else None,
+            "epoch_loss_sum": epoch_loss_sum,
+        }
+        ranks = [mine]
+        if self.env.distributed:
+            ranks = [None] * self.env.world_size if self.env.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
+        if not self.env.is_main:
+            return None
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "step": position.step,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "quantized": quantized_specs(self.optimizer),
+            "ranks": ranks,
+        }
+        return self.store.save(payload, position.step)
+
+    def restore(self, prime_input: torch.Tensor) -> tuple[Position, float, Path] | None:
+        """Load rank 0's newest checkpoint on every rank (sent over the process group, so no
+        shared filesystem is needed); None if there is none."""
+        found = self.store.load_newest() if self.env.is_main else None
+        if self.env.distributed:
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        if found is None:
+            return None
+        state, path = found
+        _check_resumable(state, self.cfg, self.env, path)
+        mine = state["ranks"][self.env.rank]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.comm is not None:
+            self.comm.load_state_dict(mine["comm"])
+            prime_buckets(self.net, self.comm, prime_input)
+        rng.restore(mine["rng"])
+        position = Position(state["epoch"], state["step_in_epoch"], state["step"])
+        return position, mine["epoch_loss_sum"], path
 
 
 def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
@@ -167,21 +240,21 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(cfg.lr_schedule, total_steps)
     )
-
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    start_epoch = 0
-    if cfg.resume and ckpt_path.is_file():
-        state = checkpoint.load(ckpt_path)
-        _check_resumable(state, cfg, env)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch = state["epoch"]
-        if comm is not None:
-            comm.load_state_dict(checkpoint.load(_comm_path(out_dir, env.rank)))
-            prime_buckets(net, comm, train_x[: cfg.batch_size])
-        say(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    store = checkpoint.CheckpointStore(out_dir, cfg.keep_checkpoints)
+    trainer = Trainer(cfg, env, model, net, optimizer, schedule, comm, store)
+
+    position, resumed_loss_sum = Position(), 0.0
+    if cfg.resume:
+        restored = trainer.restore(train_x[: cfg.batch_size])
+        if restored is None:
+            say(f"no checkpoint in {store.directory}: starting from scratch")
+        else:
+            position, resumed_loss_sum, path = restored
+            say(
+                f"resumed from {path} at step {position.step} "
+                f"(epoch {position.epoch + 1}, step {position.step_in_epoch} of it)"
+            )
 
     scheme = cfg.scheme if cfg.scheme != config.FULL_PRECISION else "fp32"
     summary = (
@@ -201,73 +274,84 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     say(summary.to_str())
 
     monitor = build_monitor(cfg, env, optimizer, comm) if cfg.monitor else None
-    step_index = start_epoch * batches.steps_per_epoch
     started = time.perf_counter()
+    steps_run = 0
+    stopped_by: str | None = None
     loss_value, accuracy = math.nan, digits.accuracy(model, test_x, test_y)
-    for epoch in range(start_epoch, cfg.epochs):
-        steps = batches.epoch(epoch)
-        bar = tqdm(
-            steps,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not (cfg.progress and env.is_main),
-            leave=False,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        loss_sum = torch.zeros((), device=device)
-        for idx in bar:
-            step_started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-            step_index += 1
-            if monitor is not None:
-                monitor.step(step_index, loss.item(), time.perf_counter() - step_started)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        loss_value = _mean_over_ranks(loss_sum / len(steps), env)
-        accuracy = digits.accuracy(model, test_x, test_y)
-        say(
-            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
-            f"test accuracy {accuracy:.2%}"
-        )
-        if comm is not None:
-            checkpoint.save_atomic(comm.state_dict(), _comm_path(out_dir, env.rank))
-        if env.is_main:
-            checkpoint.save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "epoch": epoch + 1,
-                    "config": cfg.to_dict(),
-                    "world_size": env.world_size,
-                    "quantized": quantized_specs(optimizer),
-                },
-                ckpt_path,
+    with preemption.StopRequest() as stop:
+        for epoch in range(position.epoch, cfg.epochs):
+            steps = batches.epoch(epoch, start=position.step_in_epoch)
+            bar = tqdm(
+                steps,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                initial=position.step_in_epoch,
+                total=batches.steps_per_epoch,
+                disable=not (cfg.progress and env.is_main),
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
             )
+            loss_sum = torch.full((), resumed_loss_sum, device=device)
+            resumed_loss_sum = 0.0
+            for idx in bar:
+                step_started = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.detach()
+                steps_run += 1
+                position = Position(epoch, position.step_in_epoch + 1, position.step + 1)
+                if monitor is not None:
+                    monitor.step(position.step, loss.item(), time.perf_counter() - step_started)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                signum = stop.agreed(device)
+                end_of_epoch = position.step_in_epoch == batches.steps_per_epoch
+                if signum:
+                    stopped_by = signal.Signals(signum).name
+                    path = trainer.save(position, loss_sum.item())
+                    say(
+                        f"{stopped_by} received: stopped after step {position.step}, "
+                        f"checkpoint {path}; continue with --resume"
+                    )
+                    break
+                every = cfg.checkpoint_every
+                if every is not None and position.step % every == 0 and not end_of_epoch:
+                    trainer.save(position, loss_sum.item())
+            bar.close()
+            if stopped_by is not None:
+                break
+            loss_value = _mean_over_ranks(loss_sum / batches.steps_per_epoch, env)
+            accuracy = digits.accuracy(model, test_x, test_y)
+            say(
+                f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
+                f"test accuracy {accuracy:.2%}"
+            )
+            position = Position(epoch + 1, 0, position.step)
+            trainer.save(position, 0.0)
     seconds = time.perf_counter() - started
+    ckpt_path = store.latest
     result = TrainResult(
         accuracy,
         loss_value,
         summary.fp32_bytes,
         summary.packed_bytes,
-        (cfg.epochs - start_epoch) * batches.steps_per_epoch,
+        steps_run,
         seconds,
         ckpt_path,
+        stopped_by,
     )
-    if env.is_main:
+    if env.is_main and stopped_by is None:
         summary_record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary_record, indent=2) + "\n")
-    say(
-        f"done: test accuracy {accuracy:.2%}, final loss {loss_value:.4f}, {result.steps} steps in "
-        f"{seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "
-        f"{summary.packed_bytes / 1024:.1f} KiB packed "
-        f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
-        f"\ncheckpoint: {ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
-    )
+        say(
+            f"done: test accuracy {accuracy:.2%}, final loss {loss_value:.4f}, {steps_run} steps "
+            f"in {seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "
+            f"{summary.packed_bytes / 1024:.1f} KiB packed "
+            f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
+            f"\ncheckpoint: {ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
+        )
     if monitor is not None:
         monitor.close()
         if monitor.alarms:
@@ -282,6 +366,17 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         comm.close()
     shutdown(net)
     return result
+
+
+def _to_cpu(value):
+    """A copy of nested dicts/lists of tensors on the CPU (for pickling to another rank)."""
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _lr_factor(schedule: str, total_steps: int):
@@ -320,8 +415,13 @@ def check_same_config(cfg: config.TrainConfig, env: DistEnv) -> None:
         raise config.ConfigError("ranks disagree on the configuration: " + "; ".join(problems))
 
 
-def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv) -> None:
+def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:
     """A checkpoint resumes only a run with the same model, data, quantization and world size."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise config.ConfigError(
+            f"cannot resume from {path}: checkpoint format {state.get('format')!r}, this distq "
+            f"reads format {CHECKPOINT_FORMAT}; start a new out_dir"
+        )
     fixed = (
         "recipe",
         "scheme",
@@ -345,7 +445,7 @@ def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv) -> None
         different.append(f"world_size: checkpoint {state['world_size']} vs now {env.world_size}")
     if different:
         raise config.ConfigError(
-            "cannot resume, the run's settings differ: " + "; ".join(different)
+            f"cannot resume from {path}, the run's settings differ: " + "; ".join(different)
         )
 
 
@@ -358,10 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         parser.error(str(exc))
     try:
-        run(cfg)
+        result = run(cfg)
     except config.ConfigError as exc:  # found once running: ranks disagree, or a bad resume
         print(f"distq train: error: {exc}", file=sys.stderr)
         return 2
+    if result.stopped_by == "SIGTERM":  # checkpointed, but the run did not finish: say so
+        return 128 + signal.SIGTERM
     return 0
 
 

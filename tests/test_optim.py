@@ -116,6 +116,17 @@ def test_resume_from_state_dict_is_bit_exact(tmp_path, scheme, bits, base):
         assert torch.equal(opt.latent[name], resumed_opt.latent[name])
 
 
+def test_lr_scheduler_still_drives_the_wrapped_optimizer_after_a_resume():
+    """load_state_dict replaces the wrapped optimizer's group dicts: the wrapper must expose the
+    new ones, or a scheduler built on it goes on changing stale copies."""
+    opt = build(make_model(), "ternary", None, "sgd")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    opt.load_state_dict(opt.state_dict())
+    schedule.step()
+    schedule.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] / 3)
+
+
 def test_resume_refuses_another_quantization_setup():
     model = make_model()
     state = build(model).state_dict()

@@ -1,0 +1,79 @@
+"""The checkpoint store keeps the newest K, links the latest, survives a bad newest file; RNG
+states round-trip; a resume with other settings is refused naming the field."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distq.launch import config, rng, train
+from distq.launch.checkpoint import CheckpointStore
+
+
+def test_store_keeps_the_newest_k_and_links_the_latest(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (5, 10, 15):
+        store.save({"step": step}, step)
+    assert [p.name for p in store.paths()] == ["step-00000010.pt", "step-00000015.pt"]
+    assert store.latest.is_symlink()
+    assert torch.load(store.latest, weights_only=True) == {"step": 15}
+    assert store.load_newest()[0] == {"step": 15}
+
+
+def test_steps_sort_numerically_past_the_padding(tmp_path):
+    store = CheckpointStore(tmp_path, keep=5)
+    for step in (99_999_999, 100_000_000, 7):
+        store.save({"step": step}, step)
+    assert store.load_newest()[0]["step"] == 100_000_000
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save({"step": 1}, 1)
+    newest = store.save({"step": 2}, 2)
+    newest.write_bytes(newest.read_bytes()[:40])  # cut short, as by a full disk
+    state, path = store.load_newest()
+    assert state == {"step": 1} and path.name == "step-00000001.pt"
+    assert "does not load" in caplog.text
+
+
+def test_a_torn_temporary_file_is_removed_by_the_next_save(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.directory.mkdir(parents=True)
+    torn = store.directory / ".step-00000003.pt.abc.tmp"
+    torn.write_bytes(b"half")
+    store.save({"step": 4}, 4)
+    assert not torn.exists() and store.load_newest()[0] == {"step": 4}
+
+
+def test_no_checkpoint_means_none(tmp_path):
+    assert CheckpointStore(tmp_path, keep=1).load_newest() is None
+    with pytest.raises(ValueError, match="keep=0"):
+        CheckpointStore(tmp_path, keep=0)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(rng.capture(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    rng.restore(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def tiny(out, **changes):
+    values = {"epochs": 1, "hidden": 16, "depth": 1, "out_dir": str(out), "progress": False,
+              "monitor": False, "metrics_port": None, "resume": True, **changes}
+    return config.TrainConfig(**values)
+
+
+def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path):
+    train.run(tiny(tmp_path))
+    weights = CheckpointStore(tmp_path, keep=3).load_newest()[0]["model"]
+    with pytest.raises(config.ConfigError, match="scheme: checkpoint 'ternary' vs now 'binary'"):
+        train.run(tiny(tmp_path, scheme="binary", epochs=2))
+    state, _ = CheckpointStore(tmp_path, keep=3).load_newest()
+    assert all(torch.equal(state["model"][k], weights[k]) for k in weights)  # nothing trained
