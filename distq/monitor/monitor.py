@@ -103,6 +103,7 @@ class ConvergenceMonitor:
         return {
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
+            "intra_node_bytes_sent": stats.intra_node_bytes_sent,
             "fp32_allreduce_bytes": stats.fp32_allreduce_bytes,
             "compression_ratio": stats.compression_ratio,
         }
