@@ -3,7 +3,9 @@
 Each host gets its own namespace, address 10.<net>.0.<i> on `eth0`, and optionally a token
 bucket (`tbf`) limiting what it sends. The hosts hang off a bridge in a separate "switch"
 namespace, so every byte a host sends to any other crosses its own `eth0` and is counted in its
-`tx_bytes`. Needs root (ip netns). Always used as a context manager: teardown runs on failure.
+`tx_bytes`. With `gateway=True` the machine's own (root) namespace joins the bridge too, at
+10.<net>.0.254, so daemons and commands started outside the hosts (a SLURM controller, sbatch)
+reach them. Needs root (ip netns). Always used as a context manager: teardown runs on failure.
 
     with VirtualCluster(4, rate="200mbit") as cluster:
         procs = [cluster.popen(i, ["python", "train.py"], env) for i in range(4)]
@@ -27,10 +29,12 @@ class VirtualCluster:
     """`hosts` namespaces on a bridge; `rate` (tc syntax, e.g. '200mbit') shapes each host's
     egress, None leaves links unshaped."""
 
-    def __init__(self, hosts: int, rate: str | None = None, net: int = 200) -> None:
+    def __init__(
+        self, hosts: int, rate: str | None = None, net: int = 200, gateway: bool = False
+    ) -> None:
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts={hosts}; allowed: 1..200")
-        self.hosts, self.rate, self.net = hosts, rate, net
+        self.hosts, self.rate, self.net, self.gateway = hosts, rate, net, gateway
         self.prefix = f"dq{os.getpid() % 100000}"
         self.switch = f"{self.prefix}sw"
 
@@ -39,6 +43,11 @@ class VirtualCluster:
 
     def address(self, i: int) -> str:
         return f"10.{self.net}.0.{i + 1}"
+
+    @property
+    def gateway_address(self) -> str:
+        """The root namespace's address on the bridge (with gateway=True)."""
+        return f"10.{self.net}.0.254"
 
     def __enter__(self) -> VirtualCluster:
         try:
@@ -71,6 +80,15 @@ class VirtualCluster:
                      "tbf", "rate", self.rate, "burst", "256kb", "latency", "50ms"],
                     check=True, capture_output=True, timeout=30,
                 )
+
+        if self.gateway:
+            root_end = f"{self.prefix}gw"
+            _ip("link", "add", root_end, "type", "veth",
+                "peer", "name", "pgw", "netns", self.switch)
+            _ip("-n", self.switch, "link", "set", "pgw", "master", "br0")
+            _ip("-n", self.switch, "link", "set", "pgw", "up")
+            _ip("addr", "add", f"{self.gateway_address}/24", "dev", root_end)
+            _ip("link", "set", root_end, "up")
 
     def close(self) -> None:
         """Delete every namespace this cluster made (their veths go with them)."""

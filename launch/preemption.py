@@ -3,7 +3,9 @@
 SLURM sends SIGUSR1 ahead of a time limit (`--signal`), schedulers and torchrun send SIGTERM.
 The handler only records the signal; the training loop asks `agreed()` after every step, which
 takes the maximum over all ranks, so every rank stops after the same step even if only one was
-signalled. A second SIGTERM gets the default action (exit at once).
+signalled. Repeated signals change nothing: under SLURM a worker gets SIGTERM from slurmstepd
+and again from torchrun, and must still finish its checkpoint; a hung process is SIGKILLed by
+them after their grace period (KillWait, torchrun's 30 s).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ class StopRequest:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         del frame
         self.signum = signum
-        if signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def agreed(self, device: torch.device) -> int:
         """The signal number any rank received so far (0: none); a collective when distributed."""
