@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from distq.comm import QuantizedCommState, prime_buckets, quantized_hook
-from distq.launch import checkpoint, config, preemption, rng
+from distq.comm import QuantizedCommState, quantized_hook
+from distq.launch import checkpoint, config, preemption
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
@@ -35,13 +35,13 @@ from distq.launch.environment import (
     shutdown,
 )
 from distq.launch.recipes import digits
+from distq.launch.resume import Position, RunState
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter
 from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 2  # bumped when the layout changes; older files are refused
 SUMMARY_NAME = "summary.json"
 
 
@@ -128,95 +128,6 @@ def build_monitor(
     )
 
 
-def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    """name -> {scheme, bits, per_channel} for the checkpoint, so export knows how to pack."""
-    if not isinstance(optimizer, QuantizedOptimizer):
-        return {}
-    return {
-        n: {
-            "scheme": optimizer.scheme,
-            "bits": optimizer.bits,
-            "per_channel": optimizer.per_channel,
-        }
-        for n in optimizer.names
-    }
-
-
-@dataclass
-class Position:
-    """Where training stands: the data loader's epoch and step within it, and the global step."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    step: int = 0
-
-
-@dataclass
-class Trainer:
-    """The pieces of one rank's training state that a checkpoint saves and restores."""
-
-    cfg: config.TrainConfig
-    env: DistEnv
-    model: nn.Module
-    net: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    comm: QuantizedCommState | None
-    store: checkpoint.CheckpointStore
-
-    def save(self, position: Position, epoch_loss_sum: float) -> Path | None:
-        """Gather every rank's own state (RNG, hook state, loss so far) to rank 0, which writes
-        one checkpoint; returns its path on rank 0. A collective: every rank calls it."""
-        mine = {
-            "rng": rng.capture(),
-            "comm": _to_cpu(self.comm.state_dict()) if self.comm is not None else None,
-            "epoch_loss_sum": epoch_loss_sum,
-        }
-        ranks = [mine]
-        if self.env.distributed:
-            ranks = [None] * self.env.world_size if self.env.is_main else None
-            dist.gather_object(mine, ranks, dst=0)
-        if not self.env.is_main:
-            return None
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "epoch": position.epoch,
-            "step_in_epoch": position.step_in_epoch,
-            "step": position.step,
-            "config": self.cfg.to_dict(),
-            "world_size": self.env.world_size,
-            "quantized": quantized_specs(self.optimizer),
-            "ranks": ranks,
-        }
-        return self.store.save(payload, position.step)
-
-    def restore(self, prime_input: torch.Tensor) -> tuple[Position, float, Path] | None:
-        """Load rank 0's newest checkpoint on every rank (sent over the process group, so no
-        shared filesystem is needed); None if there is none."""
-        found = self.store.load_newest() if self.env.is_main else None
-        if self.env.distributed:
-            box = [found]
-            dist.broadcast_object_list(box, src=0)
-            found = box[0]
-        if found is None:
-            return None
-        state, path = found
-        _check_resumable(state, self.cfg, self.env, path)
-        mine = state["ranks"][self.env.rank]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.comm is not None:
-            self.comm.load_state_dict(mine["comm"])
-            prime_buckets(self.net, self.comm, prime_input)
-        rng.restore(mine["rng"])
-        position = Position(state["epoch"], state["step_in_epoch"], state["step"])
-        return position, mine["epoch_loss_sum"], path
-
-
 def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     """Train per `cfg` in this process (one rank of the job); returns rank-local results."""
     env = env or DistEnv.from_environ()
@@ -242,11 +153,11 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     )
     out_dir = Path(cfg.out_dir)
     store = checkpoint.CheckpointStore(out_dir, cfg.keep_checkpoints)
-    trainer = Trainer(cfg, env, model, net, optimizer, schedule, comm, store)
+    run_state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
 
     position, resumed_loss_sum = Position(), 0.0
     if cfg.resume:
-        restored = trainer.restore(train_x[: cfg.batch_size])
+        restored = run_state.restore(train_x[: cfg.batch_size])
         if restored is None:
             say(f"no checkpoint in {store.directory}: starting from scratch")
         else:
@@ -310,7 +221,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
                 end_of_epoch = position.step_in_epoch == batches.steps_per_epoch
                 if signum:
                     stopped_by = signal.Signals(signum).name
-                    path = trainer.save(position, loss_sum.item())
+                    path = run_state.save(position, loss_sum.item())
                     say(
                         f"{stopped_by} received: stopped after step {position.step}, "
                         f"checkpoint {path}; continue with --resume"
@@ -318,7 +229,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
                     break
                 every = cfg.checkpoint_every
                 if every is not None and position.step % every == 0 and not end_of_epoch:
-                    trainer.save(position, loss_sum.item())
+                    run_state.save(position, loss_sum.item())
             bar.close()
             if stopped_by is not None:
                 break
@@ -329,7 +240,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
                 f"test accuracy {accuracy:.2%}"
             )
             position = Position(epoch + 1, 0, position.step)
-            trainer.save(position, 0.0)
+            run_state.save(position, 0.0)
     seconds = time.perf_counter() - started
     ckpt_path = store.latest
     result = TrainResult(
@@ -368,17 +279,6 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     return result
 
 
-def _to_cpu(value):
-    """A copy of nested dicts/lists of tensors on the CPU (for pickling to another rank)."""
-    if torch.is_tensor(value):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def _lr_factor(schedule: str, total_steps: int):
     if schedule == "constant":
         return lambda step: 1.0
@@ -413,40 +313,6 @@ def check_same_config(cfg: config.TrainConfig, env: DistEnv) -> None:
     ]
     if problems:
         raise config.ConfigError("ranks disagree on the configuration: " + "; ".join(problems))
-
-
-def _check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:
-    """A checkpoint resumes only a run with the same model, data, quantization and world size."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise config.ConfigError(
-            f"cannot resume from {path}: checkpoint format {state.get('format')!r}, this distq "
-            f"reads format {CHECKPOINT_FORMAT}; start a new out_dir"
-        )
-    fixed = (
-        "recipe",
-        "scheme",
-        "bits",
-        "per_channel",
-        "hidden",
-        "depth",
-        "seed",
-        "batch_size",
-        "test_fraction",
-        "optimizer",
-        "keep_full_precision",
-    )
-    saved, now = state["config"], cfg.to_dict()
-    different = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
-        for k in fixed
-        if saved.get(k) != now[k]
-    ]
-    if state["world_size"] != env.world_size:
-        different.append(f"world_size: checkpoint {state['world_size']} vs now {env.world_size}")
-    if different:
-        raise config.ConfigError(
-            f"cannot resume from {path}, the run's settings differ: " + "; ".join(different)
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

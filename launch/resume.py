@@ -1,0 +1,156 @@
+"""What a checkpoint of `distq train` holds, and how a run is saved and restored from it.
+
+One file (rank 0 writes it) holds everything a bit-exact resume needs: ŵ, latent weights and
+optimizer state, the LR schedule, the data position, the config, and per rank the RNG states,
+the gradient hook's state (step counter, error-feedback residuals) and the epoch's loss so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distq.comm import QuantizedCommState, prime_buckets
+from distq.launch import checkpoint, config, rng
+from distq.launch.environment import DistEnv
+from distq.optim import QuantizedOptimizer
+
+FORMAT = 2  # bumped when the layout changes; older files are refused
+
+
+def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """name -> {scheme, bits, per_channel} for the checkpoint, so export knows how to pack."""
+    if not isinstance(optimizer, QuantizedOptimizer):
+        return {}
+    return {
+        n: {
+            "scheme": optimizer.scheme,
+            "bits": optimizer.bits,
+            "per_channel": optimizer.per_channel,
+        }
+        for n in optimizer.names
+    }
+
+
+@dataclass
+class Position:
+    """Where training stands: the data loader's epoch and step within it, and the global step."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+
+@dataclass
+class RunState:
+    """The pieces of one rank's training state that a checkpoint saves and restores."""
+
+    cfg: config.TrainConfig
+    env: DistEnv
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    comm: QuantizedCommState | None
+    store: checkpoint.CheckpointStore
+
+    def save(self, position: Position, epoch_loss_sum: float) -> Path | None:
+        """Gather every rank's own state (RNG, hook state, loss so far) to rank 0, which writes
+        one checkpoint; returns its path on rank 0. A collective: every rank calls it."""
+        mine = {
+            "rng": rng.capture(),
+            "comm": _to_cpu(self.comm.state_dict()) if self.comm is not None else None,
+            "epoch_loss_sum": epoch_loss_sum,
+        }
+        ranks = [mine]
+        if self.env.distributed:
+            ranks = [None] * self.env.world_size if self.env.is_main else None
+            dist.gather_object(mine, ranks, dst=0)
+        if not self.env.is_main:
+            return None
+        payload = {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "step": position.step,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "quantized": quantized_specs(self.optimizer),
+            "ranks": ranks,
+        }
+        return self.store.save(payload, position.step)
+
+    def restore(self, prime_input: torch.Tensor) -> tuple[Position, float, Path] | None:
+        """Load rank 0's newest checkpoint on every rank (sent over the process group, so no
+        shared filesystem is needed); None if there is none."""
+        found = self.store.load_newest() if self.env.is_main else None
+        if self.env.distributed:
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        if found is None:
+            return None
+        state, path = found
+        check_resumable(state, self.cfg, self.env, path)
+        mine = state["ranks"][self.env.rank]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.comm is not None:
+            self.comm.load_state_dict(mine["comm"])
+            prime_buckets(self.net, self.comm, prime_input)
+        rng.restore(mine["rng"])
+        position = Position(state["epoch"], state["step_in_epoch"], state["step"])
+        return position, mine["epoch_loss_sum"], path
+
+
+def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:
+    """A checkpoint resumes only a run with the same model, data, quantization and world size."""
+    if state.get("format") != FORMAT:
+        raise config.ConfigError(
+            f"cannot resume from {path}: checkpoint format {state.get('format')!r}, this distq "
+            f"reads format {FORMAT}; start a new out_dir"
+        )
+    fixed = (
+        "recipe",
+        "scheme",
+        "bits",
+        "per_channel",
+        "hidden",
+        "depth",
+        "seed",
+        "batch_size",
+        "test_fraction",
+        "optimizer",
+        "keep_full_precision",
+    )
+    saved, now = state["config"], cfg.to_dict()
+    different = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        for k in fixed
+        if saved.get(k) != now[k]
+    ]
+    if state["world_size"] != env.world_size:
+        different.append(f"world_size: checkpoint {state['world_size']} vs now {env.world_size}")
+    if different:
+        raise config.ConfigError(
+            f"cannot resume from {path}, the run's settings differ: " + "; ".join(different)
+        )
+
+
+def _to_cpu(value):
+    """A copy of nested dicts/lists of tensors on the CPU (for pickling to another rank)."""
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
