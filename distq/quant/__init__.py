@@ -18,6 +18,7 @@ from torch import Tensor
 from distq.quant import binary, mbit, ternary  # noqa: F401  (registers the schemes)
 from distq.quant.base import Projection, Scheme, as_groups, check_weights, get_scheme, resolve_bits
 from distq.quant.base import scheme_names as _scheme_names
+from distq.sparse import check_sparsity, solve_capped
 
 SCHEMES: tuple[str, ...] = _scheme_names()
 
@@ -62,17 +63,21 @@ def project(
     bits: int | None = None,
     *,
     per_channel: bool = False,
+    sparsity: float = 0.0,
     **opts,
 ) -> Projection:
     """Project `w` onto the scheme's set with curvature `d` (None: d ≡ 1).
 
-    per_channel=True gives every output channel (first dimension) its own scale. Extra keyword
+    per_channel=True gives every output channel (first dimension) its own scale. sparsity=κ
+    keeps at most ⌈(1−κ)n⌉ non-zeros per scale group (distq.sparse; binary codes then become
+    ternary: zero is a level). Extra keyword
     options go to the scheme's solver (ternary-approx: alpha_init; linear/log: alpha_rule;
     twn: threshold). Raises ValueError on bad input, naming the value and what is allowed.
     """
     spec = get_scheme(scheme)
     m = resolve_bits(spec, bits)
     check_weights(w, d)
+    check_sparsity(sparsity)
     allowed = [p for p in inspect.signature(spec.solver).parameters if p not in ("w", "d", "bits")]
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
@@ -84,7 +89,10 @@ def project(
     if d2 is None:
         d2 = w2.new_ones(())
         d2 = d2.expand_as(w2)
-    q2, alpha = spec.solver(w2, d2, m, **opts)
+    if sparsity:
+        q2, alpha = solve_capped(spec, w2, d2, m, sparsity, **opts)
+    else:
+        q2, alpha = spec.solver(w2, d2, m, **opts)
     if not per_channel:
         alpha = alpha[0]
     q = (q2 + 0.0).reshape(w.shape).to(w.dtype)  # + 0.0 turns −0.0 into +0.0

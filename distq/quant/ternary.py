@@ -18,16 +18,20 @@ APPROX_TOL = 1e-6
 TWN_THRESHOLD = 0.7
 
 
-def exact_support(a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+def exact_support(a: Tensor, d: Tensor, caps: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Optimal scale and support for magnitudes `a` ≥ 0 with curvature `d`, row by row.
 
-    Returns (alpha [G], mask [G, n] bool): support = the top-k* entries of `a`.
+    Returns (alpha [G], mask [G, n] bool): support = the top-k* entries of `a`. With `caps`
+    ([G] ints) only k ≤ caps[g] is scanned: the best top-k set under a non-zero budget.
     """
     order = a.argsort(dim=1, descending=True, stable=True)
     a_sorted, d_sorted = a.gather(1, order), d.gather(1, order)
     P = (d_sorted * a_sorted).cumsum(1)
     Q = d_sorted.cumsum(1)
     score = safe_ratio(P * P, Q)
+    if caps is not None:  # scores are ≥ 0, so −1 rules a support size out
+        sizes = torch.arange(1, a.shape[1] + 1, device=a.device).expand_as(score)
+        score = torch.where(sizes <= caps[:, None], score, -1.0)
     k = score.argmax(dim=1)
     alpha = safe_ratio(P.gather(1, k[:, None]), Q.gather(1, k[:, None]))[:, 0]
     ranks = torch.arange(a.shape[1], device=a.device).expand_as(a)
