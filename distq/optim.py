@@ -7,6 +7,7 @@ back with the curvature d = √v̂ + ε read from the wrapped optimizer's second
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from distq.quant import project, scheme_bits
 from distq.selection import POSITIONAL, QuantizationSummary, select_quantized, summarize, unwrap
+from distq.sparse import SCOPES, SparsitySchedule, global_split
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         clip_latent: clip latent weights to [−c, c] after each step (None: no clipping).
         per_channel: one scale per output channel instead of one per tensor.
         nonfinite: "skip" a step whose gradients hold NaN/Inf (with a warning), or "raise".
+        sparsity: κ, the share of zeros per quantized tensor (joint quantization and
+            sparsification, distq.sparse), a number or a SparsitySchedule over steps.
+        sparsity_scope: "tensor" (each tensor loses κ) or "global" (κ over all quantized
+            tensors together; each keeps its entries with the largest d·w²).
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         clip_latent: float | None = 1.0,
         per_channel: bool = False,
         nonfinite: str = "skip",
+        sparsity: float | SparsitySchedule = 0.0,
+        sparsity_scope: str = "tensor",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise ValueError(
@@ -60,6 +68,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}")
         if clip_latent is not None and not clip_latent > 0:
             raise ValueError(f"clip_latent={clip_latent!r}; allowed: a positive float or None")
+        if sparsity_scope not in SCOPES:
+            raise ValueError(f"sparsity_scope={sparsity_scope!r}; allowed: {', '.join(SCOPES)}")
+        self.sparsity = (
+            sparsity if isinstance(sparsity, SparsitySchedule) else SparsitySchedule(sparsity)
+        )
+        self.sparsity_scope = sparsity_scope
+        self.steps_taken = 0  # projections after a step: what the sparsity schedule reads
         self.bits = scheme_bits(scheme, bits)
         self.scheme = scheme
         self.per_channel = per_channel
@@ -127,25 +142,50 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             latent.copy_(p)
             if self.clip_latent is not None:
                 latent.clamp_(-self.clip_latent, self.clip_latent)
+        self.steps_taken += 1
         self._project_all()
         return loss
 
     @torch.no_grad()
     def _project_all(self) -> None:
-        """Write ŵ = argmin_{α·S} ‖ŵ − w‖²_D into every quantized parameter."""
+        """Write ŵ = argmin_{α·S, ‖ŵ‖₀ ≤ K} ‖ŵ − w‖²_D into every quantized parameter."""
         warm_start = self.scheme == "ternary-approx"
+        curvatures = {name: self.curvature(p) for name, p in self._params.items()}
+        sparsities = self.current_sparsities(curvatures)
         for name, p in self._params.items():
             opts = {"alpha_init": self.alpha[name]} if warm_start and name in self.alpha else {}
             proj = project(
                 self.latent[name],
-                self.curvature(p),
+                curvatures[name],
                 self.scheme,
                 self.bits,
                 per_channel=self.per_channel,
+                sparsity=sparsities[name],
                 **opts,
             )
             p.copy_(proj.q)
             self.alpha[name] = proj.alpha
+
+    def current_sparsities(self, curvatures: dict[str, Tensor | None]) -> dict[str, float]:
+        """κ per quantized tensor at this step (the schedule's, split globally if asked)."""
+        kappa = self.sparsity.at(self.steps_taken)
+        if kappa == 0.0 or self.sparsity_scope == "tensor":
+            return dict.fromkeys(self._params, kappa)
+        d = {
+            n: c if c is not None else torch.ones_like(self.latent[n])
+            for n, c in curvatures.items()
+        }
+        return global_split(self.latent, d, kappa)
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits per code a packed export needs: a binary code with zeros has three levels."""
+        sparse = self.sparsity.final > 0 or self.sparsity.initial > 0
+        return 2 if (self.bits == 1 and sparse) else self.bits
+
+    def masks(self) -> dict[str, Tensor]:
+        """name -> bool tensor of the entries ŵ keeps (non-zero), for every quantized tensor."""
+        return {name: p != 0 for name, p in self._params.items()}
 
     def curvature(self, p: Tensor) -> Tensor | None:
         """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none."""
@@ -190,6 +230,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             "alpha": {n: t.clone() for n, t in self.alpha.items()},
             "quantization": self.config(),
             "skipped_steps": self.skipped_steps,
+            "steps_taken": self.steps_taken,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,6 +254,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 latent.copy_(state_dict["latent"][name])
             self.alpha = {n: t.clone() for n, t in state_dict["alpha"].items()}
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.steps_taken = int(state_dict.get("steps_taken", 0))
 
     def config(self) -> dict[str, Any]:
         """The settings a checkpoint must agree with to be resumed by this optimizer."""
@@ -221,6 +263,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             "bits": self.bits,
             "per_channel": self.per_channel,
             "names": list(self.names),
+            "sparsity": dataclasses.asdict(self.sparsity),
+            "sparsity_scope": self.sparsity_scope,
         }
 
     def quantized_parameters(self) -> dict[str, nn.Parameter]:

@@ -20,6 +20,7 @@ import yaml
 
 from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.quant import SCHEMES, get_scheme
+from distq.sparse import SCHEDULES, SCOPES
 
 FULL_PRECISION = "none"
 
@@ -61,6 +62,33 @@ class TrainConfig:
         ["first", "last"], "layers left unquantized: names, regexes, 'first', 'last'"
     )
     clip_latent: float | None = option(1.0, "clip latent weights to [-c, c] (null: off)", minimum=0)
+    sparsity: float = option(
+        0.0,
+        "share of zeros per quantized tensor at the end of the schedule",
+        minimum=0,
+        maximum=0.99,
+    )
+    sparsity_schedule: str = option(
+        "constant", "constant, or a cubic ramp (Zhu & Gupta 2017)", choices=SCHEDULES
+    )
+    sparsity_initial: float = option(
+        0.0, "sparsity where a cubic ramp starts", minimum=0, maximum=0.99
+    )
+    sparsity_begin: float = option(
+        0.0, "where the cubic ramp starts, as a fraction of the run's steps", minimum=0, maximum=1
+    )
+    sparsity_end: float = option(
+        0.75,
+        "where the cubic ramp reaches `sparsity`, as a fraction of the steps",
+        minimum=0,
+        maximum=1,
+    )
+    sparsity_scope: str = option(
+        "tensor", "each tensor loses `sparsity`, or all quantized tensors together", choices=SCOPES
+    )
+    sparse_gradients: bool = option(
+        False, "leave pruned weights' gradient entries off the wire (they freeze while pruned)"
+    )
     nonfinite: str = option(
         "skip", "on a NaN/Inf gradient: skip the step or raise", choices=("skip", "raise")
     )
@@ -131,6 +159,13 @@ class TrainConfig:
                     f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
                     f"{', '.join(map(str, spec.bits))}"
                 )
+        if self.sparsity_schedule == "cubic" and not self.sparsity_begin < self.sparsity_end:
+            raise ConfigError(
+                f"sparsity_begin={self.sparsity_begin} must be below sparsity_end="
+                f"{self.sparsity_end} for the cubic schedule"
+            )
+        if (self.sparsity or self.sparse_gradients) and self.scheme == FULL_PRECISION:
+            raise ConfigError("sparsity needs a quantization scheme; scheme is 'none'")
         if self.grad_compressor == "sign" and self.grad_bits not in (None, 1):
             raise ConfigError(f"grad_compressor 'sign' sends 1 bit; got grad_bits={self.grad_bits}")
         if self.grad_compressor == "terngrad" and self.grad_bits not in (None, 2):

@@ -29,7 +29,7 @@ def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
     return {
         n: {
             "scheme": optimizer.scheme,
-            "bits": optimizer.bits,
+            "bits": optimizer.stored_bits,
             "per_channel": optimizer.per_channel,
         }
         for n in optimizer.names
@@ -130,6 +130,12 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "test_fraction",
         "optimizer",
         "keep_full_precision",
+        "sparsity",
+        "sparsity_schedule",
+        "sparsity_initial",
+        "sparsity_begin",
+        "sparsity_end",
+        "sparsity_scope",
     )
     saved, now = state["config"], cfg.to_dict()
     different = [

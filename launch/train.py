@@ -39,6 +39,7 @@ from distq.launch.resume import Position, RunState
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter
 from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
+from distq.sparse import SparsitySchedule
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,20 @@ class TrainResult:
     stopped_by: str | None = None  # the signal that stopped training early, if one did
 
 
-def build_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def sparsity_schedule(cfg: config.TrainConfig, total_steps: int) -> SparsitySchedule:
+    """The config's sparsity schedule, its ramp placed in steps of this run."""
+    return SparsitySchedule(
+        cfg.sparsity,
+        cfg.sparsity_schedule,
+        cfg.sparsity_initial,
+        round(cfg.sparsity_begin * total_steps),
+        max(round(cfg.sparsity_end * total_steps), round(cfg.sparsity_begin * total_steps) + 1),
+    )
+
+
+def build_optimizer(
+    cfg: config.TrainConfig, model: nn.Module, total_steps: int
+) -> torch.optim.Optimizer:
     """The base optimizer, wrapped in a QuantizedOptimizer unless the scheme is 'none'."""
     params = model.parameters()
     if cfg.optimizer == "adam":
@@ -79,6 +93,8 @@ def build_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Op
         clip_latent=cfg.clip_latent,
         per_channel=cfg.per_channel,
         nonfinite=cfg.nonfinite,
+        sparsity=sparsity_schedule(cfg, total_steps),
+        sparsity_scope=cfg.sparsity_scope,
     )
 
 
@@ -145,9 +161,9 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     model = digits.build_model(cfg.hidden, cfg.depth).to(device)
     net: nn.Module = DistributedDataParallel(model) if env.distributed else model
     comm = attach_comm_hook(cfg, net) if env.distributed else None
-    optimizer = build_optimizer(cfg, net)
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
+    optimizer = build_optimizer(cfg, net, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(cfg.lr_schedule, total_steps)
     )
