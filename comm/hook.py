@@ -121,12 +121,17 @@ class QuantizedCommState:
         overlap: run exchanges on a worker thread while backward continues (False: inline).
         error_every: measure the quantization errors and clipping bias every this many steps
             (on the first 1 M elements of the bucket; one extra encode and decode).
+
+    `set_keep_mask(fn)` leaves gradient entries off the wire: fn(parameter) gives a bool tensor
+    of the entries to exchange (None: all), and every rank must give the same masks (as
+    QuantizedOptimizer.mask_of does for pruned weights); the others come back as zeros.
     """
 
     __slots__ = (
         "_buffers",
         "_compressors",
         "_group",
+        "_keep_mask",
         "_priming",
         "_rank",
         "_topology",
@@ -197,6 +202,7 @@ class QuantizedCommState:
         self.error_every = error_every
         self.iter = 0
         self._priming = False
+        self._keep_mask: Callable[[nn.Parameter], Tensor | None] | None = None
         self.stats = CompressionStats()
         self._widths = _parameter_widths(model, self.bits_by_name)
         self._compressors: dict[int, Compressor] = {}
@@ -208,6 +214,29 @@ class QuantizedCommState:
         self._group = dist.new_group(ranks)
         self._topology = Topology.discover(self._group) if collective == "hierarchical" else None
         self._worker = _Worker() if overlap else None
+
+    def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
+        """Exchange only the entries fn(parameter) marks (see the class docstring)."""
+        if fn is not None and self.error_feedback:
+            raise ValueError(
+                "a keep mask cannot be combined with error_feedback=True: the residuals would "
+                "move between entries as the mask changes"
+            )
+        self._keep_mask = fn
+
+    def _bucket_keep(self, bucket: dist.GradBucket) -> Tensor | None:
+        """The bucket's flat mask of entries to exchange (None: all of them)."""
+        if self._keep_mask is None:
+            return None
+        masks = [self._keep_mask(p) for p in bucket.parameters()]
+        if all(m is None for m in masks):
+            return None
+        return torch.cat(
+            [
+                (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+                for m, p in zip(masks, bucket.parameters(), strict=True)
+            ]
+        )
 
     # -- compression ----------------------------------------------------------------------------
     def compressor_for(self, bits: int) -> Compressor:
@@ -223,21 +252,38 @@ class QuantizedCommState:
         return self._compressors[bits]
 
     def reduce(
-        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
+        self,
+        buffer: Tensor,
+        lengths: list[int],
+        widths: list[int],
+        index: int,
+        step: int,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Average one DDP bucket over ranks; runs on the worker thread.
 
         The only gradient-sized allocation is one float32 scratch buffer (padded for
         `scatter`) that the clipping, the exchange and the division all work in, plus one
-        decoded row at a time: extra memory stays within about 2x the bucket.
+        decoded row at a time: extra memory stays within about 2x the bucket. With `keep`
+        only the marked entries are exchanged, the rest are zero.
         """
         n, numel = self._world_size, buffer.numel()
-        fp32_bytes = 2 * (n - 1) * numel * 4 // n
-        self.stats.fp32_allreduce_bytes += fp32_bytes
+        self.stats.fp32_allreduce_bytes += 2 * (n - 1) * numel * 4 // n
+        if keep is None:
+            return self._average(buffer, lengths, widths, index, step)
+        kept = [int(part.sum()) for part in keep.split(lengths)]
+        out = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
+        out[keep] = self._average(buffer[keep], kept, widths, index, step)
+        return out
+
+    def _average(
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
+    ) -> Tensor:
+        n, numel = self._world_size, buffer.numel()
         if numel < self.min_numel:
             work = buffer.to(torch.float32, copy=True)
             dist.all_reduce(work, group=self._group)
-            self.stats.uncompressed_bytes_sent += fp32_bytes
+            self.stats.uncompressed_bytes_sent += 2 * (n - 1) * numel * 4 // n
             return work.div_(n)
         groups = _groups_by_width(lengths, widths, buffer.device)
         if len(groups) > 1:
@@ -403,9 +449,10 @@ def quantized_hook(
     lengths = [g.numel() for g in bucket.gradients()]
     widths = [state._widths.get(p, state.bits) for p in bucket.parameters()]
     index = bucket.index()
+    keep = state._bucket_keep(bucket)
 
     def job() -> Tensor:
-        result = state.reduce(buffer.detach(), lengths, widths, index, step)
+        result = state.reduce(buffer.detach(), lengths, widths, index, step, keep)
         if last:
             state.stats.steps += 1
         # A sum is NaN/Inf iff an element is (or it overflows, which is as unusable); unlike

@@ -187,6 +187,15 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """name -> bool tensor of the entries ŵ keeps (non-zero), for every quantized tensor."""
         return {name: p != 0 for name, p in self._params.items()}
 
+    def mask_of(self, p: Tensor) -> Tensor | None:
+        """The entries of parameter `p` that ŵ keeps; None when p is not sparsified. For
+        QuantizedCommState.set_keep_mask: pruned weights' gradients stay off the wire."""
+        if p not in self._param_names or self._param_names[p] not in self._params:
+            return None
+        if self.sparsity.final == 0 and self.sparsity.initial == 0:
+            return None
+        return p != 0
+
     def curvature(self, p: Tensor) -> Tensor | None:
         """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none."""
         state = self.base_optimizer.state.get(p, {})

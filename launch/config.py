@@ -166,6 +166,13 @@ class TrainConfig:
             )
         if (self.sparsity or self.sparse_gradients) and self.scheme == FULL_PRECISION:
             raise ConfigError("sparsity needs a quantization scheme; scheme is 'none'")
+        if self.sparse_gradients and not (self.sparsity and self.grad_bits):
+            raise ConfigError(
+                "sparse_gradients needs sparsity > 0 and quantized gradients (grad_bits); got "
+                f"sparsity={self.sparsity}, grad_bits={self.grad_bits}"
+            )
+        if self.sparse_gradients and self.error_feedback:
+            raise ConfigError("sparse_gradients cannot be combined with error_feedback")
         if self.grad_compressor == "sign" and self.grad_bits not in (None, 1):
             raise ConfigError(f"grad_compressor 'sign' sends 1 bit; got grad_bits={self.grad_bits}")
         if self.grad_compressor == "terngrad" and self.grad_bits not in (None, 2):

@@ -164,6 +164,8 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
     optimizer = build_optimizer(cfg, net, total_steps)
+    if comm is not None and cfg.sparse_gradients:
+        comm.set_keep_mask(optimizer.mask_of)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(cfg.lr_schedule, total_steps)
     )
