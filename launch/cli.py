@@ -41,18 +41,26 @@ def schemes_command(argv: list[str]) -> int:
 
 def report_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="distq report", description="Plot a run's monitor log (loss, errors, bounds, bytes)."
+        prog="distq report",
+        description="Plot a run's monitor log (loss, errors, bounds, bytes) and, for a "
+        "sparsified run, the degree distributions of its pruned layers with power-law fits.",
     )
-    parser.add_argument("run_dir", help="out_dir of a distq train run made with the monitor on")
+    parser.add_argument("run_dir", help="out_dir of a distq train run")
     parser.add_argument("--rank", type=int, default=0, help="whose log to plot (default 0)")
     args = parser.parse_args(argv)
-    from distq.monitor.report import write_report
+    from distq.monitor.report import write_degree_report, write_report
 
     try:
         paths = write_report(args.run_dir, args.rank)
     except FileNotFoundError as exc:
-        parser.error(str(exc))
-    for path in paths:
+        paths = []
+        print(f"no monitor plots: {exc}", file=sys.stderr)
+    table, degree_plots = write_degree_report(args.run_dir)
+    if not paths and not table:
+        parser.error(f"{args.run_dir}: neither a monitor log nor a sparsified checkpoint")
+    if table:
+        print(table)
+    for path in [*paths, *degree_plots]:
         print(path)
     return 0
 

@@ -1,5 +1,6 @@
 """Plots of a run's monitor log (monitor-rank0.jsonl): loss, weight error, gradient blow-up
-against the theory's bound, and bytes on the wire, one PNG each."""
+against the theory's bound, and bytes on the wire, one PNG each; and, for a sparsified run, the
+degree distributions of its pruned layers with truncated power-law fits."""
 
 from __future__ import annotations
 
@@ -80,3 +81,27 @@ def write_report(run_dir: str | Path, rank: int = 0) -> list[Path]:
     ax.legend(fontsize=8)
     written.append(_save(fig, run_dir / "bytes.png"))
     return written
+
+
+def write_degree_report(run_dir: str | Path) -> tuple[str, list[Path]]:
+    """Degree distributions of the sparsified quantized tensors in run_dir/checkpoint.pt:
+    a text table of truncated power-law fits and two log-log PNGs per tensor in run_dir/degrees.
+    Returns ("", []) when the run has no checkpoint or no tensor with zeros."""
+    import torch
+
+    from distq.theory.powerlaw import degree_report, format_degree_report
+
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        return "", []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    sparse = {
+        name: state["model"][name]
+        for name in state.get("quantized", {})
+        if bool((state["model"][name] == 0).any())
+    }
+    if not sparse:
+        return "", []
+    plot_dir = Path(run_dir) / "degrees"
+    report = degree_report(sparse, plot_dir=plot_dir)
+    return format_degree_report(report), sorted(plot_dir.glob("*.png"))
