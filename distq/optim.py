@@ -44,6 +44,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             sparsification, distq.sparse), a number or a SparsitySchedule over steps.
         sparsity_scope: "tensor" (each tensor loses κ) or "global" (κ over all quantized
             tensors together; each keeps its entries with the largest d·w²).
+        loss_aware: False projects with d ≡ 1 whatever the base optimizer keeps (an ablation:
+            the same training without the curvature weighting).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         sparsity: float | SparsitySchedule = 0.0,
         sparsity_scope: str = "tensor",
+        loss_aware: bool = True,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise ValueError(
@@ -80,6 +83,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.per_channel = per_channel
         self.clip_latent = clip_latent
         self.nonfinite = nonfinite
+        self.loss_aware = loss_aware
         self.base_optimizer = base_optimizer
         for hooks in (
             "_optimizer_step_pre_hooks",
@@ -197,7 +201,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         return p != 0
 
     def curvature(self, p: Tensor) -> Tensor | None:
-        """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none."""
+        """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none
+        or loss_aware is off."""
+        if not self.loss_aware:
+            return None
         state = self.base_optimizer.state.get(p, {})
         group = self._group[p]
         eps = group.get("eps", 1e-8)

@@ -62,6 +62,9 @@ class TrainConfig:
         ["first", "last"], "layers left unquantized: names, regexes, 'first', 'last'"
     )
     clip_latent: float | None = option(1.0, "clip latent weights to [-c, c] (null: off)", minimum=0)
+    loss_aware: bool = option(
+        True, "weight the projection by the optimizer's curvature (off: d = 1, an ablation)"
+    )
     sparsity: float = option(
         0.0,
         "share of zeros per quantized tensor at the end of the schedule",

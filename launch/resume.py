@@ -136,6 +136,7 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "sparsity_begin",
         "sparsity_end",
         "sparsity_scope",
+        "loss_aware",
     )
     saved, now = state["config"], cfg.to_dict()
     different = [

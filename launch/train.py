@@ -95,6 +95,7 @@ def build_optimizer(
         nonfinite=cfg.nonfinite,
         sparsity=sparsity_schedule(cfg, total_steps),
         sparsity_scope=cfg.sparsity_scope,
+        loss_aware=cfg.loss_aware,
     )
 
 

@@ -208,3 +208,13 @@ def test_works_with_lr_schedulers():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(make_model(), **kwargs)
+
+
+def test_loss_aware_off_projects_with_unit_curvature():
+    model = make_model()
+    opt = build(model, "ternary", None, "adam", loss_aware=False)
+    train(model, opt, 3)
+    for name, p in opt.quantized_parameters().items():
+        assert opt.curvature(p) is None
+        expected = project(opt.latent[name], None, "ternary").q
+        assert torch.equal(p.detach(), expected), name

@@ -1,6 +1,7 @@
-"""Tests for distq.packing: round trips, the documented LSB-first layout, lengths and errors.
+"""Tests for distq.packing: round trips, the documented LSB-first layout, lengths and errors;
+the wide (16/32-bit little-endian) integers and the gap code of sorted positions.
 
-The layout is checked against a bit-by-bit reference written with Python ints.
+The layouts are checked against references written with Python ints.
 """
 
 import pytest
@@ -8,7 +9,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distq.packing import pack, packed_nbytes, unpack
+from distq.packing import (
+    GAP_WIDTHS,
+    gap_decode,
+    gap_encode,
+    gap_symbols,
+    pack,
+    pack_uint,
+    packed_nbytes,
+    uint_nbytes,
+    unpack,
+    unpack_uint,
+)
 
 ALL_BITS = range(1, 9)
 
@@ -132,3 +144,110 @@ def test_negative_numel():
 def test_packed_must_be_uint8():
     with pytest.raises(ValueError, match="uint8"):
         unpack(torch.zeros(1, dtype=torch.int64), 2, 4)
+
+
+# ---- pack_uint: widths 1..8 as pack, 16 and 32 little-endian ------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 16, 32])
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.integers(0, 2**32 - 1), max_size=300))
+def test_uint_round_trip(bits, values):
+    codes = torch.tensor([v % (1 << bits) for v in values], dtype=torch.int64)
+    packed = pack_uint(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == uint_nbytes(len(values), bits)
+    out = unpack_uint(packed, bits, len(values))
+    assert out.dtype == torch.int64 and out.tolist() == codes.tolist()
+    if bits <= 8:
+        assert torch.equal(packed, pack(codes, bits))
+    else:
+        expected = [(v >> s) & 0xFF for v in codes.tolist() for s in range(0, bits, 8)]
+        assert packed.tolist() == expected
+
+
+def test_uint_little_endian():
+    assert pack_uint(torch.tensor([0x1234, 0xFFFF]), 16).tolist() == [0x34, 0x12, 0xFF, 0xFF]
+    assert pack_uint(torch.tensor([0x01020304]), 32).tolist() == [4, 3, 2, 1]
+    assert uint_nbytes(3, 16) == 6 and uint_nbytes(3, 32) == 12 and uint_nbytes(3, 3) == 2
+
+
+@pytest.mark.parametrize("bits", [0, 9, 12, 24, 64, True, 16.0])
+def test_uint_bad_width(bits):
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_uint(torch.tensor([0]), bits)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        uint_nbytes(1, bits)
+
+
+def test_uint_errors():
+    with pytest.raises(ValueError, match="max 65536"):
+        pack_uint(torch.tensor([65536]), 16)
+    with pytest.raises(ValueError, match="min -1"):
+        pack_uint(torch.tensor([-1]), 32)
+    with pytest.raises(ValueError, match="integer dtype"):
+        pack_uint(torch.tensor([1.0]), 16)
+    with pytest.raises(ValueError, match="need 8"):
+        unpack_uint(torch.zeros(6, dtype=torch.uint8), 32, 2)
+
+
+# ---- gap code -----------------------------------------------------------------------------------
+
+
+def reference_gap_symbols(positions: list[int], width: int) -> list[int]:
+    """Each gap g as g // E escapes E = 2**width - 1 followed by g % E, with Python ints."""
+    escape, out, prev = (1 << width) - 1, [], -1
+    for p in positions:
+        gap, prev = p - prev - 1, p
+        out += [escape] * (gap // escape) + [gap % escape]
+    return out
+
+
+def test_gap_docstring_example():
+    positions = torch.tensor([1, 9])
+    assert gap_symbols(positions, 2) == 4
+    assert unpack(gap_encode(positions, 2), 2, 4).tolist() == [1, 3, 3, 1]
+    assert gap_decode(gap_encode(positions, 2), 2, 4, 10).tolist() == [1, 9]
+
+
+@pytest.mark.parametrize("width", [w for w in GAP_WIDTHS if w])
+@settings(max_examples=25, deadline=None)
+@given(
+    numel=st.integers(0, 5000),
+    density=st.sampled_from([0.0, 0.001, 0.01, 0.1, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gap_round_trip(width, numel, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    positions = (torch.rand(numel, generator=gen) < density).nonzero().squeeze(1)
+    symbols = reference_gap_symbols(positions.tolist(), width)
+    packed = gap_encode(positions, width)
+    assert gap_symbols(positions, width) == len(symbols)
+    assert packed.tolist() == pack_uint(torch.tensor(symbols, dtype=torch.int64), width).tolist()
+    assert torch.equal(gap_decode(packed, width, len(symbols), numel), positions)
+
+
+def test_gap_width_0_codes_only_a_prefix():
+    assert gap_symbols(torch.arange(5), 0) == 0
+    assert gap_encode(torch.arange(5), 0).numel() == 0
+    assert gap_decode(torch.empty(0, dtype=torch.uint8), 0, 5, 7).tolist() == [0, 1, 2, 3, 4]
+    assert gap_symbols(torch.tensor([0, 2]), 0) is None
+    with pytest.raises(ValueError, match="width 0"):
+        gap_encode(torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        gap_decode(torch.empty(0, dtype=torch.uint8), 0, 8, 7)
+
+
+@pytest.mark.parametrize("positions", [[3, 3], [4, 2], [-1, 2]])
+def test_gap_positions_must_increase(positions):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gap_encode(torch.tensor(positions), 4)
+
+
+def test_gap_decode_rejects_bad_streams():
+    escape_last = pack(torch.tensor([1, 3]), 2)
+    with pytest.raises(ValueError, match="ends with an escape"):
+        gap_decode(escape_last, 2, 2, 100)
+    with pytest.raises(ValueError, match="past 9 slots"):
+        gap_decode(pack(torch.tensor([1, 3, 3, 1]), 2), 2, 4, 9)
+    with pytest.raises(ValueError, match="gap width"):
+        gap_decode(escape_last, 9, 2, 100)
