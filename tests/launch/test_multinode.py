@@ -20,16 +20,16 @@ TRAIN = ["-m", "distq.launch.train", "--epochs", "2", "--no-progress", "--metric
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-def single_host(out, nproc):
+def single_host(out, nproc, extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *TRAIN, "--out-dir", str(out)]
+           f"--nproc_per_node={nproc}", *TRAIN, *extra, "--out-dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **THREADS})
     assert done.returncode == 0, done.stdout + done.stderr
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-def multi_host(out, hosts, nproc):
+def multi_host(out, hosts, nproc, extra=()):
     with VirtualCluster(hosts) as cluster:
         endpoint = f"{cluster.address(0)}:29533"
         procs = []
@@ -39,7 +39,7 @@ def multi_host(out, hosts, nproc):
                    f"--rdzv_endpoint={endpoint}", "--rdzv_id=distq-test",
                    f"--local_addr={cluster.address(i)}",
                    *(["--rdzv_conf=is_host=1"] if i == 0 else []),
-                   *TRAIN, "--out-dir", str(out)]
+                   *TRAIN, *extra, "--out-dir", str(out)]
             procs.append(cluster.popen(i, cmd, THREADS, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True))
         outputs = []
@@ -53,11 +53,17 @@ def multi_host(out, hosts, nproc):
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"], outputs
 
 
-@pytest.mark.parametrize(("hosts", "nproc"), [(2, 1), (2, 2)])
-def test_multi_host_equals_single_host(tmp_path, hosts, nproc):
+SPARSE = ("--sparsity", "0.75", "--sparsity-schedule", "cubic", "--sparse-gradients")
+
+
+@pytest.mark.parametrize(
+    ("hosts", "nproc", "extra"), [(2, 1, ()), (2, 2, ()), (2, 2, SPARSE)], ids=["2x1", "2x2",
+                                                                            "2x2-sparse"]
+)
+def test_multi_host_equals_single_host(tmp_path, hosts, nproc, extra):
     world = hosts * nproc
-    reference = single_host(tmp_path / "single", world)
-    weights, outputs = multi_host(tmp_path / "multi", hosts, nproc)
+    reference = single_host(tmp_path / "single", world, extra)
+    weights, outputs = multi_host(tmp_path / "multi", hosts, nproc, extra)
     assert f"{world} worker(s) on gloo" in outputs[0]
     assert weights.keys() == reference.keys()
     for name in reference:
