@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from distq.comm import COLLECTIVES, COMPRESSORS
+from distq.launch.recipes import RECIPES
 from distq.quant import SCHEMES, get_scheme
 from distq.sparse import SCHEDULES, SCOPES
 
@@ -48,7 +49,10 @@ def option(
 class TrainConfig:
     """Everything `distq train` needs; see README.md for a tour."""
 
-    recipe: str = option("digits", "task: model + data", choices=("digits",))
+    recipe: str = option("digits", "task: model + data", choices=RECIPES)
+    data_dir: str | None = option(
+        None, "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set)"
+    )
     scheme: str = option(
         "ternary",
         f"weight quantization scheme ('{FULL_PRECISION}' = full precision)",
@@ -151,6 +155,8 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+        if self.data_dir is not None and self.recipe != "cifar":
+            raise ConfigError(f"data_dir is read by the cifar recipe only; recipe={self.recipe!r}")
         if self.scheme != FULL_PRECISION:
             spec = get_scheme(self.scheme)
             if self.bits is None and len(spec.bits) > 1:

@@ -120,6 +120,7 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         )
     fixed = (
         "recipe",
+        "data_dir",
         "scheme",
         "bits",
         "per_channel",

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distq.comm import QuantizedCommState, quantized_hook
-from distq.launch import checkpoint, config, preemption
+from distq.launch import checkpoint, config, preemption, recipes
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
@@ -34,7 +34,6 @@ from distq.launch.environment import (
     init_process_group,
     shutdown,
 )
-from distq.launch.recipes import digits
 from distq.launch.resume import Position, RunState
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter
 from distq.optim import QuantizedOptimizer
@@ -156,10 +155,10 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     say = print if env.is_main else (lambda *a, **k: None)
 
     torch.manual_seed(cfg.seed)
-    data = digits.load(cfg.test_fraction, cfg.seed)
+    data = recipes.load(cfg.recipe, cfg.test_fraction, cfg.seed, cfg.data_dir)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    model = digits.build_model(cfg.hidden, cfg.depth).to(device)
+    model = recipes.build_model(cfg.recipe, cfg.hidden, cfg.depth).to(device)
     net: nn.Module = DistributedDataParallel(model) if env.distributed else model
     comm = attach_comm_hook(cfg, net) if env.distributed else None
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
@@ -207,7 +206,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     started = time.perf_counter()
     steps_run = 0
     stopped_by: str | None = None
-    loss_value, accuracy = math.nan, digits.accuracy(model, test_x, test_y)
+    loss_value, accuracy = math.nan, recipes.accuracy(model, test_x, test_y)
     with preemption.StopRequest() as stop:
         for epoch in range(position.epoch, cfg.epochs):
             steps = batches.epoch(epoch, start=position.step_in_epoch)
@@ -253,7 +252,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
             if stopped_by is not None:
                 break
             loss_value = _mean_over_ranks(loss_sum / batches.steps_per_epoch, env)
-            accuracy = digits.accuracy(model, test_x, test_y)
+            accuracy = recipes.accuracy(model, test_x, test_y)
             say(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
                 f"test accuracy {accuracy:.2%}"

@@ -1,10 +1,12 @@
-"""What every recipe hands the training loop: a train/test split held in memory."""
+"""What every recipe hands the training loop: a train/test split held in memory, and how a
+classifier is scored on it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -13,3 +15,16 @@ class Split:
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float:
+    """Top-1 accuracy of `model` in eval mode, in batches (bounded memory)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item()
+            for i in range(0, len(y), batch)
+        )
+    model.train(was_training)
+    return correct / len(y)

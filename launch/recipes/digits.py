@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from sklearn.datasets import load_digits
-from torch import Tensor, nn
+from torch import nn
 
 from distq.launch.recipes.base import Split
 
@@ -36,13 +36,3 @@ def build_model(hidden: int, depth: int, inputs: int = 64, classes: int = CLASSE
         width = hidden
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Top-1 accuracy of `model` in eval mode."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        correct = (model(x).argmax(1) == y).sum().item()
-    model.train(was_training)
-    return correct / len(y)
