@@ -8,6 +8,7 @@ quantized tensors are exported alone (distq's smallest layout per tensor) and co
 same tensors saved fp32 by safetensors, both sizes read from disk.
 
     .venv/bin/python benchmarks/sparsity.py --seeds 0 1 2
+    .venv/bin/python benchmarks/sparsity.py --recipe cifar --seeds 0 --epochs 8
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from benchmarks.digits_runs import run_digits
 from benchmarks.weight_schemes import export_sizes
 
 
-def flags(sparsity: float, loss_aware: bool) -> list[str]:
-    out = ["--scheme", "ternary", "--grad-bits", "2"]
+def flags(recipe: str, sparsity: float, loss_aware: bool) -> list[str]:
+    out = ["--recipe", recipe, "--scheme", "ternary", "--grad-bits", "2"]
     if sparsity:
         out += ["--sparsity", str(sparsity), "--sparsity-schedule", "cubic", "--sparse-gradients"]
     if not loss_aware:
@@ -35,6 +36,7 @@ def flags(sparsity: float, loss_aware: bool) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="digits", choices=("digits", "cifar"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.9])
@@ -48,7 +50,9 @@ def main() -> None:
             for sparsity, loss_aware in settings:
                 started = time.perf_counter()
                 out = work / f"k{sparsity}-la{int(loss_aware)}-{seed}"
-                result = run_digits(flags(sparsity, loss_aware), seed, args.epochs, out)
+                result = run_digits(
+                    flags(args.recipe, sparsity, loss_aware), seed, args.epochs, out
+                )
                 accuracy[sparsity, loss_aware].append(100 * result["test_accuracy"])
                 if seed == args.seeds[0]:
                     sizes[sparsity, loss_aware] = export_sizes(out / "checkpoint.pt", out)
@@ -59,9 +63,13 @@ def main() -> None:
                     file=sys.stderr,
                 )
     dense = statistics.mean(accuracy[0.0, True]) if (0.0, True) in accuracy else float("nan")
+    model = {
+        "digits": "digits, MLP 64-256-256-256-10 (2 ternary hidden layers)",
+        "cifar": "synthetic CIFAR-style set, VGG-style CNN 32-64-128 (5 ternary convolutions)",
+    }[args.recipe]
     print(
-        f"\nDigits, MLP 64-256-256-256-10 (2 ternary hidden layers), 2 workers, {args.epochs} "
-        f"epochs, seeds {args.seeds}; export of seed {args.seeds[0]}'s quantized tensors\n"
+        f"\n{model}, 2 workers, {args.epochs} epochs, seeds {args.seeds}; export of seed "
+        f"{args.seeds[0]}'s quantized tensors\n"
     )
     print(
         "| sparsity κ | weighting | test accuracy % (mean ± sd) | vs dense loss-aware | "
