@@ -2,8 +2,9 @@
 total compression, loss-aware (d from Adam) and not (d = 1), with the real export size.
 
 Each (κ, weighting, seed) is a real `torchrun --nproc_per_node=2` run of the main job with a
-cubic sparsity ramp to κ over the first 75% of the steps, 2-bit quantized gradients with the
-pruned entries left off the wire (κ > 0); settings alternate within each seed. Each checkpoint's
+cubic sparsity ramp to κ over the first 75% of the steps and 2-bit quantized gradients (with
+`--sparse-gradients`, pruned entries stay off the wire); settings alternate within each seed.
+"density" is the measured share of non-zeros in the final quantized tensors. Each checkpoint's
 quantized tensors are exported alone (distq's smallest layout per tensor) and compared with the
 same tensors saved fp32 by safetensors, both sizes read from disk.
 
@@ -20,18 +21,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.digits_runs import run_digits
 from benchmarks.weight_schemes import export_sizes
 
 
-def flags(recipe: str, sparsity: float, loss_aware: bool) -> list[str]:
+def flags(recipe: str, sparsity: float, loss_aware: bool, sparse_gradients: bool) -> list[str]:
     out = ["--recipe", recipe, "--scheme", "ternary", "--grad-bits", "2"]
     if sparsity:
-        out += ["--sparsity", str(sparsity), "--sparsity-schedule", "cubic", "--sparse-gradients"]
+        out += ["--sparsity", str(sparsity), "--sparsity-schedule", "cubic"]
+        if sparse_gradients:
+            out.append("--sparse-gradients")
     if not loss_aware:
         out.append("--no-loss-aware")
     return out
+
+
+def nonzero_share(checkpoint: Path) -> float:
+    """Non-zeros over all elements of the checkpoint's quantized tensors."""
+    state = torch.load(checkpoint, weights_only=True)
+    tensors = [state["model"][n] for n in state["quantized"]]
+    return sum(int((t != 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)
 
 
 def main() -> None:
@@ -40,10 +52,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.9])
+    parser.add_argument(
+        "--sparse-gradients", action="store_true", help="leave pruned entries off the wire"
+    )
     args = parser.parse_args()
     settings = [(k, la) for k in args.sparsities for la in (True, False)]
     accuracy: dict[tuple, list[float]] = {s: [] for s in settings}
     sizes: dict[tuple, tuple[int, int]] = {}
+    density: dict[tuple, list[float]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for seed in args.seeds:
@@ -51,9 +67,13 @@ def main() -> None:
                 started = time.perf_counter()
                 out = work / f"k{sparsity}-la{int(loss_aware)}-{seed}"
                 result = run_digits(
-                    flags(args.recipe, sparsity, loss_aware), seed, args.epochs, out
+                    flags(args.recipe, sparsity, loss_aware, args.sparse_gradients),
+                    seed,
+                    args.epochs,
+                    out,
                 )
                 accuracy[sparsity, loss_aware].append(100 * result["test_accuracy"])
+                density[sparsity, loss_aware].append(nonzero_share(out / "checkpoint.pt"))
                 if seed == args.seeds[0]:
                     sizes[sparsity, loss_aware] = export_sizes(out / "checkpoint.pt", out)
                 print(
@@ -72,10 +92,10 @@ def main() -> None:
         f"{args.seeds[0]}'s quantized tensors\n"
     )
     print(
-        "| sparsity κ | weighting | test accuracy % (mean ± sd) | vs dense loss-aware | "
-        "per seed | export B | fp32 B | smaller | bits/weight |"
+        "| sparsity κ | weighting | density | test accuracy % (mean ± sd) | vs dense loss-aware "
+        "| per seed | export B | fp32 B | smaller | bits/weight |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for sparsity, loss_aware in settings:
         values = accuracy[sparsity, loss_aware]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -83,6 +103,7 @@ def main() -> None:
         weights = fp32 / 4  # elements (the fp32 file's header is a few hundred bytes)
         print(
             f"| {sparsity} | {'d from Adam' if loss_aware else 'd = 1'} | "
+            f"{statistics.mean(density[sparsity, loss_aware]):.3f} | "
             f"{statistics.mean(values):.2f} ± {sd:.2f} | {statistics.mean(values) - dense:+.2f} | "
             f"{', '.join(f'{v:.2f}' for v in values)} | {packed} | {fp32} | "
             f"{fp32 / packed:.1f}x | {8 * packed / weights:.2f} |"
