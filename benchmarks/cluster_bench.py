@@ -252,7 +252,8 @@ def render_tables(runs: dict[tuple[int, str], list[dict]]) -> tuple[str, dict]:
             )
         lines.append(
             "\nper run (in run order within each repeat): median step s; steps to target; "
-            "test acc @ budget; warm-up s; other load on the machine, cores"
+            "test acc @ budget; warm-up s; other load on the machine, cores (tries: runs repeated "
+            "because other work slowed them; the least disturbed one is kept)"
         )
         for name, row in rows.items():
             parts = []
@@ -262,6 +263,8 @@ def render_tables(runs: dict[tuple[int, str], list[dict]]) -> tuple[str, dict]:
                     stt = row.get("steps_to_target", [None] * len(row["runs"]))[i]
                     text += f"; {stt if stt is not None else '-'}; {row['accs'][i]:.4f}"
                 text += f"; {r['warmup_seconds']:.1f}; {foreign_cores(r):.2f}"
+                if len(r.get("attempts", [])) > 1:
+                    text += f" ({len(r['attempts'])} tries)"
                 parts.append(text)
             lines.append(f"- {name}: " + " | ".join(parts))
     return "\n".join(lines), summaries
@@ -358,42 +361,48 @@ def render_buckets(runs: dict[tuple[int, str], list[dict]]) -> str:
 
 
 def plot(summaries: dict, path: Path) -> None:
+    """Per cluster (host count: a pair of rows; rate: a column): test accuracy against training
+    time, and median step time per option beside its ideal and the compute-only time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(summaries, key=lambda k: (k[0], rate_bits(k[1]) or math.inf))
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 8), squeeze=False)
+    hosts = sorted({k[0] for k in summaries})
+    rates = sorted({k[1] for k in summaries}, key=lambda r: rate_bits(r) or math.inf)
+    fig, axes = plt.subplots(
+        2 * len(hosts), len(rates), figsize=(5 * len(rates), 7.5 * len(hosts)), squeeze=False
+    )
     names = [n for n in DEFAULT_OPTIONS if n != COMPUTE]
     colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
-    for col, key in enumerate(keys):
-        rows, target = summaries[key]
-        title = f"{key[0]} hosts, {'unshaped' if key[1] == 'none' else key[1]}"
-        ax = axes[0][col]
+    for (h, rate), (rows, target) in summaries.items():
+        row0, col = 2 * hosts.index(h), rates.index(rate)
+        title = f"{h} hosts, {'unshaped links' if rate == 'none' else rate}"
+        ax = axes[row0][col]
         for name, row in rows.items():
             if name == COMPUTE:
                 continue
             for i, r in enumerate(row["runs"]):
-                xs = [max(e["train_seconds"], 1e-2) for e in r["evals"]]
+                points = [e for e in r["evals"] if e["train_seconds"] > 0]
                 ax.plot(
-                    xs,
-                    [e["accuracy"] for e in r["evals"]],
+                    [e["train_seconds"] for e in points],
+                    [e["accuracy"] for e in points],
                     color=colors[name],
                     lw=1.2,
                     alpha=0.9 if i == 0 else 0.35,
                     label=name if i == 0 else None,
                 )
         if target is not None:
-            ax.axhline(target, color="k", ls=":", lw=1)
+            ax.axhline(target, color="k", ls=":", lw=1, label="target: fp32 at the budget")
         ax.set_xscale("log")
-        ax.set_xlabel("training wall time, s (evaluation excluded)")
+        ax.set_xlabel("training time, s (evaluations excluded)")
         ax.set_ylabel("test accuracy")
-        ax.set_title(title)
-        ax = axes[1][col]
+        ax.set_title(f"{title}: accuracy vs time")
+        ax = axes[row0 + 1][col]
         shown = [n for n in names if n in rows]
-        ys = [rows[n]["step"] for n in shown]
-        ax.bar(range(len(shown)), ys, color=[colors[n] for n in shown])
+        ax.bar(
+            range(len(shown)), [rows[n]["step"] for n in shown], color=[colors[n] for n in shown]
+        )
         for i, n in enumerate(shown):
             if rows[n].get("ideal"):
                 ax.plot([i - 0.4, i + 0.4], [rows[n]["ideal"]] * 2, color="k", lw=2)
@@ -402,10 +411,11 @@ def plot(summaries: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xticks(range(len(shown)))
         ax.set_xticklabels(shown, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("median step time, s (black: ideal; dashed: compute-only)")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+        ax.set_ylabel("median step time, s")
+        ax.set_title(f"{title}: step time (black: ideal, dashed: compute-only)", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
 
 
 def main() -> None:
@@ -452,7 +462,17 @@ def main() -> None:
     )
     parser.add_argument("--png", type=Path, default=HERE / "cluster_bench.png")
     parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per cluster")
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=0.25,
+        help="a run during which other work on the machine used more cores than this is run "
+        "again (up to --attempts times; the least disturbed one is kept), and each run first "
+        "waits up to --quiet-wait s for the machine to be this quiet",
+    )
+    parser.add_argument("--attempts", type=int, default=3)
+    parser.add_argument("--quiet-wait", type=float, default=300)
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per cluster")
     args = parser.parse_args()
     if args.quick:
         args.hosts, args.rates, args.steps = [2], ["200mbit"], 20
@@ -465,8 +485,6 @@ def main() -> None:
         for rate in args.rates:
             rate_bits(rate)
         args.out.mkdir(parents=True, exist_ok=True)
-        for old in [*args.out.glob("run-*.json"), *args.out.glob("plan-*.json")]:
-            old.unlink()
         started = time.monotonic()
         configs = [(h, r) for h in args.hosts for r in args.rates]
         for c, (hosts, rate) in enumerate(configs):
@@ -485,6 +503,9 @@ def main() -> None:
                 "seed": args.seed,
                 "eval_every": args.eval_every,
                 "test_size": args.test_size,
+                "max_load": args.max_load,
+                "attempts": args.attempts,
+                "quiet_wait": args.quiet_wait,
                 "runs": runs,
             }
             print(
@@ -493,26 +514,39 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
+            # a config's earlier results are replaced; other configs' are kept
+            for old in args.out.glob(f"{plan['tag']}-*.json"):
+                old.unlink()
+            config_started = time.monotonic()
             run_cluster(hosts, rate, plan, args.out, args.timeout, 29600 + c)
-        meta = {
-            "date": time.strftime("%Y-%m-%d"),
-            "seconds": time.monotonic() - started,
-            "argv": sys.argv[1:],
-            "machine": machine(),
-        }
-        (args.out / "meta.json").write_text(json.dumps(meta))
+            meta_path = args.out / "meta.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            meta[plan["tag"]] = {
+                "date": time.strftime("%Y-%m-%d"),
+                "seconds": time.monotonic() - config_started,
+                "argv": sys.argv[1:],
+                "machine": machine(),
+            }
+            meta_path.write_text(json.dumps(meta, indent=1))
 
     runs = load(args.out)
     if not runs:
         sys.exit(f"no run-*.json in {args.out}")
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    plans = [json.loads(p.read_text()) for p in sorted(args.out.glob("plan-*.json"))]
+    settings = {(p["batch"], p["lr"], p["seed"], p["test_size"], p["eval_every"]) for p in plans}
+    batch, lr, seed, test_size, eval_every = settings.pop() if len(settings) == 1 else ("?",) * 5
     any_run = next(iter(runs.values()))[0]
+    dates = sorted({m["date"] for m in meta.values()})
+    machines = sorted({m["machine"] for m in meta.values()})
+    seconds = sum(m["seconds"] for m in meta.values())
     print(
         f"Teacher-student MLP 256-1400x4-10 (6.26 M parameters, 25.0 MB fp32 gradient), batch "
-        f"{args.batch} per host, Adam lr {args.lr}, 1 process per host (OMP_NUM_THREADS=1), "
-        f"{any_run['warmup_steps']} warm-up steps excluded; {meta.get('date', '?')}, "
-        f"{meta.get('machine', '?')}, {meta.get('seconds', float('nan')):.0f} s wall"
+        f"{batch} per host, Adam lr {lr}, seed {seed}, {test_size} test samples evaluated every "
+        f"{eval_every} steps, 1 process per host (OMP_NUM_THREADS=1), "
+        f"{any_run['warmup_steps']} warm-up steps excluded; {', '.join(dates) or '?'}; "
+        f"{'; '.join(machines) or '?'}; {seconds / 60:.0f} min for {len(meta)} cluster(s)"
     )
     tables, summaries = render_tables(runs)
     print(tables)
