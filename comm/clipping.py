@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -18,6 +19,18 @@ def clip_by_std_(x: Tensor, c: float, lengths: Sequence[int] | None = None) -> T
         raise ValueError(f"clip={c!r}; allowed: a positive multiple of σ, or None for no clipping")
     for segment in x.split(list(lengths) if lengths else [x.numel()]):
         if segment.numel() > 1:
-            limit = c * segment.std(correction=0)
-            segment.clamp_(-limit, limit)
+            limit = c * _std(segment)
+            if segment.is_cuda:  # a tensor bound: no wait for the device
+                segment.clamp_(-limit, limit)
+            else:  # scalar bounds: on CPU a clamp to 0-d tensors is ~10x slower
+                segment.clamp_(-float(limit), float(limit))
     return x
+
+
+def _std(x: Tensor) -> Tensor:
+    """Population std as √(E[x²] − E[x]²): two reductions that each read x once (~5x faster
+    than Welford's `Tensor.std` on CPU). Cancellation only matters when |mean| ≫ σ, where a
+    clip threshold of a few σ is imprecise but harmless; a negative estimate counts as 0."""
+    n = x.numel()
+    mean = x.sum() / n
+    return (torch.dot(x, x) / n - mean * mean).clamp_min(0.0).sqrt()

@@ -26,6 +26,7 @@ from distq.comm.noise import Key
 from distq.comm.topology import Topology
 
 COLLECTIVES = ("allgather", "scatter", "hierarchical")
+SEGMENT_ELEMENTS = 1 << 19  # the DDP hook's default pipeline segment (2 MiB of fp32)
 
 
 @dataclass
@@ -47,17 +48,22 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _compress(x: Tensor, compressor: Compressor, key: Key, group, traffic: Traffic) -> Tensor:
-    """Compress x; with a shared-scale wire format the scales are max-reduced across the group."""
+def _compress(
+    x: Tensor, compressor: Compressor, key: Key, group, traffic: Traffic, start: int = 0
+) -> Tensor:
+    """Compress x (element `start` of its tensor); with a shared-scale wire format the scales
+    are max-reduced across the group."""
     if not compressor.wire.shared_scale:
-        return compressor.compress(x, key)
+        return compressor.compress(x, key, start=start)
     scales = compressor.scales(x, key)
     scales = torch.where(torch.isnan(scales), torch.inf, scales)  # MAX drops NaN: carry it as inf
     dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=group)
     n = group_size(group)
     traffic.sent += 2 * (n - 1) * scales.numel() * 4 // n
     traffic.received += 2 * (n - 1) * scales.numel() * 4 // n
-    return compressor.compress(x, key, torch.where(torch.isinf(scales), torch.nan, scales))
+    return compressor.compress(
+        x, key, torch.where(torch.isinf(scales), torch.nan, scales), start=start
+    )
 
 
 def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor:
@@ -78,18 +84,62 @@ def _decode_sum_into(out: Tensor, rows: Tensor, compressor: Compressor) -> Tenso
     return out
 
 
+def pipelined(compressor: Compressor) -> bool:
+    """Whether a tensor may be exchanged in segments that overlap one another on the wire.
+
+    Not with one scale for the whole tensor (segments would each get their own) nor with error
+    feedback (its residual belongs to the whole tensor)."""
+    wire = compressor.wire
+    return wire.bucket_size is not None and not wire.shared_scale and not compressor.stateful
+
+
+def segment_lengths(numel: int, unit: int, segment: int | None) -> list[int]:
+    """Lengths of consecutive segments covering `numel` elements, each but the last a multiple
+    of `unit` of about `segment` elements (None or ≥ numel: one segment)."""
+    if segment is None or numel <= segment:
+        return [numel]
+    step = max(1, segment // unit) * unit
+    return [min(step, numel - s) for s in range(0, numel, step)]
+
+
 def allgather_sum(
-    x: Tensor, compressor: Compressor, key: Key, group=None, buffers: dict | None = None
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    group=None,
+    buffers: dict | None = None,
+    segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it."""
+    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it.
+
+    With `segment`, x goes in segments of about that many elements: segment i+1 is encoded
+    while segment i is on the wire and decoded while segment i+2 is, with the same codes as
+    in one piece (the noise is indexed by element)."""
     traffic = Traffic()
     n = group_size(group)
-    payload = _compress(x, compressor, key, group, traffic)
-    gathered = _buffer(buffers, "allgather", payload, n * payload.numel())
-    dist.all_gather_single(gathered, payload, group=group)
-    traffic.sent += (n - 1) * payload.numel()
-    traffic.received += (n - 1) * payload.numel()
-    return _decode_sum_into(x, gathered.view(n, -1), compressor), traffic
+    if not pipelined(compressor):
+        segment = None
+    in_flight: list = []
+
+    def finish(gathered: Tensor, work, piece: Tensor, _payload: Tensor) -> None:
+        work.wait()
+        _decode_sum_into(piece, gathered.view(n, -1), compressor)
+
+    start = 0
+    lengths = segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment)
+    for i, piece in enumerate(x.split(lengths)):
+        payload = _compress(piece, compressor, key, group, traffic, start)
+        start += piece.numel()
+        gathered = _buffer(buffers, f"allgather-{i}", payload, n * payload.numel())
+        work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
+        traffic.sent += (n - 1) * payload.numel()
+        traffic.received += (n - 1) * payload.numel()
+        in_flight.append((gathered, work, piece, payload))  # the payload lives until it is sent
+        if len(in_flight) > 1:
+            finish(*in_flight.pop(0))
+    for job in in_flight:
+        finish(*job)
+    return x, traffic
 
 
 def chunk_length(numel: int, n: int, compressor: Compressor) -> int:
@@ -114,6 +164,19 @@ def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor)
     return torch.cat([codes, scales], dim=1)
 
 
+@dataclass
+class _ScatterSegment:
+    """One segment of a pipelined `scatter_sum` between its stages, with the tensors its
+    in-flight collective reads or writes (kept alive until that completes)."""
+
+    index: int
+    start: int  # offset of the segment in the padded tensor
+    piece: Tensor  # the segment: n chunks, the result is decoded into it
+    sent: Tensor
+    received: Tensor
+    work: dist.Work
+
+
 def scatter_sum(
     x: Tensor,
     compressor: Compressor,
@@ -121,36 +184,76 @@ def scatter_sum(
     group=None,
     buffers: dict | None = None,
     errors: dict | None = None,
+    segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
     """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather.
 
     Works in x itself when it already has `working_length` (overwriting it), else in a padded
-    copy; returns a view of the first x.numel() elements.
+    copy; returns a view of the first x.numel() elements. With `segment`, the padded tensor is
+    cut into segments of about that many elements (whole chunks of every rank) that move
+    through the three stages as a pipeline: while one segment is on the wire, this rank
+    encodes the next one and decodes the one before, so the codec's time hides behind the
+    network's. The first encode's codes are those of the unsegmented tensor.
     """
     traffic = Traffic()
     n, rank, numel = group_size(group), dist.get_rank(group), x.numel()
-    chunk = chunk_length(numel, n, compressor)
-    work = x if numel == n * chunk else torch.cat([x, x.new_zeros(n * chunk - numel)])
-    send = _chunk_payloads(_compress(work, compressor, key, group, traffic), n, chunk, compressor)
-    received = _buffer(buffers, "scatter-received", send, send.numel()).view_as(send)
-    dist.all_to_all_single(received.view(-1), send.reshape(-1), group=group)
-    traffic.sent += (n - 1) * send.shape[1]
-    traffic.received += (n - 1) * send.shape[1]
+    total = working_length(numel, n, compressor, "scatter")
+    work = x if numel == total else torch.cat([x, x.new_zeros(total - numel)])
+    unit = n * compressor.wire.chunk_unit()
+    lengths = segment_lengths(total, unit, segment if pipelined(compressor) else None)
+    requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
+    exchanging: list[_ScatterSegment] = []
+    gathering: list[_ScatterSegment] = []
 
-    mine = _decode_sum_into(work[rank * chunk : (rank + 1) * chunk], received, compressor)
-    owner_payload = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
-    if errors is not None:  # the second quantization's error, on this rank's chunk
-        decoded = compressor.decompress(owner_payload, chunk).sub_(mine)
-        norm = float(torch.dot(mine, mine))
-        errors["requant_relative_error"] = (
-            float(torch.dot(decoded, decoded)) / norm if norm else 0.0
+    def reduce_own_chunk(seg: _ScatterSegment) -> _ScatterSegment:
+        """Wait for the all-to-all, sum this rank's chunk, re-quantize it, start all-gather."""
+        seg.work.wait()
+        chunk = seg.piece.numel() // n
+        mine = _decode_sum_into(
+            seg.piece[rank * chunk : (rank + 1) * chunk], seg.received, compressor
         )
-    gathered = _buffer(buffers, "scatter-gathered", owner_payload, n * owner_payload.numel())
-    dist.all_gather_single(gathered, owner_payload, group=group)
-    traffic.sent += (n - 1) * owner_payload.numel()
-    traffic.received += (n - 1) * owner_payload.numel()
-    for j, row in enumerate(gathered.view(n, -1)):
-        compressor.decompress_into(row, work[j * chunk : (j + 1) * chunk])
+        owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
+        owner_payload = compressor.compress(mine, owner_key, start=seg.start)
+        if errors is not None:  # the second quantization's error, on this rank's chunks
+            decoded = compressor.decompress(owner_payload, chunk).sub_(mine)
+            requant[0] += float(torch.dot(decoded, decoded))
+            requant[1] += float(torch.dot(mine, mine))
+        gathered = _buffer(
+            buffers, f"scatter-gathered-{seg.index}", owner_payload, n * owner_payload.numel()
+        )
+        handle = dist.all_gather_single(gathered, owner_payload, group=group, async_op=True)
+        traffic.sent += (n - 1) * owner_payload.numel()
+        traffic.received += (n - 1) * owner_payload.numel()
+        return _ScatterSegment(seg.index, seg.start, seg.piece, owner_payload, gathered, handle)
+
+    def decode_all_chunks(seg: _ScatterSegment) -> None:
+        seg.work.wait()
+        chunk = seg.piece.numel() // n
+        for j, row in enumerate(seg.received.view(n, -1)):
+            compressor.decompress_into(row, seg.piece[j * chunk : (j + 1) * chunk])
+
+    start = 0
+    for i, piece in enumerate(work.split(lengths)):
+        chunk = piece.numel() // n
+        payload = _compress(piece, compressor, key, group, traffic, start)
+        send = _chunk_payloads(payload, n, chunk, compressor)
+        received = _buffer(buffers, f"scatter-received-{i}", send, send.numel()).view_as(send)
+        handle = dist.all_to_all_single(
+            received.view(-1), send.reshape(-1), group=group, async_op=True
+        )
+        traffic.sent += (n - 1) * send.shape[1]
+        traffic.received += (n - 1) * send.shape[1]
+        exchanging.append(_ScatterSegment(i, start, piece, send, received, handle))
+        start += piece.numel()
+        if len(exchanging) > 1:
+            gathering.append(reduce_own_chunk(exchanging.pop(0)))
+        if len(gathering) > 1:
+            decode_all_chunks(gathering.pop(0))
+    gathering.extend(reduce_own_chunk(seg) for seg in exchanging)
+    for seg in gathering:
+        decode_all_chunks(seg)
+    if errors is not None:
+        errors["requant_relative_error"] = requant[0] / requant[1] if requant[1] else 0.0
     return work[:numel], traffic
 
 
@@ -161,6 +264,7 @@ def hierarchical_sum(
     topology: Topology,
     buffers: dict | None = None,
     errors: dict | None = None,
+    segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
     """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
     Overwrites x."""
@@ -173,7 +277,7 @@ def hierarchical_sum(
         traffic.intra_node_sent += 2 * (local - 1) * fp_bytes // local
     if topology.is_leader and topology.num_nodes > 1:  # one node: nothing crosses a slow link
         reduced, inter = scatter_sum(
-            node_sum, compressor, key, topology.leader_group, buffers, errors
+            node_sum, compressor, key, topology.leader_group, buffers, errors, segment
         )
         node_sum.copy_(reduced)
         traffic.add(inter)
@@ -195,6 +299,7 @@ def quantized_sum(
     inplace: bool = False,
     buffers: dict | None = None,
     errors: dict | None = None,
+    segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
     """The bit-identical Σ over ranks of (quantized) x by the named collective.
 
@@ -203,14 +308,15 @@ def quantized_sum(
     gradient's size is allocated but one decoded row at a time. `buffers` caches the receive
     buffers between calls. If `errors` is a dict, the relative error of the second
     quantization (scatter's owner step) is stored in it as "requant_relative_error".
+    `segment` (elements) pipelines the exchange: see `scatter_sum`; None sends x in one piece.
     """
     if collective not in COLLECTIVES:
         raise ValueError(f"collective {collective!r}; allowed: {', '.join(COLLECTIVES)}")
     if not inplace:
         x = x.clone()
     if collective == "allgather":
-        return allgather_sum(x, compressor, key, group, buffers)
+        return allgather_sum(x, compressor, key, group, buffers, segment)
     if collective == "scatter":
-        return scatter_sum(x, compressor, key, group, buffers, errors)
+        return scatter_sum(x, compressor, key, group, buffers, errors, segment)
     topology = topology or Topology.discover(group)
-    return hierarchical_sum(x, compressor, key, topology, buffers, errors)
+    return hierarchical_sum(x, compressor, key, topology, buffers, errors, segment)

@@ -32,14 +32,20 @@ class Compressor(ABC):
     """Turns a flat float tensor into a payload of `wire.payload_nbytes(numel)` bytes and back."""
 
     wire: WireFormat
+    stateful = False  # keeps state per whole tensor (error feedback): never split it up
 
     @abstractmethod
     def scales(self, x: Tensor, key: Key) -> Tensor:
         """float32 scale per bucket of x; NaN for a bucket holding NaN/Inf."""
 
     @abstractmethod
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
-        """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales)."""
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
+        """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales).
+
+        x[i] draws the noise of element start + i of `key`'s stream, so the pieces of a tensor
+        compressed one after another (start = their offsets) get the whole tensor's codes."""
 
     @abstractmethod
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
@@ -91,7 +97,9 @@ class BucketCodec(Compressor):
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
         return self._finish_scales(torch.cat(stats), x.numel())
 
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
         numel = x.numel()
         payload = torch.empty(self.wire.payload_nbytes(numel), dtype=torch.uint8, device=x.device)
         if numel == 0:
@@ -101,10 +109,11 @@ class BucketCodec(Compressor):
         )
         row_scales = self._row_scales(s, numel)
         code_bytes = self.wire.code_nbytes(numel)
-        seed, count = key.tensor(x.device), torch.tensor(numel, device=x.device)
+        # element indices are offset by `start`; the padding test compares them to start + numel
+        seed, count = key.tensor(x.device), torch.tensor(start + numel, device=x.device)
         codes = []
         for r0, r1 in self._blocks(numel):
-            offset = torch.tensor(r0 * self._width, device=x.device)
+            offset = torch.tensor(start + r0 * self._width, device=x.device)
             block = self._codes(
                 self._block(x, r0, r1), row_scales[r0:r1], seed, offset, count, self._fused
             ).reshape(-1)
@@ -267,6 +276,8 @@ class ErrorFeedback(Compressor):
     e into the caller's x (a scratch buffer) instead of allocating g + e.
     """
 
+    stateful = True
+
     def __init__(self, inner: Compressor, inplace: bool = False) -> None:
         self.inner = inner
         self.wire = inner.wire
@@ -296,13 +307,15 @@ class ErrorFeedback(Compressor):
         residual = self._residual(x, key)
         return self.inner.scales(x if residual is None else x + residual, key)
 
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None) -> Tensor:
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
         if key.phase != 0:
-            return self.inner.compress(x, key, scales)
+            return self.inner.compress(x, key, scales, start)
         residual = self._residual(x, key)
         if residual is not None:
             x = x.add_(residual) if self.inplace else x + residual
-        payload = self.inner.compress(x, key, scales)
+        payload = self.inner.compress(x, key, scales, start)
         if residual is None:
             residual = self.residuals[key.slot] = torch.empty_like(x)
         self.inner.decompress_into(payload, residual).neg_().add_(x)  # e = target − Q(target)

@@ -22,7 +22,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from distq.comm.clipping import clip_by_std_
-from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum, working_length
+from distq.comm.collectives import (
+    COLLECTIVES,
+    SEGMENT_ELEMENTS,
+    Traffic,
+    quantized_sum,
+    working_length,
+)
 from distq.comm.compressors import COMPRESSORS, Compressor, ErrorFeedback, make_compressor
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
@@ -121,6 +127,9 @@ class QuantizedCommState:
         overlap: run exchanges on a worker thread while backward continues (False: inline).
         error_every: measure the quantization errors and clipping bias every this many steps
             (on the first 1 M elements of the bucket; one extra encode and decode).
+        segment: elements per pipeline segment: a bucket goes on the wire in segments, the
+            next one encoded and the previous one decoded while one is in flight, so the
+            codec's time hides behind the network's. None: a bucket in one piece.
 
     `set_keep_mask(fn)` leaves gradient entries off the wire: fn(parameter) gives a bool tensor
     of the entries to exchange (None: all), and every rank must give the same masks (as
@@ -152,6 +161,7 @@ class QuantizedCommState:
         "overlap",
         "process_group",
         "seed",
+        "segment",
         "start_iter",
         "stats",
     )
@@ -173,6 +183,7 @@ class QuantizedCommState:
         nonfinite: str = "raise",
         overlap: bool = True,
         error_every: int = 10,
+        segment: int | None = SEGMENT_ELEMENTS,
     ) -> None:
         _check_choice("collective", collective, COLLECTIVES)
         _check_choice("compressor", compressor, COMPRESSORS)
@@ -200,6 +211,9 @@ class QuantizedCommState:
         if error_every < 1:
             raise ValueError(f"error_every={error_every}; allowed: a positive number of steps")
         self.error_every = error_every
+        if segment is not None and segment < 1:
+            raise ValueError(f"segment={segment}; allowed: a positive number of elements or None")
+        self.segment = segment
         self.iter = 0
         self._priming = False
         self._keep_mask: Callable[[nn.Parameter], Tensor | None] | None = None
@@ -289,9 +303,10 @@ class QuantizedCommState:
         if len(groups) > 1:
             return self._reduce_mixed(buffer, lengths, groups, index, step).div_(n)
         compressor = self.compressor_for(groups[0][0])
-        work = torch.zeros(
+        work = torch.empty(
             working_length(numel, n, compressor, self.collective), device=buffer.device
         )
+        work[numel:].zero_()  # scatter's padding
         x = work[:numel].copy_(buffer)
         if self.clip is not None:
             before = x[:ERROR_SAMPLE].clone() if step % self.error_every == 0 else None
@@ -324,6 +339,7 @@ class QuantizedCommState:
             inplace=True,
             buffers=self._buffers.setdefault(slot, {}),
             errors=errors,
+            segment=self.segment,
         )
         if errors:
             self.stats.requant_relative_error = errors["requant_relative_error"]
@@ -415,6 +431,7 @@ class QuantizedCommState:
             "seed": self.seed,
             "bits_by_name": self.bits_by_name,
             "min_numel": self.min_numel,
+            "segment": self.segment,
         }
 
     def compression_stats(self) -> CompressionStats:

@@ -1,0 +1,146 @@
+"""DeepSpeed with distq's quantized gradient exchange (DeepSpeed 0.19 ships no compressed
+backend and no 1-bit Adam any more).
+
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    exchange = quantize_engine(engine, QuantizedCommState(bits=2, clip=2.5))
+
+The contract with the engine: DeepSpeed's `engine.enable_backward_allreduce` flag gates its
+gradient all-reduce after backward (`_backward_epilogue` and, with unmanaged accumulation,
+`step()`); 1-bit Adam used the same flag. `quantize_engine` checks that the engine has it,
+turns it off, and registers a post-accumulate-grad hook on every parameter: on the backward
+that ends a gradient-accumulation window (`engine.is_gradient_accumulation_boundary()`) the
+accumulated gradients are averaged over ranks with `QuantizedCommState.reduce` (the DDP hook's
+own clipping, codec and collectives) before backward returns. DeepSpeed then clips the averaged
+gradient (`gradient_clipping`; every rank sees the same norm) and steps, so replicas stay
+bit-identical. Supported: ZeRO stage 0 in fp32; other configurations are refused by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
+from distq.comm.extras import require
+from distq.comm.hook import QuantizedCommState
+
+deepspeed = require("deepspeed")
+log = logging.getLogger(__name__)
+
+TESTED_VERSIONS = ("0.19.",)
+FLAG = "enable_backward_allreduce"
+
+
+class DeepSpeedExchange:
+    """Averages a DeepSpeed engine's gradients over ranks through distq's quantized exchange at
+    each gradient-accumulation boundary (see the module docstring). Made by `quantize_engine`.
+
+    `state` keeps its meaning from the DDP hook: the first `start_iter` exchanges are plain fp32
+    all-reduces, `compression_stats()` counts the bytes, `state_dict()` checkpoints the step
+    counter and error-feedback residuals. Buckets are `bucket_cap_mb` MB of parameters in
+    reverse order, exchanged one after another when backward ends (no overlap with backward).
+    """
+
+    def __init__(self, engine: Any, state: QuantizedCommState, bucket_cap_mb: float) -> None:
+        self.engine = engine
+        self.state = state
+        self.buckets = plan_buckets(engine.module.parameters(), bucket_cap_mb)
+        self._queued = False
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._on_grad)
+            for bucket in self.buckets
+            for p in bucket
+        ]
+
+    def _on_grad(self, _param: Tensor) -> None:
+        """First gradient of a boundary backward: run the exchange when this backward ends."""
+        if self._queued or not self.engine.is_gradient_accumulation_boundary():
+            return
+        self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._exchange)
+
+    def _exchange(self) -> None:
+        self._queued = False
+        self.exchange()
+
+    @torch.no_grad()
+    def exchange(self) -> None:
+        """Average every parameter's gradient over ranks now (all ranks must call it)."""
+        state, step = self.state, self.state.iter
+        for index, params in enumerate(self.buckets):
+            flat = flatten_grads(params)
+            if step < state.start_iter:
+                dist.all_reduce(flat, group=state.process_group)
+                flat.div_(dist.get_world_size(state.process_group))
+            else:
+                lengths = [p.numel() for p in params]
+                widths = [state._widths.get(p, state.bits) for p in params]
+                flat = state.reduce(flat, lengths, widths, index, step, _keep(state, params))
+                if state.nonfinite == "raise" and not torch.isfinite(flat.sum()):
+                    raise FloatingPointError(
+                        f"non-finite gradient in bucket {index} at step {step} on some rank"
+                    )
+            write_grads(flat, params)
+        if step >= state.start_iter:
+            state.stats.steps += 1
+        state.iter += 1
+
+    def remove(self) -> None:
+        """Unregister the hooks and give the engine its own all-reduce back."""
+        for handle in self._handles:
+            handle.remove()
+        setattr(self.engine, FLAG, True)
+
+
+def quantize_engine(
+    engine: Any, state: QuantizedCommState, bucket_cap_mb: float = DEFAULT_CAP_MB
+) -> DeepSpeedExchange:
+    """Switch `engine`'s gradient all-reduce off and exchange its gradients through `state`.
+
+    Call it right after `deepspeed.initialize` and before the first backward. Raises
+    AttributeError if this DeepSpeed has no `enable_backward_allreduce` flag, and ValueError
+    for configurations whose gradients do not live in `param.grad` in fp32 (fp16/bf16, ZeRO ≥ 1).
+    """
+    if not deepspeed.__version__.startswith(TESTED_VERSIONS):
+        log.warning(
+            "distq's DeepSpeed adapter is tested with %s, not %s",
+            TESTED_VERSIONS,
+            deepspeed.__version__,
+        )
+    if not hasattr(engine, FLAG) or not isinstance(getattr(engine, FLAG), bool):
+        raise AttributeError(
+            f"{type(engine).__name__} has no boolean '{FLAG}' attribute: this DeepSpeed "
+            f"({deepspeed.__version__}) changed the contract distq relies on to switch off its "
+            "gradient all-reduce; distq cannot run on it"
+        )
+    stage = engine.zero_optimization_stage()
+    if stage != 0:
+        raise ValueError(
+            f"zero_optimization.stage={stage}; allowed: 0 (ZeRO ≥ 1 reduces gradients into its "
+            "own partitioned buffers, which distq's exchange does not fill)"
+        )
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise ValueError("fp16/bf16 engines are not supported: allowed: fp32 (no 'fp16'/'bf16')")
+    if not engine.managed_gradient_accumulation():
+        raise ValueError("managed_gradient_accumulation=false is not supported; allowed: true")
+    setattr(engine, FLAG, False)
+    return DeepSpeedExchange(engine, state, bucket_cap_mb)
+
+
+def _keep(state: QuantizedCommState, params: list[nn.Parameter]) -> Tensor | None:
+    """The bucket's flat mask of entries to exchange from `state.set_keep_mask` (None: all)."""
+    if state._keep_mask is None:
+        return None
+    masks = [state._keep_mask(p) for p in params]
+    if all(m is None for m in masks):
+        return None
+    return torch.cat(
+        [
+            (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+            for m, p in zip(masks, params, strict=True)
+        ]
+    )
