@@ -3,8 +3,8 @@
 A safetensors file; every quantized `name` becomes `name.codes` (uint8) and `name.codebook`
 (float32), the rest is stored as it is, and metadata key "distq" holds the JSON that
 `load_packed` rebuilds from: {"format": "distq-packed", "layout_version": 2, "tensors": {name:
-entry}}. A tensor's codebook has G rows (G = shape[0] per channel, else 1), each covering the n
-consecutive elements of its channel (row-major order).
+entry}}. A tensor's codebook has G rows (G = shape[0] per channel, `blocks` for per-block
+scales, else 1), each covering the n consecutive elements of its channel or block (row-major).
 
 Each quantized tensor is stored in one of three layouts, whichever stores the fewest tensor
 bytes (`layout_sizes`, exact; ties go to the earlier in LAYOUTS). Every layout stores the same
@@ -33,7 +33,9 @@ index_bits is the width in 0..8, 16, 32 that makes the stream shortest (0: the n
 the first nnz elements, no stream). Every section starts on a byte boundary; sparse bytes:
 positions + ceil(nnz*nz_bits/8) + (ceil(G/8) if neg_zero) + 4*G*k.
 
-Entry fields: shape, dtype, scheme, bits, per_channel (as in layout_version 1), layout; for
+Entry fields: shape, dtype, scheme, bits, per_channel (as in layout_version 1), layout, and
+blocks (optional, >= 2: G = blocks rows of equal first-dimension blocks, e.g. the 4 gate
+matrices of an LSTM weight with a scale each; absent: 1); for
 bitmap and index also nnz, nz_bits, neg_zero; for index also index_bits, index_count.
 layout_version 1 files (no "layout": dense) still load.
 """
@@ -85,11 +87,14 @@ class QuantSpec:
     scheme: str
     bits: int
     per_channel: bool = False
+    blocks: int = 1  # scale groups along the first dimension (LSTM gate matrices: 4)
 
     def __post_init__(self) -> None:
         """Reject code widths the packed layout does not have."""
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ValueError(f"QuantSpec bits must be an integer in 1..8, got {self.bits!r}")
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ValueError(f"QuantSpec blocks must be a positive integer, got {self.blocks!r}")
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,7 @@ def export_packed(
             "scheme": spec.scheme,
             "bits": spec.bits,
             "per_channel": spec.per_channel,
+            **({"blocks": spec.blocks} if spec.blocks > 1 else {}),
             **entry,
         }
         sizes.append(
@@ -283,11 +289,16 @@ def load_packed(path: str | os.PathLike) -> dict[str, Tensor]:
     return out
 
 
-def _rows(name: str, shape: torch.Size | list[int], per_channel: bool) -> tuple[int, int]:
-    """(G, n): the codebook rows (first-dim channels or 1) and the elements each covers."""
+def _rows(
+    name: str, shape: torch.Size | list[int], per_channel: bool, blocks: int = 1
+) -> tuple[int, int]:
+    """(G, n): the codebook rows (first-dim channels, first-dim blocks, or 1) and the elements
+    each covers."""
     numel = int(torch.Size(shape).numel())
     if not per_channel:
-        return 1, numel
+        if blocks > 1 and (len(shape) == 0 or shape[0] % blocks):
+            raise ValueError(f"tensor {name!r}: {blocks} blocks do not split shape {list(shape)}")
+        return blocks, numel // blocks
     if len(shape) == 0:
         raise ValueError(f"tensor {name!r} is 0-d and cannot be per-channel")
     return int(shape[0]), int(torch.Size(shape[1:]).numel())
@@ -330,7 +341,7 @@ def _analyze(name: str, t: Tensor, spec: QuantSpec) -> _Quantized:
         )
     if torch.isnan(t).any():
         raise ValueError(f"quantized tensor {name!r} contains NaN")
-    G, n = _rows(name, t.shape, spec.per_channel)
+    G, n = _rows(name, t.shape, spec.per_channel, spec.blocks)
     levels = 1 << spec.bits
     x = t.reshape(G, n).to(torch.float32)
     values, order = torch.sort(x, dim=1, stable=True)
@@ -341,7 +352,8 @@ def _analyze(name: str, t: Tensor, spec: QuantSpec) -> _Quantized:
     if distinct > levels:
         raise ValueError(
             f"tensor {name!r} has {distinct} distinct values in a "
-            f"{'channel' if spec.per_channel else 'tensor'}, more than the {levels} that "
+            f"{'channel' if spec.per_channel else 'block' if spec.blocks > 1 else 'tensor'}, "
+            f"more than the {levels} that "
             f"{spec.bits} bits hold: it was not quantized to {spec.bits} bits"
         )
     codes = torch.empty_like(ranks).scatter_(1, order, ranks)
@@ -428,7 +440,7 @@ def _decode(name: str, codes: Tensor, codebook: Tensor, info: Mapping) -> Tensor
     dtype = getattr(torch, info["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"tensor {name!r} has unknown dtype {info['dtype']!r}")
-    G, n = _rows(name, shape, bool(info["per_channel"]))
+    G, n = _rows(name, shape, bool(info["per_channel"]), info["blocks"])
     if tuple(codebook.shape) != (G, 1 << bits) or codes.numel() != packed_nbytes(G * n, bits):
         raise ValueError(f"tensor {name!r}: stored codes/codebook do not match shape {shape}")
     idx = unpack(codes, bits, G * n).long().view(G, n)
@@ -438,7 +450,7 @@ def _decode(name: str, codes: Tensor, codebook: Tensor, info: Mapping) -> Tensor
 def _decode_sparse(name: str, codes: Tensor, codebook: Tensor, info: Mapping) -> Tensor:
     """Rebuild one quantized tensor stored in the bitmap or index layout."""
     shape, dtype = info["shape"], getattr(torch, info["dtype"])
-    G, n = _rows(name, shape, info["per_channel"])
+    G, n = _rows(name, shape, info["per_channel"], info["blocks"])
     numel, nnz, nz_bits = G * n, info["nnz"], info["nz_bits"]
     if codebook.dtype != torch.float32 or codebook.dim() != 2 or codebook.shape[0] != G:
         raise ValueError(
@@ -532,7 +544,10 @@ def _check_entry(name: str, info: object, version: int) -> dict:
         "dtype": field("dtype", lambda v: v in dtypes, f"one of {dtypes}"),
         "bits": field("bits", lambda v: is_int(v, 1, 8), "an integer in 1..8"),
         "per_channel": field("per_channel", lambda v: isinstance(v, bool), "true or false"),
+        "blocks": 1,
     }
+    if "blocks" in info:
+        entry["blocks"] = field("blocks", lambda v: is_int(v, 2), "an integer >= 2")
     if version == 1:
         if "layout" in info:
             raise ValueError(f"tensor {name!r}: layout_version 1 has no 'layout' field")

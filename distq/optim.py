@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distq.quant import project, scheme_bits
+from distq.quant import blocks_of, project, scheme_bits
 from distq.selection import POSITIONAL, QuantizationSummary, select_quantized, summarize, unwrap
 from distq.sparse import SCOPES, SparsitySchedule, global_split
 
@@ -38,7 +38,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         scheme, bits: a name in `distq.quant.SCHEMES` and its bit width (m-bit schemes only).
         keep_full_precision: names, regexes or "first"/"last" of layers to leave unquantized.
         clip_latent: clip latent weights to [−c, c] after each step (None: no clipping).
-        per_channel: one scale per output channel instead of one per tensor.
+        per_channel: one scale per output channel instead of one per tensor. A parameter
+            marked with `distq.quant.set_blocks(p, B)` (an LSTM's stacked gate matrices) gets
+            one scale per each of B row blocks instead of one per tensor.
         nonfinite: "skip" a step whose gradients hold NaN/Inf (with a warning), or "raise".
         sparsity: κ, the share of zeros per quantized tensor (joint quantization and
             sparsification, distq.sparse), a number or a SparsitySchedule over steps.
@@ -105,6 +107,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"parameters {missing} are quantized but not in base_optimizer")
         self._params: dict[str, nn.Parameter] = {n: params[n] for n in self.names}
+        self.blocks: dict[str, int] = {n: blocks_of(p) for n, p in self._params.items()}
         self._group = self._groups_by_parameter()
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
@@ -164,6 +167,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 self.scheme,
                 self.bits,
                 per_channel=self.per_channel,
+                blocks=self.blocks[name],
                 sparsity=sparsities[name],
                 **opts,
             )

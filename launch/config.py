@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from distq.comm import COLLECTIVES, COMPRESSORS
-from distq.launch.recipes import RECIPES
+from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
+from distq.lstm import NORMS
 from distq.quant import SCHEMES, get_scheme
 from distq.sparse import SCHEDULES, SCOPES
 
@@ -51,7 +52,15 @@ class TrainConfig:
 
     recipe: str = option("digits", "task: model + data", choices=RECIPES)
     data_dir: str | None = option(
-        None, "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set)"
+        None,
+        "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set); "
+        "charlm: a text file or folder as corpus (null: the Python standard library's sources)",
+    )
+    lstm_norm: str = option(
+        "none", "charlm: normalization of each W·x and W·h term of the LSTM", choices=NORMS
+    )
+    bptt: int = option(
+        100, "charlm: characters per truncated-BPTT window (after bptt/2 burn-in)", minimum=2
     )
     scheme: str = option(
         "ternary",
@@ -155,8 +164,11 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
-        if self.data_dir is not None and self.recipe != "cifar":
-            raise ConfigError(f"data_dir is read by the cifar recipe only; recipe={self.recipe!r}")
+        if self.data_dir is not None and self.recipe not in DATA_DIR_RECIPES:
+            raise ConfigError(
+                f"data_dir is read by the {' and '.join(DATA_DIR_RECIPES)} recipes only; "
+                f"recipe={self.recipe!r}"
+            )
         if self.scheme != FULL_PRECISION:
             spec = get_scheme(self.scheme)
             if self.bits is None and len(spec.bits) > 1:

@@ -23,17 +23,20 @@ FORMAT = 2  # bumped when the layout changes; older files are refused
 
 
 def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
-    """name -> {scheme, bits, per_channel} for the checkpoint, so export knows how to pack."""
+    """name -> {scheme, bits, per_channel[, blocks]} for the checkpoint, so export knows how to
+    pack (blocks only for tensors with per-block scales, e.g. LSTM gate matrices)."""
     if not isinstance(optimizer, QuantizedOptimizer):
         return {}
-    return {
-        n: {
+    specs = {}
+    for n in optimizer.names:
+        specs[n] = {
             "scheme": optimizer.scheme,
             "bits": optimizer.stored_bits,
             "per_channel": optimizer.per_channel,
         }
-        for n in optimizer.names
-    }
+        if optimizer.blocks[n] > 1 and not optimizer.per_channel:
+            specs[n]["blocks"] = optimizer.blocks[n]
+    return specs
 
 
 @dataclass
@@ -121,6 +124,8 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
     fixed = (
         "recipe",
         "data_dir",
+        "lstm_norm",
+        "bptt",
         "scheme",
         "bits",
         "per_channel",

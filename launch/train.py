@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from distq.launch.environment import (
     shutdown,
 )
 from distq.launch.resume import Position, RunState
-from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter
+from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, RecurrentProbe
 from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
 from distq.sparse import SparsitySchedule
@@ -57,6 +57,7 @@ class TrainResult:
     seconds: float
     checkpoint: Path
     stopped_by: str | None = None  # the signal that stopped training early, if one did
+    metrics: dict[str, float] = field(default_factory=dict)  # recipe scores (charlm: test_bpc)
 
 
 def sparsity_schedule(cfg: config.TrainConfig, total_steps: int) -> SparsitySchedule:
@@ -118,7 +119,11 @@ def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommSt
 
 
 def build_monitor(
-    cfg: config.TrainConfig, env: DistEnv, optimizer: torch.optim.Optimizer, comm
+    cfg: config.TrainConfig,
+    env: DistEnv,
+    optimizer: torch.optim.Optimizer,
+    comm,
+    model: nn.Module | None = None,
 ) -> ConvergenceMonitor:
     """The convergence monitor for this rank, with its Prometheus exporter if a port is set."""
     exporter = None
@@ -140,7 +145,14 @@ def build_monitor(
         )
     quantizer = optimizer if isinstance(optimizer, QuantizedOptimizer) else None
     return ConvergenceMonitor(
-        Path(cfg.out_dir), env.rank, quantizer, comm, gradient, exporter, cfg.monitor_every
+        Path(cfg.out_dir),
+        env.rank,
+        quantizer,
+        comm,
+        gradient,
+        exporter,
+        cfg.monitor_every,
+        recurrent=RecurrentProbe.of(model) if model is not None else None,
     )
 
 
@@ -155,10 +167,17 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     say = print if env.is_main else (lambda *a, **k: None)
 
     torch.manual_seed(cfg.seed)
-    data = recipes.load(cfg.recipe, cfg.test_fraction, cfg.seed, cfg.data_dir)
+    data = recipes.load(cfg.recipe, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.bptt)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    model = recipes.build_model(cfg.recipe, cfg.hidden, cfg.depth).to(device)
+    model = recipes.build_model(
+        cfg.recipe,
+        cfg.hidden,
+        cfg.depth,
+        classes=data.classes,
+        lstm_norm=cfg.lstm_norm,
+        bptt=cfg.bptt,
+    ).to(device)
     net: nn.Module = DistributedDataParallel(model) if env.distributed else model
     comm = attach_comm_hook(cfg, net) if env.distributed else None
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
@@ -202,11 +221,12 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     )
     say(summary.to_str())
 
-    monitor = build_monitor(cfg, env, optimizer, comm) if cfg.monitor else None
+    monitor = build_monitor(cfg, env, optimizer, comm, model) if cfg.monitor else None
     started = time.perf_counter()
     steps_run = 0
     stopped_by: str | None = None
     loss_value, accuracy = math.nan, recipes.accuracy(model, test_x, test_y)
+    metrics: dict[str, float] = {}
     with preemption.StopRequest() as stop:
         for epoch in range(position.epoch, cfg.epochs):
             steps = batches.epoch(epoch, start=position.step_in_epoch)
@@ -253,9 +273,10 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
                 break
             loss_value = _mean_over_ranks(loss_sum / batches.steps_per_epoch, env)
             accuracy = recipes.accuracy(model, test_x, test_y)
+            metrics = recipes.extra_metrics(cfg.recipe, model, test_x, test_y)
             say(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
-                f"test accuracy {accuracy:.2%}"
+                f"test accuracy {accuracy:.2%}{_format_scores(metrics)}"
             )
             position = Position(epoch + 1, 0, position.step)
             run_state.save(position, 0.0)
@@ -270,12 +291,14 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         seconds,
         ckpt_path,
         stopped_by,
+        metrics,
     )
     if env.is_main and stopped_by is None:
         summary_record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary_record, indent=2) + "\n")
         say(
-            f"done: test accuracy {accuracy:.2%}, final loss {loss_value:.4f}, {steps_run} steps "
+            f"done: test accuracy {accuracy:.2%}{_format_scores(metrics, ',')}, "
+            f"final loss {loss_value:.4f}, {steps_run} steps "
             f"in {seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "
             f"{summary.packed_bytes / 1024:.1f} KiB packed "
             f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
@@ -295,6 +318,11 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
         comm.close()
     shutdown(net)
     return result
+
+
+def _format_scores(metrics: dict[str, float], sep: str = " ") -> str:
+    """Recipe scores for a progress line: "  test bpc 1.8312" per entry."""
+    return "".join(f"{sep} {k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
 
 
 def _lr_factor(schedule: str, total_steps: int):

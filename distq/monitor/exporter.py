@@ -26,6 +26,11 @@ GAUGES = {
     "distq_grad_blowup": ("measured E‖Q(g)‖²/‖g‖²", ("rank",)),
     "distq_grad_blowup_bound": ("the theory's bound on the blow-up", ("rank",)),
     "distq_compression_ratio": ("fp32 all-reduce bytes ÷ bytes sent", ("rank",)),
+    "distq_lstm_spectral_norm": ("‖W_h‖₂ of an LSTM layer's recurrent matrix", ("rank", "tensor")),
+    "distq_lstm_hidden_grad_norm_first": (
+        "‖∂ℓ/∂h_1‖ of an LSTM layer (first time step)",
+        ("rank", "tensor"),
+    ),
     "distq_loss": ("training loss (this rank's last step)", ("rank",)),
     "distq_step_seconds": ("wall time of the last step", ("rank",)),
     "distq_step": ("optimizer steps taken", ("rank",)),

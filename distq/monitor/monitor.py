@@ -5,7 +5,9 @@ Every `every` steps it reads ‖ŵ − w‖²_D per tensor from the QuantizedOpt
 comm hook has measured its gradient errors (both quantizations of `scatter`, and the clipping
 bias; every `error_every` hook steps) it records them beside the theory's bound. Alarms warn
 (and count) when the measured gradient blow-up exceeds its bound, or when the combined error has
-risen `rising` checks in a row. The loss, step time and bytes are recorded every step.
+risen `rising` checks in a row. The loss, step time and bytes are recorded every step. For a
+model with quantizable LSTM layers it also records, every `every` steps, ‖∂ℓ/∂h_t‖ across the
+time steps of the last backward and the spectral norms of the recurrent matrices.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distq.monitor.exporter import MetricsExporter
+from distq.monitor.recurrent import RecurrentProbe
 from distq.monitor.weights import weight_errors
 from distq.optim import QuantizedOptimizer
 from distq.theory import clip_bias_per_element, grad_blowup_clipped, grad_blowup_unclipped
@@ -60,6 +63,7 @@ class ConvergenceMonitor:
     exporter: MetricsExporter | None = None
     every: int = 10
     rising: int = 5
+    recurrent: RecurrentProbe | None = None  # LSTM gradient norms over time, spectral norms
     _log: Any = field(default=None, init=False)
     _streak: int = field(default=0, init=False)
     _last_combined: float | None = field(default=None, init=False)
@@ -90,6 +94,8 @@ class ConvergenceMonitor:
         if step % self.every == 0:
             record.update(self._weight_errors())
             self._check_combined(step, record)
+            if self.recurrent is not None:
+                record["recurrent"] = self.recurrent.read()
         self._log.write(json.dumps(_finite_or_null(record)) + "\n")
         if step % self.every == 0:  # flushing every step would cost more than the rest
             self._log.flush()
@@ -198,6 +204,10 @@ class ConvergenceMonitor:
             e.set("distq_weight_quant_error_relative", w["relative"], tensor=name)
             e.set("distq_weight_alpha", w["alpha"], tensor=name)
             e.set("distq_weight_rounding_bound", w["rounding_bound"], tensor=name)
+        for name, r in record.get("recurrent", {}).items():
+            e.set("distq_lstm_spectral_norm", r["spectral_norm"], tensor=name)
+            if r.get("grad_norms"):
+                e.set("distq_lstm_hidden_grad_norm_first", r["grad_norms"][0], tensor=name)
         for key, metric in (
             ("grad_error_relative", "distq_grad_quant_error_relative"),
             ("grad_clip_bias_relative", "distq_grad_clip_bias_relative"),

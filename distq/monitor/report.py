@@ -1,5 +1,6 @@
 """Plots of a run's monitor log (monitor-rank0.jsonl): loss, weight error, gradient blow-up
-against the theory's bound, and bytes on the wire, one PNG each; and, for a sparsified run, the
+against the theory's bound, and bytes on the wire, one PNG each (for an LSTM also its gradient
+norms across time steps and recurrent spectral norms); and, for a sparsified run, the
 degree distributions of its pruned layers with truncated power-law fits."""
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(run_dir: str | Path, rank: int = 0) -> list[Path]:
-    """Write loss.png, weight_error.png, grad_blowup.png and bytes.png into run_dir."""
+    """Write loss.png, weight_error.png, grad_blowup.png and bytes.png into run_dir, and
+    lstm_gradients.png when the log holds LSTM records."""
     run_dir = Path(run_dir)
     records = read_log(run_dir, rank)
     written = []
@@ -80,7 +82,43 @@ def write_report(run_dir: str | Path, rank: int = 0) -> list[Path]:
     ax.plot(steps32, [b / 1e6 for b in fp32], ls="--", label="fp32 all-reduce would send")
     ax.legend(fontsize=8)
     written.append(_save(fig, run_dir / "bytes.png"))
+    if any("recurrent" in r for r in records):
+        written.append(write_lstm_plot(records, run_dir / "lstm_gradients.png"))
     return written
+
+
+def write_lstm_plot(records: list[dict], path: Path, curves: int = 6) -> Path:
+    """Two panels per LSTM run: ‖∂ℓ/∂h_t‖ across time steps t at up to `curves` moments of
+    training (log scale; exploding gradients grow towards t = 1), and the spectral norms of
+    the recurrent matrices (whole and per gate) over steps."""
+    checks = [r for r in records if "recurrent" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
+    with_grads = [r for r in checks if any("grad_norms" in v for v in r["recurrent"].values())]
+    picks = with_grads[:: max(1, len(with_grads) // curves)][:curves]
+    if with_grads and with_grads[-1] not in picks:
+        picks.append(with_grads[-1])
+    colors = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for color, r in zip(colors, picks, strict=True):
+        for name, v in r["recurrent"].items():
+            if "grad_norms" in v:
+                t = range(1, len(v["grad_norms"]) + 1)
+                left.plot(t, v["grad_norms"], color=color, lw=1, label=f"step {r['step']} {name}")
+    left.set_yscale("log")
+    left.set(title="‖∂ℓ/∂h_t‖ across time steps", xlabel="time step t", ylabel="norm")
+    if picks:
+        left.legend(fontsize=7)
+    steps = [r["step"] for r in checks]
+    for name in sorted({n for r in checks for n in r["recurrent"]}):
+        values = [r["recurrent"][name] for r in checks]
+        right.plot(steps, [v["spectral_norm"] for v in values], lw=1.5, label=f"{name} W_h")
+        for g, gate in enumerate("ifgo"):
+            blocks = [v["spectral_norm_blocks"][g] for v in values]
+            right.plot(steps, blocks, lw=0.8, ls="--", label=f"{name} W_h{gate}")
+    right.set(title="Spectral norm of the recurrent matrices", xlabel="step", ylabel="‖W‖₂")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 def write_degree_report(run_dir: str | Path) -> tuple[str, list[Path]]:

@@ -16,7 +16,17 @@ import inspect
 from torch import Tensor
 
 from distq.quant import binary, mbit, ternary  # noqa: F401  (registers the schemes)
-from distq.quant.base import Projection, Scheme, as_groups, check_weights, get_scheme, resolve_bits
+from distq.quant.base import (
+    Projection,
+    Scheme,
+    as_groups,
+    blocks_of,
+    check_blocks,
+    check_weights,
+    get_scheme,
+    resolve_bits,
+    set_blocks,
+)
 from distq.quant.base import scheme_names as _scheme_names
 from distq.sparse import check_sparsity, solve_capped
 
@@ -26,10 +36,12 @@ __all__ = [
     "SCHEMES",
     "Projection",
     "Scheme",
+    "blocks_of",
     "get_scheme",
     "level_spacing",
     "project",
     "scheme_bits",
+    "set_blocks",
 ]
 
 
@@ -63,12 +75,15 @@ def project(
     bits: int | None = None,
     *,
     per_channel: bool = False,
+    blocks: int = 1,
     sparsity: float = 0.0,
     **opts,
 ) -> Projection:
     """Project `w` onto the scheme's set with curvature `d` (None: d ≡ 1).
 
-    per_channel=True gives every output channel (first dimension) its own scale. sparsity=κ
+    per_channel=True gives every output channel (first dimension) its own scale; blocks=B
+    splits the first dimension into B equal blocks with a scale each (an LSTM's gate matrices:
+    alpha then has shape (B,)). sparsity=κ
     keeps at most ⌈(1−κ)n⌉ non-zeros per scale group (distq.sparse; binary codes then become
     ternary: zero is a level). Extra keyword
     options go to the scheme's solver (ternary-approx: alpha_init; linear/log: alpha_rule;
@@ -78,14 +93,15 @@ def project(
     m = resolve_bits(spec, bits)
     check_weights(w, d)
     check_sparsity(sparsity)
+    check_blocks(tuple(w.shape), blocks)
     allowed = [p for p in inspect.signature(spec.solver).parameters if p not in ("w", "d", "bits")]
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for scheme {scheme!r}; allowed: {allowed or 'none'}"
         )
-    w2 = as_groups(w, per_channel)
-    d2 = as_groups(d, per_channel) if (d is not None and spec.loss_aware) else None
+    w2 = as_groups(w, per_channel, blocks)
+    d2 = as_groups(d, per_channel, blocks) if (d is not None and spec.loss_aware) else None
     if d2 is None:
         d2 = w2.new_ones(())
         d2 = d2.expand_as(w2)
@@ -93,7 +109,7 @@ def project(
         q2, alpha = solve_capped(spec, w2, d2, m, sparsity, **opts)
     else:
         q2, alpha = spec.solver(w2, d2, m, **opts)
-    if not per_channel:
+    if not per_channel and blocks == 1:
         alpha = alpha[0]
     q = (q2 + 0.0).reshape(w.shape).to(w.dtype)  # + 0.0 turns −0.0 into +0.0
     return Projection(q=q, alpha=alpha)

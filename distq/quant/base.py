@@ -117,12 +117,39 @@ def check_weights(w: Tensor, d: Tensor | None) -> None:
         raise ValueError("d is all zeros; at least one curvature entry must be positive")
 
 
-def as_groups(t: Tensor, per_channel: bool) -> Tensor:
-    """2-D view, one row per scale group (the whole tensor, or each output channel).
+BLOCKS_ATTR = "distq_blocks"
+
+
+def set_blocks(param: Tensor, blocks: int) -> Tensor:
+    """Mark `param` to be quantized with one scale per each of `blocks` equal row blocks along
+    its first dimension (an LSTM's 4 gate matrices stacked in one W: blocks=4). Returns param."""
+    check_blocks(tuple(param.shape), blocks)
+    setattr(param, BLOCKS_ATTR, blocks)
+    return param
+
+
+def blocks_of(param: Tensor) -> int:
+    """The number of scale blocks `param` was marked with (1: one scale for the tensor)."""
+    return int(getattr(param, BLOCKS_ATTR, 1))
+
+
+def check_blocks(shape: tuple[int, ...], blocks: int) -> None:
+    """Blocks must split the first dimension evenly; ValueError naming the shape otherwise."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks={blocks!r}; allowed: a positive integer")
+    if blocks > 1 and (not shape or shape[0] % blocks):
+        raise ValueError(
+            f"blocks={blocks} does not split the first dimension of shape {shape} evenly"
+        )
+
+
+def as_groups(t: Tensor, per_channel: bool, blocks: int = 1) -> Tensor:
+    """2-D view, one row per scale group (the whole tensor, each of `blocks` equal blocks of
+    its first dimension, or each output channel; per_channel wins over blocks).
 
     Half-precision inputs are computed in float32; float32 and float64 stay as they are.
     """
-    rows = t.shape[0] if (per_channel and t.dim() > 0) else 1
+    rows = t.shape[0] if (per_channel and t.dim() > 0) else blocks
     compute = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
     return t.reshape(rows, -1).to(compute)
 

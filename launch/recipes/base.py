@@ -15,10 +15,12 @@ class Split:
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+    classes: int | None = None  # set where the model's output size depends on the data
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float:
-    """Top-1 accuracy of `model` in eval mode, in batches (bounded memory)."""
+    """Top-1 accuracy of `model` in eval mode, in batches (bounded memory); for sequence
+    targets (N, T) against logits (N, C, T), the share of the N·T positions predicted right."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -27,4 +29,4 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float
             for i in range(0, len(y), batch)
         )
     model.train(was_training)
-    return correct / len(y)
+    return correct / y.numel()

@@ -51,7 +51,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
     (tmp_path / "test_batch").write_bytes(pickle.dumps({"x": 1}))
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         cifar.read_python_batches(tmp_path)
-    with pytest.raises(config.ConfigError, match="data_dir is read by the cifar recipe only"):
+    with pytest.raises(config.ConfigError, match="data_dir is read by the cifar and charlm"):
         config.TrainConfig(data_dir=str(tmp_path))
 
 
