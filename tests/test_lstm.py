@@ -8,7 +8,7 @@ import torch
 from distq.export import QuantSpec, export_packed, load_packed
 from distq.lstm import NORMS, QuantLSTM, QuantLSTMLayer
 from distq.optim import QuantizedOptimizer
-from distq.quant import blocks_of, project, set_blocks
+from distq.quant import SCHEMES, blocks_of, project, set_blocks
 
 
 def copy_from_torch(layer: QuantLSTMLayer, ref: torch.nn.LSTM) -> None:
@@ -173,3 +173,25 @@ def test_gradient_norms_are_recorded_per_time_step():
     with torch.no_grad():
         layer(torch.randn(2, 5, 3))
     assert layer.grad_norms() is not None  # an evaluation pass keeps the last training record
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_quantizes_the_gate_blocks_and_exports(scheme, tmp_path):
+    torch.manual_seed(8)
+    model = QuantLSTM(3, 4, depth=1, norm="weight")
+    bits = 3 if scheme in ("linear", "log") else None
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model, scheme, bits,
+                             keep_full_precision=[])
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 5, 3))[0].sum().backward()
+        opt.step()
+    levels = 2**opt.bits
+    state = model.state_dict()
+    for name in opt.names:
+        assert opt.alpha[name].shape[0] == 4  # one scale (or pair of scales) per gate block
+        assert all(len(block.unique()) <= levels for block in state[name].chunk(4))
+    specs = {n: QuantSpec(scheme, opt.stored_bits, blocks=4) for n in opt.names}
+    export_packed(state, specs, tmp_path / "m.safetensors")
+    rebuilt = load_packed(tmp_path / "m.safetensors")
+    assert all(torch.equal(rebuilt[n], t) for n, t in state.items())
