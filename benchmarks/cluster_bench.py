@@ -44,7 +44,10 @@ from benchmarks.cluster_worker import OPTIONS
 HERE = Path(__file__).resolve().parent
 FP32, COMPUTE = "fp32 allreduce", "compute-only"
 # fp32 first: the others of repeat 1 stop once they reach fp32's accuracy at the step budget
-DEFAULT_OPTIONS = [FP32, *(name for name in OPTIONS if name not in (FP32, COMPUTE)), COMPUTE]
+ABLATIONS = [name for name, option in OPTIONS.items() if option.get("ablation")]
+# run and table order; ablations run only when --options names them
+ORDER = [FP32, *(name for name in OPTIONS if name not in (FP32, COMPUTE)), COMPUTE]
+DEFAULT_OPTIONS = [name for name in ORDER if name not in ABLATIONS]
 QUICK_OPTIONS = [FP32, "fp16 hook", "PowerSGD r1", "distq 2-bit scatter", COMPUTE]
 
 
@@ -166,7 +169,7 @@ def summarize(runs: list[dict], rate: str) -> tuple[dict, float | None]:
     )
     link = rate_bits(rate)
     rows = {}
-    for name in [o for o in DEFAULT_OPTIONS if o in by_option]:
+    for name in [o for o in ORDER if o in by_option]:
         rs = by_option[name]
         run_meds = [statistics.median(r["step_times"]) for r in rs]
         per_host = [
@@ -297,7 +300,7 @@ def render_profile(runs: dict[tuple[int, str], list[dict]]) -> str:
             [statistics.median(p[1] for p in r["phases"]) for r in by_option.get(COMPUTE, [])],
             default=float("nan"),
         )
-        for name in DEFAULT_OPTIONS:
+        for name in ORDER:
             if not name.startswith("distq") or name not in by_option:
                 continue
             r = min(by_option[name], key=lambda r: statistics.median(r["step_times"]))
@@ -347,7 +350,7 @@ def render_buckets(runs: dict[tuple[int, str], list[dict]]) -> str:
             [statistics.median(p[1] for p in r["phases"]) for r in by_option.get(COMPUTE, [])],
             default=float("nan"),
         )
-        for name in DEFAULT_OPTIONS:
+        for name in ORDER:
             if not name.startswith("distq") or name not in by_option:
                 continue
             r = min(by_option[name], key=lambda r: statistics.median(r["step_times"]))
@@ -373,7 +376,7 @@ def plot(summaries: dict, path: Path) -> None:
     fig, axes = plt.subplots(
         2 * len(hosts), len(rates), figsize=(5 * len(rates), 7.5 * len(hosts)), squeeze=False
     )
-    names = [n for n in DEFAULT_OPTIONS if n != COMPUTE]
+    names = [n for n in ORDER if n != COMPUTE]
     colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
     for (h, rate), (rows, target) in summaries.items():
         row0, col = 2 * hosts.index(h), rates.index(rate)
@@ -477,7 +480,7 @@ def main() -> None:
     if args.quick:
         args.hosts, args.rates, args.steps = [2], ["200mbit"], 20
         args.options = args.options or QUICK_OPTIONS
-    options = [o for o in DEFAULT_OPTIONS if o in (args.options or DEFAULT_OPTIONS)]
+    options = [o for o in ORDER if o in (args.options or DEFAULT_OPTIONS)]
 
     if not args.render_only:
         if os.geteuid() != 0:

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distq.comm import ErrorFeedback, QuantizedCommState, quantized_hook
 from distq.comm import compressors as dq_compressors
 from distq.comm import hook as dq_hook
+from distq.comm.collectives import SEGMENT_ELEMENTS
 
 INPUT, WIDTH, DEPTH, CLASSES = 256, 1400, 4, 10  # 6.26 M parameters, a 25 MB fp32 gradient
 TEACHER_HIDDEN = 128
@@ -58,6 +59,15 @@ OPTIONS: dict[str, dict] = {
         "clip": None,
         "compressor": "sign",
         "error_feedback": True,
+    },
+    # ablation (run only when named with --options): a bucket exchanged in one piece
+    "distq 2-bit scatter, unpipelined": {
+        "kind": "distq",
+        "bits": 2,
+        "collective": "scatter",
+        "clip": 2.5,
+        "segment": None,
+        "ablation": True,
     },
 }
 
@@ -89,6 +99,17 @@ def batch_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step + 1_000) % (2**62)
 
 
+class _TimedWork:
+    """An async collective's Work whose wait() counts toward the collective's category: with
+    distq's pipelined exchange the wire time is spent there, not in the call that starts it."""
+
+    def __init__(self, work: dist.Work, timers: HookTimers, category: str) -> None:
+        self._work, self._timers, self._category = work, timers, category
+
+    def wait(self) -> bool:
+        return self._timers.measure(self._category, self._work.wait)
+
+
 # -- instrumentation of distq's hook (timers only; distq's code is not changed) ----------------
 class HookTimers:
     """Seconds spent inside distq's hook on its worker thread, by category, exclusive: time in
@@ -98,8 +119,8 @@ class HookTimers:
 
     Wraps, by attribute replacement in this process only (distq's code is not changed):
     QuantizedCommState.reduce, clip_by_std_, the error measurement, the codec's compress and
-    decompress_into, and the gloo collectives when called from distq's thread. Overhead: a few
-    perf_counter calls per wrapped call, tens per bucket.
+    decompress_into, and the gloo collectives when called from distq's thread (starting one,
+    and waiting for it). Overhead: a few perf_counter calls per wrapped call, tens per bucket.
     """
 
     CATEGORIES = (
@@ -122,6 +143,7 @@ class HookTimers:
         self._local = threading.local()
 
     def wrap(self, owner, attr: str, category: str, only_thread: str | None = None) -> None:
+        """Time owner.attr under `category`; an async collective's Work is timed on wait()."""
         original = getattr(owner, attr)
         timers = self
 
@@ -130,27 +152,35 @@ class HookTimers:
                 only_thread and threading.current_thread().name != only_thread
             ):
                 return original(*args, **kwargs)
-            stack = timers._local.__dict__.setdefault("stack", [])
-            # wall start, thread-CPU start, wall and CPU spent in wrapped children
-            frame = [time.perf_counter(), time.thread_time(), 0.0, 0.0]
-            stack.append(frame)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                stack.pop()
-                wall = time.perf_counter() - frame[0]
-                cpu = time.thread_time() - frame[1]
-                timers.totals[category] += wall - frame[2]
-                timers.cpu[category] += cpu - frame[3]
-                timers.calls[category] += 1
-                if stack:
-                    stack[-1][2] += wall
-                    stack[-1][3] += cpu
-                else:
-                    timers.totals["bucket total"] += wall
-                    timers.cpu["bucket total"] += cpu
+            result = timers.measure(category, original, *args, **kwargs)
+            if isinstance(result, dist.Work):
+                return _TimedWork(result, timers, category)
+            return result
 
         setattr(owner, attr, timed)
+
+    def measure(self, category: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), its wall and thread-CPU time added to `category` (exclusive of
+        wrapped calls inside it)."""
+        stack = self._local.__dict__.setdefault("stack", [])
+        # wall start, thread-CPU start, wall and CPU spent in wrapped children
+        frame = [time.perf_counter(), time.thread_time(), 0.0, 0.0]
+        stack.append(frame)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stack.pop()
+            wall = time.perf_counter() - frame[0]
+            cpu = time.thread_time() - frame[1]
+            self.totals[category] += wall - frame[2]
+            self.cpu[category] += cpu - frame[3]
+            self.calls[category] += 1
+            if stack:
+                stack[-1][2] += wall
+                stack[-1][3] += cpu
+            else:
+                self.totals["bucket total"] += wall
+                self.cpu["bucket total"] += cpu
 
     def install(self) -> None:
         self.wrap(QuantizedCommState, "reduce", "other")
@@ -275,6 +305,7 @@ def build(option: dict, model: nn.Module, repeat: int):
             compressor=option.get("compressor", "quantize"),
             error_feedback=option.get("error_feedback", False),
             seed=repeat,
+            segment=option.get("segment", SEGMENT_ELEMENTS),
         )
         ddp.register_comm_hook(state, quantized_hook)
         return ddp, state

