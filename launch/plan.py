@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="bytes per scale: 4 fp32, 2 fp16 (default 4)",
     )
+    add(
+        "--codec-ns",
+        type=_nonnegative,
+        default=0.0,
+        help="codec CPU time per gradient element per step in ns (clip, encode, decode; "
+        "benchmarks/README.md has measured values): adds codec time and prints the bandwidth "
+        "above which fp32 all-reduce is faster (default 0: not counted)",
+    )
     add("--all", action="store_true", help="show all three collectives")
     return parser
 
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             args.compute_ms / 1e3,
             args.scale_bytes,
             args.nodes,
+            args.codec_ns,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -3,7 +3,8 @@
 The byte counts are the exact formulas of distq.comm (README "On the wire"), recomputed here
 without torch; the variance is the theory's blow-up bound (`distq.theory.bounds`). The model is
 deliberately simple: one exchange of the whole gradient per step, communication not overlapped
-with compute, codec time not counted, and only the slow link timed.
+with compute, codec time (if given) added, and only the slow link timed. With a codec time it
+also tells the bandwidth above which the quantized exchange loses to fp32: turn it off there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ QUANTIZATIONS = {"allgather": 1, "scatter": 2, "hierarchical": 2}
 NOTES = (
     "MB: 10^6 bytes each rank sends over the slow link per step; fp32 all-reduce is one flat",
     "ring over all ranks; hierarchical counts only the node leaders' quantized exchange.",
-    "step = compute + comm (no overlap; codec time not counted).",
+    "step = compute + comm + codec (no overlap; codec: --codec-ns per element, 0 if not given).",
     "blow-up: the theory's bound on E|Q(g)|²/|g|²; scatter and hierarchical quantize twice",
     "and the two variances add.",
 )
@@ -96,6 +97,9 @@ class Estimate:
     ratio: float | None
     quantizations: int
     blowup: float | None
+    codec_seconds: float = 0.0
+    # above this bandwidth fp32 all-reduce is faster (0: always; inf: never; None: fp32 itself)
+    break_even_bps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class Plan:
     compute_seconds: float
     scale_bytes: int
     nodes: int
+    codec_ns: float
     fp32: Estimate
     collectives: dict[str, Estimate]
 
@@ -133,7 +138,7 @@ class Plan:
         head = (
             f"{self.params:,} params, {self.bits}-bit, {bucket}, {clip}, {self.world_size} ranks"
             f"{nodes}, {self.bandwidth_bps / 1e6:g} Mbit/s, "
-            f"compute {self.compute_seconds * 1e3:g} ms"
+            f"compute {self.compute_seconds * 1e3:g} ms, codec {self.codec_ns:g} ns/element"
         )
         names = COLLECTIVES if all_collectives else (self.collective,)
         rows = [self.fp32] + [self.collectives[name] for name in names]
@@ -156,7 +161,19 @@ class Plan:
             ]
             lines.append("  ".join(cells).rstrip())
         lines += ["", *NOTES]
+        if self.codec_ns > 0:
+            lines.append(self._break_even_line())
         return "\n".join(lines)
+
+    def _break_even_line(self) -> str:
+        """Where the chosen exchange stops paying off: the advice to turn it off."""
+        chosen = self.chosen
+        if not chosen.break_even_bps:
+            return f"{chosen.name} never beats fp32 here: it sends no fewer bytes; turn it off."
+        return (
+            f"{chosen.name} beats fp32 below {chosen.break_even_bps / 1e9:.3g} Gbit/s (codec "
+            f"{self.codec_ns:g} ns/element); on a faster link turn it off (plain DDP)."
+        )
 
     def _row(self, row: Estimate) -> tuple[str, ...]:
         name = row.name + (" *" if row.name == self.collective else "")
@@ -213,6 +230,7 @@ def plan(
     compute_seconds: float = 0.0,
     scale_bytes: int = 4,
     nodes: int | None = None,
+    codec_ns: float = 0.0,
 ) -> Plan:
     """Predict one step's exchange of a `params`-element gradient among `world_size` ranks.
 
@@ -223,8 +241,11 @@ def plan(
       hierarchical          `scatter` among the `nodes` leaders: 2(nodes−1) · P(c(N, nodes));
                             the fp32 reduce and broadcast inside a node are on the fast link and
                             not counted (nodes None: one rank per node, i.e. nodes = w).
-    Time (our model): comm = bytes·8/bandwidth; step = compute + comm (no overlap); speed-up =
-    fp32 step / step; bytes ratio = fp32 bytes / bytes.
+    Time (our model): comm = bytes·8/bandwidth; codec = `codec_ns`·N (clip, encode and decode
+    of one rank per step, measured: see benchmarks/README.md); step = compute + comm + codec
+    (no overlap); speed-up = fp32 step / step; bytes ratio = fp32 bytes / bytes. Break-even: the
+    bandwidth at which both take equally long, (fp32 bytes − bytes)·8 / codec; above it fp32
+    all-reduce is faster (inf without codec time; 0 if no bytes are saved).
 
     Blow-up (our derivation): one quantization inflates E‖·‖² by b = `grad_blowup_clipped`(c, Δ_g)
     with clipping, else `grad_blowup_unclipped`(d, Δ_g), d = bucket size (params if unbucketed;
@@ -248,6 +269,8 @@ def plan(
     if scale_bytes not in (2, 4):
         raise ValueError(f"scale_bytes={scale_bytes!r}; allowed: 4 (fp32) or 2 (fp16)")
     nodes = world_size if nodes is None else _check_int("nodes", nodes, 1, world_size)
+    codec_ns = _check_number("codec_ns", codec_ns, positive=False)
+    codec_seconds = codec_ns * 1e-9 * params
 
     def scatter_bytes(ranks: int) -> int:
         chunk = chunk_length(params, ranks, bits, bucket_size)
@@ -269,8 +292,16 @@ def plan(
         once = grad_blowup_unclipped(bucket_size or params, level_spacing(bits))
 
     def estimate(name: str, nbytes: float, quantizations: int) -> Estimate:
-        step = compute_seconds + nbytes * 8 / bandwidth_bps
+        codec = codec_seconds if quantizations else 0.0
+        step = compute_seconds + nbytes * 8 / bandwidth_bps + codec
         blowup = None if once is None else 1 + quantizations * (once - 1)
+        saved_bits = (fp32_bytes - nbytes) * 8
+        if not quantizations:
+            break_even = None
+        elif saved_bits <= 0:
+            break_even = 0.0  # slower at any bandwidth
+        else:
+            break_even = saved_bits / codec if codec > 0 else math.inf
         return Estimate(
             name,
             nbytes,
@@ -280,6 +311,8 @@ def plan(
             _ratio(fp32_bytes, nbytes),
             quantizations,
             blowup,
+            codec,
+            break_even,
         )
 
     return Plan(
@@ -293,6 +326,7 @@ def plan(
         compute_seconds,
         scale_bytes,
         nodes,
+        codec_ns,
         fp32=estimate("fp32 all-reduce", fp32_bytes, 0),
         collectives={name: estimate(name, sent[name], QUANTIZATIONS[name]) for name in COLLECTIVES},
     )

@@ -283,3 +283,25 @@ def test_bytes_match_real_gloo_traffic(tmp_path):
 def test_numpy_ints_accepted():
     p = plan(np.int64(6_300_000), np.int32(2), np.int64(512), 2.5, np.int64(4), "scatter", 2e8)
     assert p.chosen.bytes_sent == 2_436_984 and type(p.params) is int
+
+
+def test_codec_time_and_break_even_bandwidth():
+    """At the break-even bandwidth fp32 and the quantized exchange take equally long; below it
+    the quantized one wins, above it fp32 does."""
+    p = plan(6_300_000, 2, 512, 2.5, 2, "scatter", 1e9, compute_seconds=0.05, codec_ns=6.0)
+    chosen = p.chosen
+    assert chosen.codec_seconds == pytest.approx(6e-9 * 6_300_000)
+    assert p.fp32.codec_seconds == 0.0 and p.fp32.break_even_bps is None
+    saved = p.fp32.bytes_sent - chosen.bytes_sent
+    assert chosen.break_even_bps == pytest.approx(saved * 8 / chosen.codec_seconds)
+    for factor, quantized_wins in ((0.5, True), (2.0, False)):
+        q = plan(6_300_000, 2, 512, 2.5, 2, "scatter", factor * chosen.break_even_bps, 0.05,
+                 codec_ns=6.0)
+        assert (q.chosen.step_seconds < q.fp32.step_seconds) == quantized_wins
+    at = plan(6_300_000, 2, 512, 2.5, 2, "scatter", chosen.break_even_bps, 0.05, codec_ns=6.0)
+    assert at.chosen.step_seconds == pytest.approx(at.fp32.step_seconds)
+    assert "beats fp32 below" in p.to_str()
+    assert plan(1000, 2, 512, None, 2, "scatter", 1e9).chosen.break_even_bps == math.inf
+    # 8 bits between 2 ranks in buckets of 1: 4 bytes of scale per element, more than fp32 sends
+    costly = plan(1000, 8, 1, None, 2, "allgather", 1e9, codec_ns=1.0)
+    assert costly.chosen.break_even_bps == 0.0 and "never beats fp32" in costly.to_str()
