@@ -169,6 +169,12 @@ class TrainConfig:
                 f"data_dir is read by the {' and '.join(DATA_DIR_RECIPES)} recipes only; "
                 f"recipe={self.recipe!r}"
             )
+        missing = self.data_dir is not None and not Path(self.data_dir).exists()
+        if self.recipe == "charlm" and missing:
+            raise ConfigError(
+                f"data_dir={self.data_dir!r} does not exist (charlm: a text file or a folder of "
+                "them; null: the Python standard library's sources)"
+            )
         if self.scheme != FULL_PRECISION:
             spec = get_scheme(self.scheme)
             if self.bits is None and len(spec.bits) > 1:
