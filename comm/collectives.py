@@ -26,7 +26,7 @@ from distq.comm.noise import Key
 from distq.comm.topology import Topology
 
 COLLECTIVES = ("allgather", "scatter", "hierarchical")
-SEGMENT_ELEMENTS = 1 << 19  # the DDP hook's default pipeline segment (2 MiB of fp32)
+SEGMENT_ELEMENTS = 1 << 20  # the DDP hook's default pipeline segment (4 MiB of fp32)
 
 
 @dataclass

@@ -147,6 +147,17 @@ class BucketCodec(Compressor):
                     block = torch.cat(
                         [block, block.new_zeros(rows * self._row_bytes - block.numel())]
                     )
+            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
+            if self._fused and e1 - e0 == rows * self._width:  # whole rows: decode in place
+                kernel = kernels.decode_add_into if accumulate else kernels.decode_into
+                kernels.compiled(kernel)(
+                    block.view(rows, -1),
+                    row_scales[r0:r1],
+                    out[e0:e1].view(rows, -1),
+                    self.k,
+                    self.wire.bits,
+                )
+                continue
             if self._fused:
                 values = kernels.compiled(kernels.packed_level_values)(
                     block.view(rows, -1), row_scales[r0:r1], self.k, self.wire.bits
@@ -159,7 +170,6 @@ class BucketCodec(Compressor):
                 values = kernels.compiled(kernels.level_values)(
                     block_codes.view(rows, -1), row_scales[r0:r1], self.k
                 )
-            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
             if accumulate:
                 out[e0:e1] += values.reshape(-1)[: e1 - e0]
             else:

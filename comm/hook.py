@@ -143,6 +143,7 @@ class QuantizedCommState:
         "_keep_mask",
         "_priming",
         "_rank",
+        "_scratch",
         "_topology",
         "_widths",
         "_worker",
@@ -221,6 +222,7 @@ class QuantizedCommState:
         self._widths = _parameter_widths(model, self.bits_by_name)
         self._compressors: dict[int, Compressor] = {}
         self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
+        self._scratch: Tensor | None = None  # the work buffer, reused by every bucket
         self._world_size = dist.get_world_size(process_group)
         self._rank = dist.get_rank()
         ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
@@ -276,10 +278,11 @@ class QuantizedCommState:
     ) -> Tensor:
         """Average one DDP bucket over ranks; runs on the worker thread.
 
-        The only gradient-sized allocation is one float32 scratch buffer (padded for
-        `scatter`) that the clipping, the exchange and the division all work in, plus one
-        decoded row at a time: extra memory stays within about 2x the bucket. With `keep`
-        only the marked entries are exchanged, the rest are zero.
+        The clipping, the exchange and the division all work in one float32 scratch buffer
+        (padded for `scatter`), kept between steps and shared by all buckets (they are reduced
+        one at a time), so no step pays for fresh pages: distq holds one largest bucket for
+        good, and within a step the codec adds one decoded block at a time. With `keep` only
+        the marked entries are exchanged, the rest are zero.
         """
         n, numel = self._world_size, buffer.numel()
         self.stats.fp32_allreduce_bytes += 2 * (n - 1) * numel * 4 // n
@@ -303,9 +306,7 @@ class QuantizedCommState:
         if len(groups) > 1:
             return self._reduce_mixed(buffer, lengths, groups, index, step).div_(n)
         compressor = self.compressor_for(groups[0][0])
-        work = torch.empty(
-            working_length(numel, n, compressor, self.collective), device=buffer.device
-        )
+        work = self._work_buffer(working_length(numel, n, compressor, self.collective), buffer)
         work[numel:].zero_()  # scatter's padding
         x = work[:numel].copy_(buffer)
         if self.clip is not None:
@@ -318,6 +319,13 @@ class QuantizedCommState:
         target = work if self.collective == "scatter" else x
         summed = self._exchange(target, compressor, index * SLOTS_PER_BUCKET, step)
         return summed[:numel].div_(n)
+
+    def _work_buffer(self, numel: int, like: Tensor) -> Tensor:
+        """The first `numel` elements of the shared scratch buffer (grown as needed)."""
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < numel or scratch.device != like.device:
+            scratch = self._scratch = torch.empty(numel, device=like.device)
+        return scratch[:numel]
 
     def _exchange(self, x: Tensor, compressor: Compressor, slot: int, step: int) -> Tensor:
         """Σ over ranks of the quantized x (overwritten), keyed by step, rank and slot."""

@@ -142,6 +142,16 @@ def packed_level_values(packed: Tensor, s: Tensor, k: int, bits: int) -> Tensor:
     return level_values(unpack_rows(packed, bits), s, k)
 
 
+def decode_into(packed: Tensor, s: Tensor, out: Tensor, k: int, bits: int) -> None:
+    """out ← `packed_level_values`: compiled, the values are stored straight into out."""
+    out.copy_(packed_level_values(packed, s, k, bits))
+
+
+def decode_add_into(packed: Tensor, s: Tensor, out: Tensor, k: int, bits: int) -> None:
+    """out += `packed_level_values`, in one read-modify-write pass when compiled."""
+    out.add_(packed_level_values(packed, s, k, bits))
+
+
 def _enabled() -> bool:
     return os.environ.get("DISTQ_COMPILE", "1") != "0"
 
