@@ -2,11 +2,12 @@
 
     trainer = pl.Trainer(strategy=DDPStrategy(), callbacks=[QuantizedCommHook(bits=2)], ...)
 
-Why a callback and not `DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)`: Lightning
-(`DDPStrategy._register_ddp_hooks`) registers a comm hook only when the device is CUDA and drops
-it silently on CPU; and a `QuantizedCommState` needs the process group, which Lightning creates
-only inside `fit`. The callback builds the state once the group and the DDP model exist
-(`on_fit_start`, before the first backward) and registers `quantized_hook` itself.
+Why a callback: Lightning (`DDPStrategy._register_ddp_hooks`) registers the hook given as
+`DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)` only when the device is CUDA and drops it
+silently on CPU; and a `QuantizedCommState` needs the process group, which Lightning creates only
+inside `fit`. The callback builds the state once the group and the DDP model exist
+(`on_fit_start`, before the first backward), or registers the strategy's own state and hook
+where Lightning did not.
 """
 
 from __future__ import annotations
@@ -22,15 +23,26 @@ pl = require("pytorch_lightning")
 
 
 class QuantizedCommHook(pl.Callback):
-    """Registers `quantized_hook` with `QuantizedCommState(**state_options)` on the trainer's
-    DDP model at the start of `fit`; the state is `self.state` afterwards (byte counters in
-    `self.state.compression_stats()`). Needs `strategy=DDPStrategy(...)` without its own hook."""
+    """Registers distq's DDP hook on the trainer's DDP model at the start of `fit`, on any device.
+
+    Two ways to use it:
+    - `QuantizedCommHook(**state_options)` with a plain `DDPStrategy()`: the callback builds
+      `QuantizedCommState(**state_options)` once the process group exists and registers
+      `quantized_hook`.
+    - `QuantizedCommHook()` beside `DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)` (the
+      process group initialized before the state is built, e.g. under torchrun): on CUDA
+      Lightning registers that hook itself and the callback only records the state; on other
+      devices, where Lightning drops it, the callback registers it.
+    Either way the state (byte counters in `compression_stats()`) is `self.state` afterwards.
+    """
 
     def __init__(self, **state_options: Any) -> None:
         self.state_options = state_options
         self.state: QuantizedCommState | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.state is not None:  # a second fit: the hook is registered already
+            return
         strategy = trainer.strategy
         model = strategy.model
         if not isinstance(model, DistributedDataParallel):
@@ -38,11 +50,19 @@ class QuantizedCommHook(pl.Callback):
                 f"QuantizedCommHook needs strategy=DDPStrategy(...); the trainer runs "
                 f"{type(strategy).__name__} with a {type(model).__name__} model"
             )
-        if getattr(strategy, "_ddp_comm_hook", None) is not None:
-            raise ValueError(
-                "DDPStrategy(ddp_comm_hook=...) is set as well: give the hook to one of them "
-                "(QuantizedCommHook works on every device, Lightning's only on CUDA)"
-            )
-        if self.state is None:
+        # DDPStrategy keeps its hook arguments in these attributes (Lightning 2.x)
+        hook = getattr(strategy, "_ddp_comm_hook", None)
+        if hook is None:
             self.state = QuantizedCommState(model=model, **self.state_options)
             model.register_comm_hook(self.state, quantized_hook)
+            return
+        if self.state_options:
+            raise ValueError(
+                "DDPStrategy(ddp_comm_hook=...) is set and QuantizedCommHook got state options "
+                f"{sorted(self.state_options)}: configure the hook in one place"
+            )
+        if getattr(strategy, "_ddp_comm_wrapper", None) is not None:
+            raise ValueError("DDPStrategy(ddp_comm_wrapper=...) is not supported with distq's hook")
+        self.state = strategy._ddp_comm_state
+        if strategy.root_device.type != "cuda":  # Lightning registered it only on CUDA
+            model.register_comm_hook(self.state, hook)

@@ -86,9 +86,13 @@ def test_horovod_trains_like_ddp(tmp_path, ddp_reference):
     assert_bytes(ranks, STEPS)  # no warm-up: every step quantized
 
 
-def test_lightning_ddp_strategy_trains_like_ddp(tmp_path, ddp_reference):
+@pytest.mark.parametrize("engine", ["lightning", "lightning-strategy"])
+def test_lightning_ddp_strategy_trains_like_ddp(tmp_path, ddp_reference, engine):
+    """QuantizedCommHook(**options) with DDPStrategy(), and DDPStrategy(ddp_comm_state=...,
+    ddp_comm_hook=quantized_hook) itself, whose hook Lightning drops on CPU but the callback
+    registers."""
     need("pytorch_lightning")
-    ranks = run_worker("lightning", tmp_path)
+    ranks = run_worker(engine, tmp_path)
     assert_identical_replicas(ranks)
     assert_tracks(ranks, ddp_reference)
     assert_bytes(ranks, STEPS - 2)

@@ -261,10 +261,20 @@ def run_lightning(args) -> None:
     rank = int(os.environ["RANK"])
     data = [batch(step, rank) for step in range(args.steps)]
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    hook = QuantizedCommHook(bits=args.bits, clip=2.5, collective=args.collective)
+    if args.engine == "lightning-strategy":  # the state and hook given to DDPStrategy itself
+        import torch.distributed as dist
+
+        from distq.comm import quantized_hook
+
+        dist.init_process_group("gloo")  # Lightning reuses it; the state needs it to exist
+        strategy = DDPStrategy(ddp_comm_state=comm_state(args), ddp_comm_hook=quantized_hook)
+        hook = QuantizedCommHook()
+    else:
+        strategy = DDPStrategy()
+        hook = QuantizedCommHook(bits=args.bits, clip=2.5, collective=args.collective)
     module = Module()
     trainer = pl.Trainer(
-        strategy=DDPStrategy(),
+        strategy=strategy,
         accelerator="cpu",
         devices=2,
         max_steps=args.steps,
@@ -292,6 +302,7 @@ RUNS = {
     "deepspeed-check": run_deepspeed_check,
     "horovod": run_horovod,
     "lightning": run_lightning,
+    "lightning-strategy": run_lightning,
 }
 
 
