@@ -13,6 +13,7 @@ import queue
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,12 +71,18 @@ class CompressionStats:
 
 
 class _Worker:
-    """One thread running submitted exchanges in submission order; each completes a Future."""
+    """One thread running submitted exchanges in submission order; each completes a Future.
+
+    The thread is stopped and joined by `close()` or, at the latest, when the interpreter
+    exits: a thread that has run asynchronous gloo collectives must not still be alive when
+    C++ static destructors run (the process would abort with "terminate called without an
+    active exception")."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="distq-comm", daemon=True)
         self._thread.start()
+        self._stop = weakref.finalize(self, _stop_thread, self._jobs, self._thread)
 
     def submit(self, job: Callable[[], Tensor]) -> torch.futures.Future:
         future: torch.futures.Future = torch.futures.Future()
@@ -93,8 +100,12 @@ class _Worker:
                 future.set_exception(exc)
 
     def close(self) -> None:
-        self._jobs.put((None, None))
-        self._thread.join(timeout=10)
+        self._stop()
+
+
+def _stop_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
+    jobs.put((None, None))
+    thread.join(timeout=10)
 
 
 class QuantizedCommState:

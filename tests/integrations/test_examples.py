@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from distq.comm import StochasticQuantizer
+from tests.distributed import free_port
 from tests.slurm.local_slurm import LocalSlurm, missing_daemons
 
 from .conftest import BIN, ROOT, horovodrun, launch, need, torchrun
@@ -52,7 +53,9 @@ def test_torchrun_example(example, module):
 @pytest.mark.slow
 def test_deepspeed_example_with_the_deepspeed_launcher():
     need("deepspeed")
-    output = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "examples/train_deepspeed.py"])
+    # a free port: the launcher's default 29500 may still be held by an earlier job's socket
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    output = launch([*command, "examples/train_deepspeed.py"])
     assert_both_ranks_sent_quantized_bytes(output)
 
 
