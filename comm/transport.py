@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distq.comm.collectives import Traffic, _chunk_payloads, _decode_sum_into, chunk_length
+from distq.comm.collectives import (
+    Traffic,
+    _chunk_payloads,
+    _decode_sum_into,
+    add_peer_chunks_,
+    chunk_length,
+    first_stage_rows,
+    keeps_own_chunk,
+)
 from distq.comm.compressors import Compressor
 from distq.comm.noise import Key
 
@@ -64,16 +72,23 @@ def transport_sum(
         traffic.received += (n - 1) * payload.numel()
         return _decode_sum_into(torch.empty_like(x), gathered, compressor), traffic
 
-    chunk = chunk_length(numel, n, compressor)
+    rank, chunk = transport.rank, chunk_length(numel, n, compressor)
     work = torch.cat([x, x.new_zeros(n * chunk - numel)])
-    payload = _compress(work, compressor, key, transport, name, traffic)
-    send = _chunk_payloads(payload, n, chunk, compressor)
+    own_exact = keeps_own_chunk(compressor)
+    if own_exact:
+        send = first_stage_rows(work, n, chunk, compressor, key, 0, rank)
+    else:
+        payload = _compress(work, compressor, key, transport, name, traffic)
+        send = _chunk_payloads(payload, n, chunk, compressor)
     received = transport.all_to_all(send.reshape(-1), f"{name}.alltoall").view_as(send)
     traffic.sent += (n - 1) * send.shape[1]
     traffic.received += (n - 1) * send.shape[1]
 
-    rank = transport.rank
-    mine = _decode_sum_into(work[rank * chunk : (rank + 1) * chunk], received, compressor)
+    mine = work[rank * chunk : (rank + 1) * chunk]
+    if own_exact:
+        add_peer_chunks_(mine, received, compressor, rank)
+    else:
+        _decode_sum_into(mine, received, compressor)
     owner = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
     gathered = transport.all_gather(owner, f"{name}.owners").view(n, -1)
     traffic.sent += (n - 1) * owner.numel()

@@ -254,7 +254,9 @@ def plan(
     independent and unbiased, so their variances add, each ≈ (b − 1)·‖g‖² to first order: the
     blow-up is ≈ 1 + 2(b − 1) (the product b² adds the second-order (b − 1)²). The owner does
     not re-clip the sum; we assume its max/σ is no worse than its clipped terms' and use the same
-    b for both (an approximation). 1 bit has no Lemma 3 bound: blow-up None.
+    b for both (an approximation). The owner adds its own chunk unquantized, so the first stage
+    carries only (w − 1)/w of its variance; the bound keeps the whole term (conservative).
+    1 bit has no Lemma 3 bound: blow-up None.
     """
     params, bits = _check_int("params", params, 1), _check_int("bits", bits, 1, 8)
     if bucket_size is not None:
