@@ -416,6 +416,11 @@ def plot(summaries: dict, path: Path) -> None:
         ax.set_xticklabels(shown, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("median step time, s")
         ax.set_title(f"{title}: step time (black: ideal, dashed: compute-only)", fontsize=9)
+    for h in hosts:  # a host count not run at every rate leaves its cells empty
+        for col, rate in enumerate(rates):
+            if (h, rate) not in summaries:
+                axes[2 * hosts.index(h)][col].set_axis_off()
+                axes[2 * hosts.index(h) + 1][col].set_axis_off()
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
