@@ -52,6 +52,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             'allgather' (one quantization; traffic grows with the number of ranks).
         bucket_cap_mb: gradient megabytes per exchange.
         min_numel: buckets smaller than this go as fp32 through `hvd.allreduce`.
+        start_iter: steps averaged in fp32 through `hvd.allreduce` first (not counted in
+            `compression_stats()`), as the DDP hook's warm-up; 0: every step is quantized.
 
     As with Horovod's own DistributedOptimizer, accumulate gradients over several backward
     passes by calling `step()` once after them; to clip the averaged gradient, call
@@ -72,6 +74,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         bucket_cap_mb: float = DEFAULT_CAP_MB,
         min_numel: int = 1024,
+        start_iter: int = 0,
     ) -> None:
         if collective not in TRANSPORT_COLLECTIVES:
             raise ValueError(
@@ -82,7 +85,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"compressor={compressor!r}; allowed: {', '.join(COMPRESSORS)}")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip={clip!r}; allowed: a positive float or None")
+        if start_iter < 0:
+            raise ValueError(f"start_iter={start_iter}; allowed: a number of steps >= 0")
         self.optimizer = optimizer
+        self.start_iter = start_iter
         for hooks in _OPTIMIZER_HOOKS:  # what torch.optim.Optimizer.__init__ would set up
             setattr(self, hooks, OrderedDict())
         params = (
@@ -132,12 +138,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def synchronize(self) -> None:
         """Average every gradient over ranks now (every rank must call it, in the same order)."""
-        n = self._transport.size
+        n, warm_up = self._transport.size, self.iter < self.start_iter
         for index, params in enumerate(self.buckets):
             flat = flatten_grads(params)
-            self.stats.fp32_allreduce_bytes += 2 * (n - 1) * flat.numel() * 4 // n
-            write_grads(self._average(flat, params, index), params)
-        self.stats.steps += 1
+            if warm_up:
+                flat = hvd.allreduce(flat, op=hvd.Sum, name=f"distq.{index}").div_(n)
+            else:
+                self.stats.fp32_allreduce_bytes += 2 * (n - 1) * flat.numel() * 4 // n
+                flat = self._average(flat, params, index)
+            write_grads(flat, params)
+        if not warm_up:
+            self.stats.steps += 1
         self.iter += 1
         self._synchronized = True
 

@@ -225,6 +225,7 @@ def run_horovod(args) -> None:
         model.named_parameters(),
         bits=args.bits,
         collective=args.collective,
+        start_iter=2,  # the DDP reference's fp32 warm-up, so the two runs are comparable
     )
     losses = train(model, opt, rank, args.steps)
     save(
