@@ -69,6 +69,18 @@ OPTIONS: dict[str, dict] = {
         "segment": None,
         "ablation": True,
     },
+    # ablation: shorter pipeline segments (more, smaller codec calls and collectives)
+    **{
+        f"distq 2-bit scatter, segment {size >> 10}k": {
+            "kind": "distq",
+            "bits": 2,
+            "collective": "scatter",
+            "clip": 2.5,
+            "segment": size,
+            "ablation": True,
+        }
+        for size in (1 << 18, 1 << 19)
+    },
 }
 
 
@@ -118,8 +130,8 @@ class HookTimers:
     exclusive part, "other", is the hook's own work: scratch buffer, copies, division.
 
     Wraps, by attribute replacement in this process only (distq's code is not changed):
-    QuantizedCommState.reduce, clip_by_std_, the error measurement, the codec's compress and
-    decompress_into, and the gloo collectives when called from distq's thread (starting one,
+    QuantizedCommState.reduce, clip_by_std_, the error measurement, the codec's encode and
+    decode methods, and the gloo collectives when called from distq's thread (starting one,
     and waiting for it). Overhead: a few perf_counter calls per wrapped call, tens per bucket.
     """
 
@@ -197,8 +209,10 @@ class HookTimers:
         QuantizedCommState.reduce = reduce
         self.wrap(dq_hook, "clip_by_std_", "clip")
         self.wrap(dq_hook, "_relative_error", "error measurement")
-        self.wrap(dq_compressors.BucketCodec, "compress", "compress")
-        self.wrap(dq_compressors.BucketCodec, "decompress_into", "decompress")
+        for attr in ("compress", "compress_rows"):
+            self.wrap(dq_compressors.BucketCodec, attr, "compress")
+        for attr in ("decompress_into", "decode_rows_into", "decode_sum_into"):
+            self.wrap(dq_compressors.BucketCodec, attr, "decompress")
         for attr, category in (
             ("all_to_all_single", "all_to_all"),
             ("all_gather_single", "all_gather"),

@@ -78,14 +78,6 @@ def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor
     return cached
 
 
-def _decode_sum_into(out: Tensor, rows: Tensor, compressor: Compressor) -> Tensor:
-    """out ← Σ_i decode(rows[i]), accumulated in row (rank) order, decoded block by block."""
-    compressor.decompress_into(rows[0], out)
-    for row in rows[1:]:
-        compressor.decompress_into(row, out, accumulate=True)
-    return out
-
-
 def pipelined(compressor: Compressor) -> bool:
     """Whether a tensor may be exchanged in segments that overlap one another on the wire.
 
@@ -125,7 +117,7 @@ def allgather_sum(
 
     def finish(gathered: Tensor, work, piece: Tensor, _payload: Tensor) -> None:
         work.wait()
-        _decode_sum_into(piece, gathered.view(n, -1), compressor)
+        compressor.decode_sum_into(gathered.view(n, -1), piece)
 
     start = 0
     lengths = segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment)
@@ -159,18 +151,16 @@ def first_stage_rows(
     rows = torch.empty(
         n, compressor.wire.payload_nbytes(chunk), dtype=torch.uint8, device=piece.device
     )
-    for j, part in enumerate(piece.split(chunk)):
-        if j != own:
-            rows[j] = compressor.compress(part, key, start=start + j * chunk)
+    for first, end in ((0, own), (own + 1, n)):  # the chunks before and after this rank's
+        if end > first:
+            compressor.compress_rows(
+                piece[first * chunk : end * chunk],
+                end - first,
+                key,
+                start + first * chunk,
+                out=rows[first:end],
+            )
     return rows
-
-
-def add_peer_chunks_(mine: Tensor, rows: Tensor, compressor: Compressor, own: int) -> Tensor:
-    """mine ← mine + Σ_{j ≠ own} decode(rows[j]), in rank order: the owner's chunk sum."""
-    for j, row in enumerate(rows):
-        if j != own:
-            compressor.decompress_into(row, mine, accumulate=True)
-    return mine
 
 
 def chunk_length(numel: int, n: int, compressor: Compressor) -> int:
@@ -242,10 +232,9 @@ def scatter_sum(
         seg.work.wait()
         chunk = seg.piece.numel() // n
         mine = seg.piece[rank * chunk : (rank + 1) * chunk]
-        if own_exact:
-            add_peer_chunks_(mine, seg.received, compressor, rank)
-        else:
-            _decode_sum_into(mine, seg.received, compressor)
+        compressor.decode_sum_into(
+            seg.received, mine, skip=rank if own_exact else None, accumulate=own_exact
+        )
         owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
         owner_payload = compressor.compress(mine, owner_key, start=seg.start)
         if errors is not None:  # the second quantization's error, on this rank's chunks
@@ -262,9 +251,7 @@ def scatter_sum(
 
     def decode_all_chunks(seg: _ScatterSegment) -> None:
         seg.work.wait()
-        chunk = seg.piece.numel() // n
-        for j, row in enumerate(seg.received.view(n, -1)):
-            compressor.decompress_into(row, seg.piece[j * chunk : (j + 1) * chunk])
+        compressor.decode_rows_into(seg.received.view(n, -1), seg.piece)
 
     start = 0
     own_exact = keeps_own_chunk(compressor)

@@ -39,9 +39,7 @@ class Compressor(ABC):
         """float32 scale per bucket of x; NaN for a bucket holding NaN/Inf."""
 
     @abstractmethod
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
+    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
         """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales).
 
         x[i] draws the noise of element start + i of `key`'s stream, so the pieces of a tensor
@@ -55,6 +53,44 @@ class Compressor(ABC):
         """Decode into `out` (out += decoded if `accumulate`); returns out."""
         values = self.decompress(payload, out.numel())
         return out.add_(values) if accumulate else out.copy_(values)
+
+    # -- many payloads of equal length at once (the collectives' chunks) ------------------------
+    def compress_rows(
+        self, x: Tensor, rows: int, key: Key, start: int = 0, out: Tensor | None = None
+    ) -> Tensor:
+        """[rows, P] payloads of x's `rows` equal consecutive pieces, row i = compress(piece i,
+        start = start + i·len): the same bytes, written into `out` if given."""
+        pieces = x.view(rows, -1)
+        out = _rows_buffer(out, rows, self.wire.payload_nbytes(pieces.shape[1]), x.device)
+        for i, piece in enumerate(pieces):
+            out[i] = self.compress(piece, key, start=start + i * pieces.shape[1])
+        return out
+
+    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
+        """out (flat) ← row i of `rows` decoded into the i-th of len(rows) equal pieces."""
+        for row, piece in zip(rows, out.view(rows.shape[0], -1), strict=True):
+            self.decompress_into(row, piece)
+        return out
+
+    def decode_sum_into(
+        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+    ) -> Tensor:
+        """out ← [out +] Σ_{i ≠ skip} decode(rows[i]), added in row (rank) order."""
+        first = not accumulate
+        for i, row in enumerate(rows):
+            if i != skip:
+                self.decompress_into(row, out, accumulate=not first)
+                first = False
+        return out
+
+
+def _rows_buffer(out: Tensor | None, rows: int, nbytes: int, device: torch.device) -> Tensor:
+    """`out` checked to be [rows, nbytes] uint8, or a new one."""
+    if out is None:
+        return torch.empty(rows, nbytes, dtype=torch.uint8, device=device)
+    if out.shape != (rows, nbytes) or out.dtype != torch.uint8:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}; needs ({rows}, {nbytes}) uint8")
+    return out
 
 
 ROW_WIDTH = 4096  # kernel row width when one scale covers the whole input
@@ -97,10 +133,10 @@ class BucketCodec(Compressor):
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
         return self._finish_scales(torch.cat(stats), x.numel())
 
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
+    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
         numel = x.numel()
+        if scales is None and numel and self._batched(numel):
+            return self.compress_rows(x, 1, key, start).view(-1)
         payload = torch.empty(self.wire.payload_nbytes(numel), dtype=torch.uint8, device=x.device)
         if numel == 0:
             return payload
@@ -134,6 +170,8 @@ class BucketCodec(Compressor):
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         numel = out.numel()
+        if numel and self._batched(numel) and payload.numel() == self.wire.payload_nbytes(numel):
+            return self.decode_sum_into(payload.view(1, -1), out, accumulate=accumulate)
         packed, s = split(payload, numel, self.wire)
         if numel == 0:
             return out
@@ -175,6 +213,113 @@ class BucketCodec(Compressor):
             else:
                 out[e0:e1] = values.reshape(-1)[: e1 - e0]
         return out
+
+    def _batched(self, length: int) -> bool:
+        """Whether payloads of `length` elements encode and decode many at a time: fused codes
+        with per-bucket scales and whole buckets per payload, so rows stack into one kernel."""
+        return self._fused and self.wire.bucket_size is not None and length % self._width == 0
+
+    def compress_rows(
+        self, x: Tensor, rows: int, key: Key, start: int = 0, out: Tensor | None = None
+    ) -> Tensor:
+        length = x.numel() // rows
+        if not self._batched(length) or length == 0:
+            return super().compress_rows(x, rows, key, start, out)
+        wire, dev = self.wire, x.device
+        out = _rows_buffer(out, rows, wire.payload_nbytes(length), dev)
+        code_bytes, seed = wire.code_nbytes(length), key.tensor(dev)
+        codes_out, scales_out = out[:, :code_bytes], out[:, code_bytes:]
+        scale_bytes = scales_out.shape[1] // wire.buckets(length)
+        pieces = x.view(rows, length)
+        for r0, r1, e0, e1 in self._spans(rows, length):
+            xb = pieces[r0:r1, e0:e1].reshape(-1, self._width)  # a view: whole rows or one's part
+            first = torch.tensor(start + r0 * length + e0, device=dev)
+            end = torch.tensor(start + (r1 - 1) * length + e1, device=dev)
+            codes, s = self._encode(xb, seed, first, end)
+            b0, b1 = e0 * wire.bits // 8, e1 * wire.bits // 8
+            codes_out[r0:r1, b0:b1] = codes.view(r1 - r0, -1)
+            k0, k1 = e0 // self._width * scale_bytes, e1 // self._width * scale_bytes
+            scales_out[r0:r1, k0:k1] = s.to(wire.scale_dtype).view(torch.uint8).view(r1 - r0, -1)
+        return out
+
+    def _spans(self, rows: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(first row, end row, first element, end element) of each kernel call of
+        the batched encodes and decodes: whole payloads together up to a block, a longer one
+        block by block (bounds the scratch memory of a call)."""
+        block = self._block_rows * self._width
+        if length <= block:
+            per_call = block // length
+            for r0 in range(0, rows, per_call):
+                yield r0, min(rows, r0 + per_call), 0, length
+            return
+        for r in range(rows):
+            for e0 in range(0, length, block):
+                yield r, r + 1, e0, min(length, e0 + block)
+
+    def _encode(
+        self, xb: Tensor, seed: Tensor, first: Tensor, end: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(row-packed codes, scales as decoded) of whole buckets xb [buckets, width] whose
+        element 0 is element `first` of the key's stream (`end`: one past the last real one)."""
+        stats = self._row_stats(xb)
+        s = round_up_to_wire(self._finish_scales(stats, xb.numel()), self.wire.scale_dtype)
+        return self._codes(xb, s, seed, first, end, True), s
+
+    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
+        length = out.numel() // max(1, rows.shape[0])
+        if not self._batched(length) or length == 0:
+            return super().decode_rows_into(rows, out)
+        self._check_rows(rows, length)
+        pieces = out.view(rows.shape[0], length)
+        for r0, r1, e0, e1 in self._spans(rows.shape[0], length):
+            codes, s = self._split_rows(rows[r0:r1], length, e0, e1)
+            kernels.compiled(kernels.decode_into)(
+                codes, s, pieces[r0:r1, e0:e1].view(-1, self._width), self.k, self.wire.bits
+            )
+        return out
+
+    def decode_sum_into(
+        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+    ) -> Tensor:
+        length, keep = out.numel(), [i for i in range(rows.shape[0]) if i != skip]
+        if not self._batched(length) or length == 0 or not keep:
+            return super().decode_sum_into(rows, out, skip, accumulate)
+        self._check_rows(rows, length)
+        if len(keep) < rows.shape[0]:
+            rows = rows[torch.tensor(keep, device=rows.device)]
+        for _, _, e0, e1 in self._spans(1, length):
+            codes, s = self._split_rows(rows, length, e0, e1)
+            kernels.compiled(kernels.decode_sum_into)(
+                codes,
+                s,
+                out[e0:e1].view(-1, self._width),
+                self.k,
+                self.wire.bits,
+                len(keep),
+                accumulate,
+            )
+        return out
+
+    def _check_rows(self, rows: Tensor, length: int) -> None:
+        nbytes = self.wire.payload_nbytes(length)
+        if rows.dim() != 2 or rows.shape[1] != nbytes:
+            raise ValueError(
+                f"payload rows are {tuple(rows.shape)}; {length} elements each need "
+                f"[rows, {nbytes}] in {self.wire}"
+            )
+
+    def _split_rows(self, rows: Tensor, length: int, e0: int, e1: int) -> tuple[Tensor, Tensor]:
+        """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements
+        e0..e1 (whole buckets) of [rows, P] payloads of `length` elements each, copied out
+        contiguous (1/15 of the decoded bytes at 2 bits) so one kernel reads every row."""
+        wire, width = self.wire, self._width
+        code_bytes = wire.code_nbytes(length)
+        scale_size = (rows.shape[1] - code_bytes) // wire.buckets(length)
+        codes = rows[:, e0 * wire.bits // 8 : e1 * wire.bits // 8].contiguous()
+        k0, k1 = code_bytes + e0 // width * scale_size, code_bytes + e1 // width * scale_size
+        scale_bytes = rows.new_empty(rows.shape[0], k1 - k0).copy_(rows[:, k0:k1])
+        s = scale_bytes.view(wire.scale_dtype).to(torch.float32)
+        return codes.view(-1, self._row_bytes), s.view(-1)
 
     def _blocks(self, numel: int) -> Iterator[tuple[int, int]]:
         """(first row, end row) of each block of rows covering `numel` elements."""
@@ -235,6 +380,15 @@ class StochasticQuantizer(BucketCodec):
 
     def _finish_scales(self, stats: Tensor, numel: int) -> Tensor:
         return stats if self.wire.bucket_size is not None else stats.amax(dim=0, keepdim=True)
+
+    def _encode(
+        self, xb: Tensor, seed: Tensor, first: Tensor, end: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.wire.scale_dtype != torch.float32:  # scales rounded up to fp16 in between
+            return super()._encode(xb, seed, first, end)
+        return kernels.compiled(kernels.stochastic_packed_scaled)(
+            xb, seed, first, end, self.k, self.wire.bits
+        )
 
     def _codes(
         self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
@@ -317,9 +471,7 @@ class ErrorFeedback(Compressor):
         residual = self._residual(x, key)
         return self.inner.scales(x if residual is None else x + residual, key)
 
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
+    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
         if key.phase != 0:
             return self.inner.compress(x, key, scales, start)
         residual = self._residual(x, key)
@@ -337,6 +489,14 @@ class ErrorFeedback(Compressor):
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         return self.inner.decompress_into(payload, out, accumulate)
+
+    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
+        return self.inner.decode_rows_into(rows, out)
+
+    def decode_sum_into(
+        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+    ) -> Tensor:
+        return self.inner.decode_sum_into(rows, out, skip, accumulate)
 
     def reset(self) -> None:
         """Forget all residuals (a new bucket layout or world size)."""

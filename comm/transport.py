@@ -18,8 +18,6 @@ from torch import Tensor
 from distq.comm.collectives import (
     Traffic,
     _chunk_payloads,
-    _decode_sum_into,
-    add_peer_chunks_,
     chunk_length,
     first_stage_rows,
     keeps_own_chunk,
@@ -70,7 +68,7 @@ def transport_sum(
         gathered = transport.all_gather(payload, f"{name}.allgather").view(n, -1)
         traffic.sent += (n - 1) * payload.numel()
         traffic.received += (n - 1) * payload.numel()
-        return _decode_sum_into(torch.empty_like(x), gathered, compressor), traffic
+        return compressor.decode_sum_into(gathered, torch.empty_like(x)), traffic
 
     rank, chunk = transport.rank, chunk_length(numel, n, compressor)
     work = torch.cat([x, x.new_zeros(n * chunk - numel)])
@@ -85,14 +83,12 @@ def transport_sum(
     traffic.received += (n - 1) * send.shape[1]
 
     mine = work[rank * chunk : (rank + 1) * chunk]
-    if own_exact:
-        add_peer_chunks_(mine, received, compressor, rank)
-    else:
-        _decode_sum_into(mine, received, compressor)
+    compressor.decode_sum_into(
+        received, mine, skip=rank if own_exact else None, accumulate=own_exact
+    )
     owner = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
     gathered = transport.all_gather(owner, f"{name}.owners").view(n, -1)
     traffic.sent += (n - 1) * owner.numel()
     traffic.received += (n - 1) * owner.numel()
-    for j, row in enumerate(gathered):
-        compressor.decompress_into(row, work[j * chunk : (j + 1) * chunk])
+    compressor.decode_rows_into(gathered, work)
     return work[:numel], traffic

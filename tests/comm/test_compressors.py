@@ -239,6 +239,30 @@ def test_different_keys_give_different_independent_streams():
     assert len(values) == 1000
 
 
+def fmix32_uniform(i: int, key: int) -> float:
+    """MurmurHash3's fmix32 of (i·φ + key) mod 2³² in plain Python integers, top 24 bits."""
+    h = (i * 0x9E3779B1 + key) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return (h >> 8) * 2.0**-24
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_noise_is_fmix32_of_the_element_index_even_past_2_to_the_32(compiled):
+    """The int32 arithmetic of the kernel equals unsigned 32-bit arithmetic, including indices
+    that overflow int32 and uint32 (element offsets of a huge tensor)."""
+    key = Key(seed=5, step=11, rank=3)
+    starts = [0, 2**31 - 70, 2**32 - 70, 3 * 2**32 + 12_345]
+    index = torch.cat([torch.arange(s, s + 140, dtype=torch.int64) for s in starts])
+    hash_uniform = kernels.compiled(kernels.hash_uniform) if compiled else kernels.hash_uniform
+    u = hash_uniform(index, key.tensor())
+    expected = torch.tensor([fmix32_uniform(int(i), key.value()) for i in index])
+    assert torch.equal(u, expected)
+
+
 # ----------------------------------------------------------------------- 5. zeros, NaN, Inf
 
 CODECS = [
@@ -411,6 +435,45 @@ def test_compiled_and_eager_payloads_are_bit_identical(tmp_path, compiled_kernel
     for bits in (1, 2, 3):
         assert torch.equal(compiled[bits][0], eager_out[bits][0]), bits
         assert torch.equal(compiled[bits][1], eager_out[bits][1]), bits
+
+
+ROW_CODECS = [
+    pytest.param(lambda: StochasticQuantizer(2, 512), id="q2"),
+    pytest.param(lambda: StochasticQuantizer(4, 128), id="q4"),
+    pytest.param(lambda: StochasticQuantizer(3, 512), id="q3-unfused"),
+    pytest.param(lambda: StochasticQuantizer(8, 256, torch.float16), id="q8-fp16"),
+    pytest.param(lambda: StochasticQuantizer(2, None), id="q2-one-scale"),
+    pytest.param(lambda: SignCompressor(384), id="sign"),
+]
+
+
+@pytest.mark.parametrize("make", ROW_CODECS)
+@pytest.mark.parametrize("length", [3 * 1536, (1 << 20) + 1536], ids=["short", "over-a-block"])
+def test_row_methods_equal_one_payload_at_a_time(make, length):
+    """compress_rows / decode_rows_into / decode_sum_into (the collectives' batched calls) give
+    the bytes and values of compress / decompress_into called payload by payload, NaN too."""
+    q, rows, start, key = make(), 3, 1000, Key(seed=2, step=4, rank=1)
+    x = sample(rows * length, seed=length) * 3
+    x[length + 7] = math.nan
+    payloads = q.compress_rows(x, rows, key, start)
+    one_by_one = torch.stack(
+        [q.compress(p, key, start=start + i * length) for i, p in enumerate(x.view(rows, -1))]
+    )
+    assert torch.equal(payloads, one_by_one)
+    decoded = [q.decompress(p, length) for p in payloads]
+    out = torch.empty(rows * length)
+    q.decode_rows_into(payloads, out)
+    assert torch.equal(out.nan_to_num(7), torch.cat(decoded).nan_to_num(7))
+    assert out.isnan().any()
+    base = sample(length, seed=1)
+    summed = q.decode_sum_into(payloads, base.clone(), skip=1, accumulate=True)
+    expected = base.clone().add_(decoded[0]).add_(decoded[2])
+    assert torch.equal(summed, expected)  # row 1 (with the NaN) skipped
+    overwritten = q.decode_sum_into(payloads, torch.full((length,), 5.0))
+    expected = decoded[0].clone().add_(decoded[1]).add_(decoded[2])
+    assert torch.equal(overwritten.nan_to_num(7), expected.nan_to_num(7))
+    with pytest.raises(ValueError, match="payload"):
+        q.decode_rows_into(payloads[:, :-1], out)
 
 
 # ------------------------------------------------------------- 8. sign and error feedback
