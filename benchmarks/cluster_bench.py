@@ -61,6 +61,18 @@ def rate_bits(rate: str) -> float | None:
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
 
 
+def commit() -> str:
+    """The checked-out commit, '+changes' if the tree differs from it: what was measured."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=HERE, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def run_cluster(hosts: int, rate: str, plan: dict, out: Path, timeout: float, port: int) -> None:
     """One virtual cluster, one worker process per host running the whole plan."""
     plan_path = out / f"plan-{plan['tag']}.json"
@@ -534,6 +546,7 @@ def main() -> None:
                 "seconds": time.monotonic() - config_started,
                 "argv": sys.argv[1:],
                 "machine": machine(),
+                "commit": commit(),
             }
             meta_path.write_text(json.dumps(meta, indent=1))
 
@@ -555,6 +568,13 @@ def main() -> None:
         f"{eval_every} steps, 1 process per host (OMP_NUM_THREADS=1), "
         f"{any_run['warmup_steps']} warm-up steps excluded; {', '.join(dates) or '?'}; "
         f"{'; '.join(machines) or '?'}; {seconds / 60:.0f} min for {len(meta)} cluster(s)"
+    )
+    print(
+        "Measured: "
+        + "; ".join(
+            f"{tag.removeprefix('run-')} on {m['date']} at commit {m.get('commit', '?')}"
+            for tag, m in sorted(meta.items())
+        )
     )
     tables, summaries = render_tables(runs)
     print(tables)

