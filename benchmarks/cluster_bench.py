@@ -505,7 +505,7 @@ def main() -> None:
         for rate in args.rates:
             rate_bits(rate)
         args.out.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
+        started, measured = time.monotonic(), commit()  # before the runs rewrite --out
         configs = [(h, r) for h in args.hosts for r in args.rates]
         for c, (hosts, rate) in enumerate(configs):
             runs = [
@@ -546,7 +546,7 @@ def main() -> None:
                 "seconds": time.monotonic() - config_started,
                 "argv": sys.argv[1:],
                 "machine": machine(),
-                "commit": commit(),
+                "commit": measured,
             }
             meta_path.write_text(json.dumps(meta, indent=1))
 
