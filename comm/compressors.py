@@ -39,7 +39,9 @@ class Compressor(ABC):
         """float32 scale per bucket of x; NaN for a bucket holding NaN/Inf."""
 
     @abstractmethod
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
         """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales).
 
         x[i] draws the noise of element start + i of `key`'s stream, so the pieces of a tensor
@@ -133,7 +135,9 @@ class BucketCodec(Compressor):
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
         return self._finish_scales(torch.cat(stats), x.numel())
 
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
         numel = x.numel()
         if scales is None and numel and self._batched(numel):
             return self.compress_rows(x, 1, key, start).view(-1)
@@ -285,10 +289,9 @@ class BucketCodec(Compressor):
         if not self._batched(length) or length == 0 or not keep:
             return super().decode_sum_into(rows, out, skip, accumulate)
         self._check_rows(rows, length)
-        if len(keep) < rows.shape[0]:
-            rows = rows[torch.tensor(keep, device=rows.device)]
+        chosen = None if skip is None else torch.tensor(keep, device=rows.device)
         for _, _, e0, e1 in self._spans(1, length):
-            codes, s = self._split_rows(rows, length, e0, e1)
+            codes, s = self._split_rows(rows, length, e0, e1, chosen)
             kernels.compiled(kernels.decode_sum_into)(
                 codes,
                 s,
@@ -308,16 +311,23 @@ class BucketCodec(Compressor):
                 f"[rows, {nbytes}] in {self.wire}"
             )
 
-    def _split_rows(self, rows: Tensor, length: int, e0: int, e1: int) -> tuple[Tensor, Tensor]:
+    def _split_rows(
+        self, rows: Tensor, length: int, e0: int, e1: int, chosen: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements
-        e0..e1 (whole buckets) of [rows, P] payloads of `length` elements each, copied out
-        contiguous (1/15 of the decoded bytes at 2 bits) so one kernel reads every row."""
+        e0..e1 (whole buckets) of the `chosen` rows (default all) of [rows, P] payloads of
+        `length` elements each, copied out contiguous (1/15 of the decoded bytes at 2 bits) so
+        one kernel reads every row."""
         wire, width = self.wire, self._width
         code_bytes = wire.code_nbytes(length)
         scale_size = (rows.shape[1] - code_bytes) // wire.buckets(length)
-        codes = rows[:, e0 * wire.bits // 8 : e1 * wire.bits // 8].contiguous()
         k0, k1 = code_bytes + e0 // width * scale_size, code_bytes + e1 // width * scale_size
-        scale_bytes = rows.new_empty(rows.shape[0], k1 - k0).copy_(rows[:, k0:k1])
+        codes, scales = rows[:, e0 * wire.bits // 8 : e1 * wire.bits // 8], rows[:, k0:k1]
+        if chosen is not None:  # indexing copies: contiguous and aligned
+            codes, scale_bytes = codes[chosen], scales[chosen]
+        else:  # a fresh copy aligns the scales for the dtype view
+            codes = codes.contiguous()
+            scale_bytes = rows.new_empty(scales.shape).copy_(scales)
         s = scale_bytes.view(wire.scale_dtype).to(torch.float32)
         return codes.view(-1, self._row_bytes), s.view(-1)
 
@@ -471,7 +481,9 @@ class ErrorFeedback(Compressor):
         residual = self._residual(x, key)
         return self.inner.scales(x if residual is None else x + residual, key)
 
-    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
+    def compress(
+        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
+    ) -> Tensor:
         if key.phase != 0:
             return self.inner.compress(x, key, scales, start)
         residual = self._residual(x, key)
