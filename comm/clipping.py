@@ -10,20 +10,32 @@ import torch
 from torch import Tensor
 
 
-def clip_by_std_(x: Tensor, c: float, lengths: Sequence[int] | None = None) -> Tensor:
+def clip_by_std_(
+    x: Tensor, c: float, lengths: Sequence[int] | None = None, source: Tensor | None = None
+) -> Tensor:
     """Clip flat `x` in place, every segment to [−c·σ, c·σ], σ = the segment's std; returns x.
 
-    `lengths` splits x into the tensors it concatenates (None: x is one tensor).
+    `lengths` splits x into the tensors it concatenates (None: x is one tensor). With `source`
+    (x's shape and dtype), x ← source clipped, σ of source's segments: the copy into a work
+    buffer and the clipping are then one pass.
     """
     if not c > 0:
         raise ValueError(f"clip={c!r}; allowed: a positive multiple of σ, or None for no clipping")
-    for segment in x.split(list(lengths) if lengths else [x.numel()]):
-        if segment.numel() > 1:
-            limit = c * _std(segment)
-            if segment.is_cuda:  # a tensor bound: no wait for the device
-                segment.clamp_(-limit, limit)
-            else:  # scalar bounds: on CPU a clamp to 0-d tensors is ~10x slower
-                segment.clamp_(-float(limit), float(limit))
+    if source is not None and (source.shape != x.shape or source.dtype != x.dtype):
+        raise ValueError(
+            f"source is {tuple(source.shape)} {source.dtype}; needs x's {tuple(x.shape)} {x.dtype}"
+        )
+    sizes = list(lengths) if lengths else [x.numel()]
+    sources = x.split(sizes) if source is None else source.split(sizes)
+    for segment, original in zip(x.split(sizes), sources, strict=True):
+        if original.numel() <= 1:
+            if source is not None:
+                segment.copy_(original)
+            continue
+        limit = c * _std(original)
+        if not original.is_cuda:  # scalar bounds: on CPU a clamp to 0-d tensors is ~10x slower
+            limit = float(limit)  # (on a GPU a tensor bound spares a wait for the device)
+        torch.clamp(original, -limit, limit, out=segment)
     return x
 
 

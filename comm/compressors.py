@@ -126,10 +126,12 @@ class BucketCodec(Compressor):
         """Scale per bucket from all rows' statistics (NaN where the input is not finite)."""
 
     @abstractmethod
-    def _codes(
-        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
-    ) -> Tensor:
-        """Codes of a block view starting at element `offset` (row-packed bytes if `packed`)."""
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
+        """uint8 codes of a block view starting at element `offset`; code 0 past `numel`."""
+
+    @abstractmethod
+    def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
+        """Row-packed bytes (wire layout 2) of whole rows starting at element `offset`."""
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
@@ -148,26 +150,49 @@ class BucketCodec(Compressor):
             self.scales(x, key) if scales is None else scales, self.wire.scale_dtype
         )
         row_scales = self._row_scales(s, numel)
-        code_bytes = self.wire.code_nbytes(numel)
+        seed = key.tensor(x.device)
         # element indices are offset by `start`; the padding test compares them to start + numel
-        seed, count = key.tensor(x.device), torch.tensor(start + numel, device=x.device)
+        count = torch.tensor(start + numel, device=x.device)
+        planar_rows = numel // self._width if self._fused else 0
+        for r0, r1 in self._blocks(planar_rows * self._width):
+            offset = torch.tensor(start + r0 * self._width, device=x.device)
+            xb = self._block(x, r0, r1)
+            codes = self._row_codes(xb, row_scales[r0:r1], seed, offset)
+            payload[r0 * self._row_bytes : r1 * self._row_bytes] = codes.view(-1)
+        self._encode_in_element_order(x, planar_rows, row_scales, seed, start, count, payload)
+        payload[self.wire.code_nbytes(numel) :] = s.to(self.wire.scale_dtype).view(torch.uint8)
+        return payload
+
+    def _encode_in_element_order(
+        self,
+        x: Tensor,
+        r_first: int,
+        row_scales: Tensor,
+        seed: Tensor,
+        start: int,
+        count: Tensor,
+        payload: Tensor,
+    ) -> None:
+        """Codes of rows r_first… of x into payload's code bytes, packed in element order
+        (`distq.packing`): the layout of a partial last row and of widths with no planar one."""
+        numel, bits = x.numel(), self.wire.bits
+        e_first = r_first * self._width
+        if e_first >= numel:
+            return
+        b_first, code_bytes = e_first * bits // 8, self.wire.code_nbytes(numel)
         codes = []
-        for r0, r1 in self._blocks(numel):
+        for r0, r1 in self._blocks(numel, r_first):
             offset = torch.tensor(start + r0 * self._width, device=x.device)
             block = self._codes(
-                self._block(x, r0, r1), row_scales[r0:r1], seed, offset, count, self._fused
+                self._block(x, r0, r1), row_scales[r0:r1], seed, offset, count
             ).reshape(-1)
             if not self._aligned:
                 codes.append(block)
                 continue
-            if not self._fused:
-                block = pack(block, self.wire.bits)
             b0, b1 = r0 * self._row_bytes, min(code_bytes, r1 * self._row_bytes)
-            payload[b0:b1] = block[: b1 - b0]
-        if not self._aligned:  # rows not byte-aligned: pack the whole code stream at once
-            payload[:code_bytes] = pack(torch.cat(codes)[:numel], self.wire.bits)
-        payload[code_bytes:] = s.to(self.wire.scale_dtype).view(torch.uint8)
-        return payload
+            payload[b0:b1] = pack(block, bits)[: b1 - b0]
+        if codes:  # rows not byte-aligned: pack the whole code stream at once
+            payload[b_first:code_bytes] = pack(torch.cat(codes)[: numel - e_first], bits)
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         return self.decompress_into(payload, torch.empty(numel, device=payload.device))
@@ -180,38 +205,34 @@ class BucketCodec(Compressor):
         if numel == 0:
             return out
         row_scales = self._row_scales(s, numel)
-        codes = None if self._aligned else unpack(packed, self.wire.bits, numel)
-        for r0, r1 in self._blocks(numel):
+        planar_rows = numel // self._width if self._fused else 0
+        kernel = kernels.decode_add_into if accumulate else kernels.decode_into
+        for r0, r1 in self._blocks(planar_rows * self._width):
+            kernels.compiled(kernel)(
+                packed[r0 * self._row_bytes : r1 * self._row_bytes].view(r1 - r0, -1),
+                row_scales[r0:r1],
+                out[r0 * self._width : r1 * self._width].view(r1 - r0, -1),
+                self.k,
+                self.wire.bits,
+            )
+        e_first = planar_rows * self._width
+        if e_first == numel:
+            return out
+        # the rest is in element order (a partial last row, or widths with no planar layout)
+        b_first = e_first * self.wire.bits // 8
+        codes = None if self._aligned else unpack(packed[b_first:], self.wire.bits, numel - e_first)
+        for r0, r1 in self._blocks(numel, planar_rows):
             rows = r1 - r0
+            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
             if self._aligned:
                 block = packed[r0 * self._row_bytes : r1 * self._row_bytes]
-                if block.numel() < rows * self._row_bytes:  # the last row's unused tail
-                    block = torch.cat(
-                        [block, block.new_zeros(rows * self._row_bytes - block.numel())]
-                    )
-            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
-            if self._fused and e1 - e0 == rows * self._width:  # whole rows: decode in place
-                kernel = kernels.decode_add_into if accumulate else kernels.decode_into
-                kernels.compiled(kernel)(
-                    block.view(rows, -1),
-                    row_scales[r0:r1],
-                    out[e0:e1].view(rows, -1),
-                    self.k,
-                    self.wire.bits,
-                )
-                continue
-            if self._fused:
-                values = kernels.compiled(kernels.packed_level_values)(
-                    block.view(rows, -1), row_scales[r0:r1], self.k, self.wire.bits
-                )
+                block_codes = unpack(block, self.wire.bits, e1 - e0)
+                block_codes = self._block(block_codes, 0, rows)  # the last row padded
             else:
-                if self._aligned:
-                    block_codes = unpack(block, self.wire.bits, rows * self._width)
-                else:
-                    block_codes = self._block(codes, r0, r1)
-                values = kernels.compiled(kernels.level_values)(
-                    block_codes.view(rows, -1), row_scales[r0:r1], self.k
-                )
+                block_codes = self._block(codes, r0 - planar_rows, r1 - planar_rows)
+            values = kernels.compiled(kernels.level_values)(
+                block_codes.view(rows, -1), row_scales[r0:r1], self.k
+            )
             if accumulate:
                 out[e0:e1] += values.reshape(-1)[: e1 - e0]
             else:
@@ -238,8 +259,7 @@ class BucketCodec(Compressor):
         for r0, r1, e0, e1 in self._spans(rows, length):
             xb = pieces[r0:r1, e0:e1].reshape(-1, self._width)  # a view: whole rows or one's part
             first = torch.tensor(start + r0 * length + e0, device=dev)
-            end = torch.tensor(start + (r1 - 1) * length + e1, device=dev)
-            codes, s = self._encode(xb, seed, first, end)
+            codes, s = self._encode(xb, seed, first)
             b0, b1 = e0 * wire.bits // 8, e1 * wire.bits // 8
             codes_out[r0:r1, b0:b1] = codes.view(r1 - r0, -1)
             k0, k1 = e0 // self._width * scale_bytes, e1 // self._width * scale_bytes
@@ -260,14 +280,12 @@ class BucketCodec(Compressor):
             for e0 in range(0, length, block):
                 yield r, r + 1, e0, min(length, e0 + block)
 
-    def _encode(
-        self, xb: Tensor, seed: Tensor, first: Tensor, end: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _encode(self, xb: Tensor, seed: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
         """(row-packed codes, scales as decoded) of whole buckets xb [buckets, width] whose
-        element 0 is element `first` of the key's stream (`end`: one past the last real one)."""
+        element 0 is element `first` of the key's stream."""
         stats = self._row_stats(xb)
         s = round_up_to_wire(self._finish_scales(stats, xb.numel()), self.wire.scale_dtype)
-        return self._codes(xb, s, seed, first, end, True), s
+        return self._row_codes(xb, s, seed, first), s
 
     def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
         length = out.numel() // max(1, rows.shape[0])
@@ -331,10 +349,11 @@ class BucketCodec(Compressor):
         s = scale_bytes.view(wire.scale_dtype).to(torch.float32)
         return codes.view(-1, self._row_bytes), s.view(-1)
 
-    def _blocks(self, numel: int) -> Iterator[tuple[int, int]]:
-        """(first row, end row) of each block of rows covering `numel` elements."""
+    def _blocks(self, numel: int, r_first: int = 0) -> Iterator[tuple[int, int]]:
+        """(first row, end row) of each block of rows from row r_first to the end of `numel`
+        elements."""
         rows = -(-numel // self._width)
-        for r0 in range(0, rows, self._block_rows):
+        for r0 in range(r_first, rows, self._block_rows):
             yield r0, min(rows, r0 + self._block_rows)
 
     def _block(self, t: Tensor, r0: int, r1: int) -> Tensor:
@@ -391,23 +410,20 @@ class StochasticQuantizer(BucketCodec):
     def _finish_scales(self, stats: Tensor, numel: int) -> Tensor:
         return stats if self.wire.bucket_size is not None else stats.amax(dim=0, keepdim=True)
 
-    def _encode(
-        self, xb: Tensor, seed: Tensor, first: Tensor, end: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _encode(self, xb: Tensor, seed: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
         if self.wire.scale_dtype != torch.float32:  # scales rounded up to fp16 in between
-            return super()._encode(xb, seed, first, end)
+            return super()._encode(xb, seed, first)
         return kernels.compiled(kernels.stochastic_packed_scaled)(
-            xb, seed, first, end, self.k, self.wire.bits
+            xb, seed, first, self.k, self.wire.bits
         )
 
-    def _codes(
-        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
-    ) -> Tensor:
-        if packed:
-            return kernels.compiled(kernels.stochastic_packed)(
-                xb, s, key, offset, numel, self.k, self.wire.bits
-            )
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
         return kernels.compiled(kernels.stochastic_codes)(xb, s, key, offset, numel, self.k)
+
+    def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
+        return kernels.compiled(kernels.stochastic_packed)(
+            xb, s, key, offset, self.k, self.wire.bits
+        )
 
 
 def terngrad(bucket_size: int | None = None) -> StochasticQuantizer:
@@ -433,12 +449,11 @@ class SignCompressor(BucketCodec):
             s = stats / (numel - rows * width).clamp(1, width)  # the last bucket may be partial
         return torch.where(torch.isfinite(s), s, torch.nan)
 
-    def _codes(
-        self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor, packed: bool
-    ) -> Tensor:
-        if packed:
-            return kernels.compiled(kernels.sign_packed)(xb, offset, numel)
+    def _codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
         return kernels.compiled(kernels.sign_codes)(xb, offset, numel)
+
+    def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
+        return kernels.compiled(kernels.sign_packed)(xb)
 
 
 class ErrorFeedback(Compressor):

@@ -286,6 +286,7 @@ class QuantizedCommState:
         index: int,
         step: int,
         keep: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Average one DDP bucket over ranks; runs on the worker thread.
 
@@ -293,43 +294,57 @@ class QuantizedCommState:
         (padded for `scatter`), kept between steps and shared by all buckets (they are reduced
         one at a time), so no step pays for fresh pages: distq holds one largest bucket for
         good, and within a step the codec adds one decoded block at a time. With `keep` only
-        the marked entries are exchanged, the rest are zero.
+        the marked entries are exchanged, the rest are zero. The average is written into `out`
+        if given (it may be `buffer` itself: the division and the write-back are then one
+        pass) and returned.
         """
         n, numel = self._world_size, buffer.numel()
         self.stats.fp32_allreduce_bytes += 2 * (n - 1) * numel * 4 // n
         if keep is None:
-            return self._average(buffer, lengths, widths, index, step)
+            return self._average(buffer, lengths, widths, index, step, out)
         kept = [int(part.sum()) for part in keep.split(lengths)]
-        out = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
-        out[keep] = self._average(buffer[keep], kept, widths, index, step)
+        average = self._average(buffer[keep], kept, widths, index, step, None)
+        if out is None:
+            out = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
+        else:
+            out.zero_()
+        out[keep] = average.to(out.dtype)
         return out
 
     def _average(
-        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
-    ) -> Tensor:
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int,
+        out: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         n, numel = self._world_size, buffer.numel()
         if numel < self.min_numel:
             work = buffer.to(torch.float32, copy=True)
             dist.all_reduce(work, group=self._group)
             self.stats.uncompressed_bytes_sent += 2 * (n - 1) * numel * 4 // n
-            return work.div_(n)
+            return _divided(work, n, out)
         groups = _groups_by_width(lengths, widths, buffer.device)
         if len(groups) > 1:
-            return self._reduce_mixed(buffer, lengths, groups, index, step).div_(n)
+            return _divided(self._reduce_mixed(buffer, lengths, groups, index, step), n, out)
         compressor = self.compressor_for(groups[0][0])
         work = self._work_buffer(working_length(numel, n, compressor, self.collective), buffer)
         work[numel:].zero_()  # scatter's padding
-        x = work[:numel].copy_(buffer)
-        if self.clip is not None:
-            before = x[:ERROR_SAMPLE].clone() if step % self.error_every == 0 else None
-            clip_by_std_(x, self.clip, lengths)
+        x = work[:numel]
+        if self.clip is None:
+            x.copy_(buffer)
+        else:
+            before = None
+            if step % self.error_every == 0:
+                before = buffer[:ERROR_SAMPLE].to(torch.float32, copy=True)
+            if buffer.dtype == torch.float32:  # copy and clip in one pass
+                clip_by_std_(x, self.clip, lengths, source=buffer)
+            else:  # σ of half-precision sums is too coarse: clip the float32 copy
+                clip_by_std_(x.copy_(buffer), self.clip, lengths)
             if before is not None:
                 norm = float(torch.dot(before, before))
                 moved = before.sub_(x[:ERROR_SAMPLE])
                 self.stats.clip_bias = float(torch.dot(moved, moved)) / norm if norm else 0.0
         target = work if self.collective == "scatter" else x
         summed = self._exchange(target, compressor, index * SLOTS_PER_BUCKET, step)
-        return summed[:numel].div_(n)
+        return _divided(summed[:numel], n, out)
 
     def _work_buffer(self, numel: int, like: Tensor) -> Tensor:
         """The first `numel` elements of the shared scratch buffer (grown as needed)."""
@@ -488,7 +503,7 @@ def quantized_hook(
     keep = state._bucket_keep(bucket)
 
     def job() -> Tensor:
-        result = state.reduce(buffer.detach(), lengths, widths, index, step, keep)
+        result = state.reduce(buffer.detach(), lengths, widths, index, step, keep, out=buffer)
         if last:
             state.stats.steps += 1
         # A sum is NaN/Inf iff an element is (or it overflows, which is as unusable); unlike
@@ -498,9 +513,9 @@ def quantized_hook(
                 f"non-finite gradient in DDP bucket {index} at step {step} on some rank "
                 "(every rank raises alike; nonfinite='propagate' hands the NaN to the optimizer)"
             )
-        # Written back into DDP's own bucket, like an in-place all-reduce: the scratch buffer
-        # is freed now instead of being held by the future until backward ends.
-        return buffer.copy_(result)
+        # Written into DDP's own bucket, like an in-place all-reduce: the scratch buffer is
+        # free for the next bucket instead of being held by the future until backward ends.
+        return result
 
     if state._worker is None:
         future: torch.futures.Future = torch.futures.Future()
@@ -540,6 +555,15 @@ def prime_buckets(ddp: nn.Module, state: QuantizedCommState, *inputs: Any) -> No
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _divided(total: Tensor, n: int, out: Tensor | None) -> Tensor:
+    """total / n, in place, or written into `out` in the same pass (any float dtype)."""
+    if out is None:
+        return total.div_(n)
+    if out.dtype == total.dtype:
+        return torch.div(total, n, out=out)
+    return out.copy_(total.div_(n))
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")

@@ -1,8 +1,16 @@
 """The wire format a compressor declares, and the payload layout every collective relies on.
 
-A payload for n elements is one uint8 tensor: the packed codes (`distq.packing`, LSB-first,
-`bits` per element) followed by one scale per bucket in `scale_dtype`, little-endian bytes.
-Collectives only read the WireFormat; they never look at a compressor's class.
+A payload for n elements is one uint8 tensor: the packed codes, `bits` per element, then one
+scale per bucket in `scale_dtype`, little-endian bytes. Collectives only read the WireFormat;
+they never look at a compressor's class.
+
+Code layout (version 2). The codes are cut into rows of w elements (the bucket; 4096 when one
+scale covers the input). For bits 1, 2, 4 and 8 each whole row takes w·bits/8 bytes in p = 8/bits
+planes: byte j of the row holds codes j + t·w/p at bits [t·bits, (t+1)·bits), t = 0 … p − 1, so
+encoders and decoders read and write contiguous slices. A last, partial row, and every row of
+other widths, are packed LSB-first in element order (`distq.packing`: code i in bits
+[b·i, b·(i+1)) of its byte stream). Either way n elements take ⌈n·bits/8⌉ code bytes. Version 1
+packed whole rows in element order too.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from torch import Tensor
 
 from distq.packing import packed_nbytes
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 SCALE_DTYPES = (torch.float32, torch.float16)
 
 

@@ -330,6 +330,71 @@ def test_payload_size(bucket, scale_dtype):
                 q.decompress(payload[:-1], numel)
 
 
+def reference_layout(codes: list[int], bits: int, width: int) -> list[int]:
+    """Wire layout 2 in plain Python (comm/wire.py): each whole row of `width` codes as 8/bits
+    planes, byte j holding codes j + t·width·bits/8 at bit t·bits; a partial last row LSB-first
+    in element order."""
+    per_byte, out = 8 // bits, []
+    whole = len(codes) // width * width
+    for r0 in range(0, whole, width):
+        plane = width // per_byte
+        for j in range(plane):
+            out.append(sum(codes[r0 + j + t * plane] << (t * bits) for t in range(per_byte)))
+    tail = codes[whole:]
+    for b0 in range(0, len(tail), per_byte):
+        out.append(sum(c << (t * bits) for t, c in enumerate(tail[b0 : b0 + per_byte])))
+    return out
+
+
+@pytest.mark.parametrize(
+    "make, width",
+    [
+        pytest.param(lambda: StochasticQuantizer(1, 64), 64, id="q1"),
+        pytest.param(lambda: StochasticQuantizer(2, 64), 64, id="q2"),
+        pytest.param(lambda: StochasticQuantizer(4, 32), 32, id="q4"),
+        pytest.param(lambda: StochasticQuantizer(8, 16), 16, id="q8"),
+        pytest.param(lambda: StochasticQuantizer(2, None), 4096, id="q2-one-scale"),
+        pytest.param(lambda: SignCompressor(64), 64, id="sign"),
+    ],
+)
+@pytest.mark.parametrize("numel", [192, 192 + 37, 3, 2 * 4096 + 5])
+def test_codes_are_in_the_documented_planar_layout(make, width, numel):
+    """The code bytes match a plain-Python packing of the element codes: the codes themselves
+    are read back one at a time from decoded values, so this pins the byte layout alone."""
+    q = make()
+    x = sample(numel, seed=numel) * 2
+    payload = q.compress(x, Key(seed=5, step=numel))
+    values = q.decompress(payload, numel)
+    _, scales = split(payload, numel, q.wire)
+    s = per_element(scales, numel, q.wire.bucket_size)
+    # ±s -> 1/0 for the 1-bit codes, (code − k)·s/k -> code otherwise
+    levels = torch.round(values / s * q.k).long() + q.k
+    codes = (values > 0).long() if q.k == 0 else levels
+    code_bytes = payload[: q.wire.code_nbytes(numel)].tolist()
+    assert code_bytes == reference_layout(codes.tolist(), q.wire.bits, width)
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 64, 2**32 - 64, 3 * 2**32 + 12345])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_whole_rows_draw_the_noise_of_their_int64_index(bits, start):
+    """The planar kernel hashes the index in int32 lanes (mod 2³²): its codes equal the
+    element-order kernel's, which indexes in int64, at offsets around 2³¹ and past 2³²."""
+    q, key = StochasticQuantizer(bits, 64), Key(seed=3, step=1, rank=2)
+    x = sample(4 * 64, seed=bits)
+    payload = q.compress(x, key, start=start)
+    _, scales = split(payload, x.numel(), q.wire)
+    reference = kernels.stochastic_codes(
+        x.view(4, 64),
+        scales,
+        key.tensor(x.device),
+        torch.tensor(start),
+        torch.tensor(start + x.numel()),
+        q.k,
+    ).reshape(-1)
+    expected = reference_layout(reference.tolist(), bits, 64)
+    assert payload[: q.wire.code_nbytes(x.numel())].tolist() == expected
+
+
 @pytest.mark.parametrize("bucket", [64, None])
 def test_empty_tensor_round_trips(bucket):
     q = StochasticQuantizer(2, bucket)
