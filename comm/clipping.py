@@ -26,8 +26,9 @@ def clip_by_std_(
             f"source is {tuple(source.shape)} {source.dtype}; needs x's {tuple(x.shape)} {x.dtype}"
         )
     sizes = list(lengths) if lengths else [x.numel()]
-    sources = x.split(sizes) if source is None else source.split(sizes)
-    for segment, original in zip(x.split(sizes), sources, strict=True):
+    segments = x.split(sizes)
+    sources = segments if source is None else source.split(sizes)
+    for segment, original in zip(segments, sources, strict=True):
         if original.numel() <= 1:
             if source is not None:
                 segment.copy_(original)
