@@ -1,4 +1,5 @@
-"""Ternary weights α·{−1, 0, +1}: the exact and approximate loss-aware solvers, two scales, TWN.
+"""Ternary weights α·{−1, 0, +1}: the exact and approximate loss-aware solvers, two scales, TWN,
+unscaled TernaryConnect.
 
 Exact (LATe, Hou & Kwok ICLR 2018): for a support S the optimal α is Σ_S d|w| / Σ_S d and the
 error is Σ d w² − (Σ_S d|w|)² / Σ_S d. At the optimum an entry is in S iff |w| > α/2, so S is a
@@ -43,6 +44,16 @@ def exact_support(a: Tensor, d: Tensor, caps: Tensor | None = None) -> tuple[Ten
 def ternary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     alpha, mask = exact_support(w.abs(), d)
     return alpha[:, None] * torch.sign(w) * mask, alpha
+
+
+@register(
+    "ternaryconnect", bits=(2,), loss_aware=False, summary="TernaryConnect: {−1, 0, +1}, no scale"
+)
+def ternaryconnect(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """The nearest of {−1, 0, +1} to each weight, with no scale (α ≡ 1): deterministic
+    TernaryConnect (Lin et al., 2016), the unscaled ternary baseline of Hou et al. (NeurIPS 2019)
+    as BinaryConnect is the binary one. Ties at |w| = ½ round to zero."""
+    return torch.sign(w) * (w.abs() > 0.5), torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
 
 
 @register(

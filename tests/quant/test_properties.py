@@ -19,6 +19,8 @@ def allowed_values(scheme, alpha, bits):
         return torch.stack([-alpha, alpha])
     if scheme == "binaryconnect":
         return torch.tensor([-1.0, 1.0])
+    if scheme == "ternaryconnect":
+        return torch.tensor([-1.0, 0.0, 1.0])
     if scheme == "ternary2":
         return torch.stack([-alpha[1], torch.zeros(()), alpha[0]])
     if scheme in ("ternary", "ternary-approx", "twn"):
@@ -93,6 +95,13 @@ def test_twn_uses_point_seven_mean_threshold():
 def test_binaryconnect_is_plain_sign():
     w = torch.tensor([0.3, -2.0, 0.0])
     assert project(w, scheme="binaryconnect").q.tolist() == [1.0, -1.0, 1.0]
+
+
+def test_ternaryconnect_rounds_to_the_nearest_unscaled_level():
+    w = torch.tensor([0.7, -0.2, -0.9, 0.5, -0.51, 3.0])
+    p = project(w, torch.rand(6) + 0.1, scheme="ternaryconnect")
+    assert p.q.tolist() == [1.0, 0.0, -1.0, 0.0, -1.0, 1.0]
+    assert p.alpha.item() == 1.0
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
