@@ -1,15 +1,23 @@
-"""Quantized LSTMs need normalization: bits per character of a 1-layer character LSTM on the
-default corpus (the Python standard library's sources) at the same budget for full precision,
-BinaryConnect, LAB and ternary (LATe) weights, each without and with weight / layer / batch-shared
-normalization, the packed model size of each, and ‖∂ℓ/∂h_t‖ across time steps.
+"""Quantized LSTMs need normalization: bits per character of a 1-layer character LSTM at the
+same budget for full precision, BinaryConnect, LAB and TernaryConnect (unscaled ternary) weights,
+each without and with weight / layer / batch-shared normalization, over several seeds; the
+packed model size of each, and ‖∂ℓ/∂h_t‖ across time steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lstm_normalization.py [--jobs 2]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lstm_normalization.py [--seeds 0 1]
 
-Each configuration trains in its own process (`distq.launch.train.run`, one worker, 1 thread)
-and writes benchmarks/lstm_normalization_runs/<name>.json as it finishes; a rerun skips the
-configurations that have a result (delete a JSON to redo it). Then the script prints the
-markdown table and writes lstm_normalization.png (gradient norms across time steps at the end
-of training, and the first step's over training) from the JSON files.
+The corpus is the first `--corpus-chars` characters of the recipe's default corpus (the
+standard library's sources), written to the run root and read as `data_dir`: a slice small
+enough that a 64-unit LSTM gets many passes over it in a CPU budget of about a minute and a half
+per run. The question the table answers is whether quantized weights with a normalization reach
+full precision *with the same normalization*, so full precision is trained with every
+normalization too; the budget is only meaningful if full precision is near convergence, which
+the script checks by printing the gap between full precision without and with layer norm.
+
+Each configuration and seed trains in its own process (`distq.launch.train.run`, one worker,
+1 thread), one at a time, and writes benchmarks/lstm_normalization_runs/<name>.json as it
+finishes; a rerun skips the runs that have a result (delete a JSON to redo it). Then the script
+prints the markdown table and writes lstm_normalization.png (gradient norms across time steps at
+the end of training, and the first step's over training, seed 0) from the JSON files.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -26,32 +36,23 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "lstm_normalization_runs"
 PLOT = HERE / "lstm_normalization.png"
 
-CONFIGS: dict[str, tuple[str, str]] = {  # name -> (weight scheme, LSTM normalization)
-    "fp32": ("none", "none"),
-    "bc-none": ("binaryconnect", "none"),
-    "bc-weight": ("binaryconnect", "weight"),
-    "bc-layer": ("binaryconnect", "layer"),
-    "bc-batch": ("binaryconnect", "batch-shared"),
-    "lab-none": ("binary", "none"),
-    "lab-weight": ("binary", "weight"),
-    "lab-layer": ("binary", "layer"),
-    "ternary-none": ("ternary", "none"),
-    "ternary-weight": ("ternary", "weight"),
-    "ternary-layer": ("ternary", "layer"),
-    "lab-batch": ("binary", "batch-shared"),  # beyond the issue's list: every scheme x norm
-    "ternary-batch": ("ternary", "batch-shared"),
-    "fp32-weight": ("none", "weight"),  # is it the normalization or the quantization?
-    "fp32-layer": ("none", "layer"),
+SCHEMES = {  # weight scheme -> short name
+    "none": "fp32",
+    "binaryconnect": "bc",
+    "binary": "lab",
+    "ternaryconnect": "tc",
 }
+NORMS = ("none", "weight", "layer", "batch-shared")
+CORPUS_CHARS = 300_000
 # The same budget for every configuration (see benchmarks/README.md for why these sizes).
 BUDGET = {
     "recipe": "charlm",
-    "hidden": 128,
+    "hidden": 64,
     "depth": 1,
-    "bptt": 100,
-    "batch_size": 32,
-    "epochs": 2,
-    "lr": 0.005,
+    "bptt": 50,
+    "batch_size": 64,
+    "epochs": 12,
+    "lr": 0.02,
     "test_fraction": 0.1,
     "keep_full_precision": ["first", "last"],  # embedding and softmax layer
     "grad_bits": None,  # one worker: no gradient exchange
@@ -59,21 +60,48 @@ BUDGET = {
     "checkpoint_every": None,
     "metrics_port": None,
     "progress": False,
-    "seed": 0,
 }
 
 
-def run_one(name: str, run_root: Path) -> dict:
-    """Train configuration `name` in this process and return its result record."""
+def run_name(scheme: str, norm: str, seed: int) -> str:
+    """The result file's stem, e.g. bc-layer-s1."""
+    return f"{SCHEMES[scheme]}-{norm}-s{seed}"
+
+
+def parse_name(name: str) -> tuple[str, str, int]:
+    """(scheme, norm, seed) of a run name."""
+    short, rest = name.split("-", 1)
+    norm, seed = rest.rsplit("-s", 1)
+    scheme = next(s for s, n in SCHEMES.items() if n == short)
+    return scheme, norm, int(seed)
+
+
+def corpus_file(run_root: Path, chars: int) -> Path:
+    """The corpus slice every run reads: the default corpus' first `chars` characters."""
+    from distq.launch.recipes.charlm import default_corpus
+
+    path = run_root / f"corpus-{chars}.txt"
+    if not path.exists():
+        run_root.mkdir(parents=True, exist_ok=True)
+        path.write_text(default_corpus(chars), encoding="utf-8")
+    return path
+
+
+def run_one(name: str, run_root: Path, corpus_chars: int) -> dict:
+    """Train run `name` (scheme, norm, seed) in this process and return its result record."""
     import torch
 
     torch.set_num_threads(1)
     from distq.launch import checkpoint, config, train
     from distq.monitor.report import read_log
 
-    scheme, norm = CONFIGS[name]
+    scheme, norm, seed = parse_name(name)
     out = run_root / name
-    cfg = config.TrainConfig(**BUDGET, scheme=scheme, lstm_norm=norm, out_dir=str(out))
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run directory: never resume an old one
+    corpus = corpus_file(run_root, corpus_chars)
+    cfg = config.TrainConfig(
+        **BUDGET, data_dir=str(corpus), seed=seed, scheme=scheme, lstm_norm=norm, out_dir=str(out)
+    )
     started = time.perf_counter()
     result = train.run(cfg)
     state = checkpoint.load(out / "checkpoint.pt")
@@ -85,6 +113,7 @@ def run_one(name: str, run_root: Path) -> dict:
         "name": name,
         "scheme": scheme,
         "norm": norm,
+        "seed": seed,
         "test_bpc": result.metrics["test_bpc"],
         "test_accuracy": result.test_accuracy,
         "final_train_loss_nats": result.final_loss,
@@ -94,7 +123,10 @@ def run_one(name: str, run_root: Path) -> dict:
         **export_sizes(out),
         "skipped_steps": state["optimizer"].get("skipped_steps", 0) if scheme != "none" else 0,
         "recurrent": recurrent,
-        "budget": BUDGET,
+        "budget": {**BUDGET, "corpus_chars": corpus_chars},
+        "commit": subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "python": sys.version.split()[0],
     }
@@ -118,59 +150,84 @@ def export_sizes(out: Path) -> dict[str, int]:
     }
 
 
-def backfill(results: list[dict], run_root: Path) -> None:
-    """Add export sizes to results written before they were recorded (run dirs still there)."""
-    for r in results:
-        if "lstm_packed_bytes" not in r and (run_root / r["name"] / "checkpoint.pt").exists():
-            r.update(export_sizes(run_root / r["name"]))
-            (RESULTS / f"{r['name']}.json").write_text(json.dumps(r, indent=1) + "\n")
-
-
-def run_missing(names: list[str], jobs: int, run_root: Path) -> None:
-    """Train every configuration without a result JSON, `jobs` processes at a time."""
+def run_missing(names: list[str], run_root: Path, corpus_chars: int) -> None:
+    """Train every run without a result JSON, one process at a time."""
     RESULTS.mkdir(exist_ok=True)
-    todo = [n for n in names if not (RESULTS / f"{n}.json").exists()]
-    running: list[tuple[str, subprocess.Popen]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    while todo or running:
-        while todo and len(running) < jobs:
-            name = todo.pop(0)
-            log = (RESULTS / f"{name}.log").open("w")
-            cmd = [sys.executable, __file__, "--one", name, "--run-root", str(run_root)]
-            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=log, env=env)))
-            print(f"started {name}", flush=True)
-        time.sleep(2)
-        for name, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((name, proc))
-                print(f"finished {name} (exit {proc.returncode})", flush=True)
+    for name in names:
+        if (RESULTS / f"{name}.json").exists():
+            continue
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--run-root",
+            str(run_root),
+            "--corpus-chars",
+            str(corpus_chars),
+        ]
+        with (RESULTS / f"{name}.log").open("w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=log, env=env).returncode
+        print(f"finished {name} (exit {code})", flush=True)
+
+
+def fmt_delta(values: list[float]) -> str:
+    """Mean of per-seed differences, with their range when there is more than one seed."""
+    mean = statistics.mean(values)
+    if len(values) == 1:
+        return f"{mean:+.3f}"
+    return f"{mean:+.3f} ({min(values):+.3f}..{max(values):+.3f})"
 
 
 def table(results: list[dict]) -> str:
-    """The markdown BPC / size table."""
-    fp = next((r["test_bpc"] for r in results if r["name"] == "fp32"), None)
+    """The markdown BPC / size table: means over seeds, differences paired by seed."""
+    by_key = {(r["scheme"], r["norm"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    fp_file = by_key.get(("none", "none", seeds[0]), {}).get("packed_file_bytes")
     lines = [
-        "| weights | normalization | test BPC | Δ vs fp32 (none) | packed file | vs fp32 file | "
-        "LSTM matrices packed | vs fp32 | skipped steps | train time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| weights | normalization | test BPC, mean | per seed | Δ vs fp32, same norm | "
+        "Δ vs fp32, no norm | ‖∂ℓ/∂h_1‖ at end | packed file | LSTM matrices packed | "
+        "skipped steps | train time |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    fp_bytes = next((r["packed_file_bytes"] for r in results if r["name"] == "fp32"), None)
-    for r in results:
-        delta = f"{r['test_bpc'] - fp:+.3f}" if fp is not None else "-"
-        ratio = f"{fp_bytes / r['packed_file_bytes']:.1f}x" if fp_bytes else "-"
-        lines.append(
-            f"| {r['scheme']} | {r['norm']} | {r['test_bpc']:.3f} | {delta} | "
-            f"{r['packed_file_bytes'] / 1024:.1f} KiB | {ratio} | "
-            f"{r.get('lstm_packed_bytes', 0) / 1024:.1f} KiB | "
-            f"{r.get('lstm_fp32_bytes', 0) / max(r.get('lstm_packed_bytes', 0), 1):.1f}x | "
-            f"{r['skipped_steps']} | "
-            f"{r['train_seconds']:.0f} s |"
-        )
+    for scheme in SCHEMES:
+        for norm in NORMS:
+            runs = [by_key[(scheme, norm, s)] for s in seeds if (scheme, norm, s) in by_key]
+            if not runs:
+                continue
+            same = [
+                r["test_bpc"] - by_key[("none", norm, r["seed"])]["test_bpc"]
+                for r in runs
+                if ("none", norm, r["seed"]) in by_key
+            ]
+            plain = [
+                r["test_bpc"] - by_key[("none", "none", r["seed"])]["test_bpc"]
+                for r in runs
+                if ("none", "none", r["seed"]) in by_key
+            ]
+            first = runs[0]
+            checks = [c["grad_norms"][0] for c in first["recurrent"] if "grad_norms" in c]
+            per_seed = ", ".join(f"{r['test_bpc']:.3f}" for r in runs)
+            size = first["packed_file_bytes"]
+            file_ratio = f" ({fp_file / size:.1f}x)" if fp_file else ""
+            lstm_ratio = first["lstm_fp32_bytes"] / max(first["lstm_packed_bytes"], 1)
+            grad_first = f"{checks[-1]:.1e}" if checks else "-"
+            lines.append(
+                f"| {scheme} | {norm} | {statistics.mean(r['test_bpc'] for r in runs):.3f} | "
+                f"{per_seed} | {fmt_delta(same) if same else '-'} | "
+                f"{fmt_delta(plain) if plain else '-'} | {grad_first} | "
+                f"{size / 1024:.1f} KiB{file_ratio} | "
+                f"{first['lstm_packed_bytes'] / 1024:.1f} KiB ({lstm_ratio:.1f}x) | "
+                f"{sum(r['skipped_steps'] for r in runs)} | "
+                f"{statistics.mean(r['train_seconds'] for r in runs):.0f} s |"
+            )
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Left: ‖∂ℓ/∂h_t‖ across t at the last check of each run; right: ‖∂ℓ/∂h_1‖ over steps."""
+    """The first seed's runs. Left: ‖∂ℓ/∂h_t‖ across t at the last check; middle: ‖∂ℓ/∂h_1‖
+    over steps; right: the spectral norm of the (quantized) recurrent matrix over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,9 +239,10 @@ def plot(results: list[dict], path: Path) -> None:
         "none": "black",
         "binaryconnect": "tab:red",
         "binary": "tab:blue",
-        "ternary": "tab:green",
+        "ternaryconnect": "tab:green",
     }
-    for r in results:
+    first_seed = min(r["seed"] for r in results)
+    for r in (r for r in results if r["seed"] == first_seed):
         checks = [c for c in r["recurrent"] if "grad_norms" in c]
         if not checks:
             continue
@@ -198,7 +256,11 @@ def plot(results: list[dict], path: Path) -> None:
             label=r["name"],
             **style,
         )
-    axes[0].set(title="‖∂ℓ/∂h_t‖ across time steps (end of training)", xlabel="t", yscale="log")
+    axes[0].set(
+        title=f"‖∂ℓ/∂h_t‖ across time steps (end of training, seed {first_seed})",
+        xlabel="t",
+        yscale="log",
+    )
     axes[1].set(title="‖∂ℓ/∂h_1‖ over training", xlabel="step", yscale="log")
     axes[2].set(title="‖W_h‖₂ (quantized recurrent matrix)", xlabel="step", yscale="log")
     axes[0].legend(fontsize=7, ncol=2)
@@ -209,26 +271,42 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def convergence_gap(results: list[dict]) -> str:
+    """Full precision with layer norm minus without, per seed: how far from converged the
+    budget leaves full precision (layer norm changes the model, not its converged fit much)."""
+    fp = {(r["norm"], r["seed"]): r["test_bpc"] for r in results if r["scheme"] == "none"}
+    gaps = [fp[("layer", s)] - fp[("none", s)] for n, s in fp if n == "none" and ("layer", s) in fp]
+    return f"fp32 + layer norm − fp32, test BPC per seed: {', '.join(f'{g:+.3f}' for g in gaps)}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2, help="configurations trained at once")
-    parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="a subset of configs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
+    parser.add_argument(
+        "--corpus-chars",
+        type=int,
+        default=CORPUS_CHARS,
+        help="characters of the default corpus to train and test on",
+    )
     parser.add_argument("--run-root", default="/tmp/distq-lstm-bench", help="run directories")
-    parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     run_root = Path(args.run_root)
     if args.one:
-        record = run_one(args.one, run_root)
+        record = run_one(args.one, run_root, args.corpus_chars)
         (RESULTS / f"{args.one}.json").write_text(json.dumps(record, indent=1) + "\n")
         return 0
-    run_missing(args.only or list(CONFIGS), args.jobs, run_root)
-    results = [
-        json.loads((RESULTS / f"{n}.json").read_text())
-        for n in CONFIGS
-        if (RESULTS / f"{n}.json").exists()
+    names = [
+        run_name(scheme, norm, seed)
+        for seed in args.seeds
+        for scheme in args.schemes
+        for norm in NORMS
     ]
-    backfill(results, run_root)
+    run_missing(names, run_root, args.corpus_chars)
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     print(table(results))
+    print(convergence_gap(results))
     plot(results, PLOT)
     print(f"plot: {PLOT}")
     return 0
