@@ -15,15 +15,26 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from distq.quant import blocks_of, project, scheme_bits
-from distq.selection import POSITIONAL, QuantizationSummary, select_quantized, summarize, unwrap
+from distq.selection import (
+    POSITIONAL,
+    ModuleType,
+    QuantizationSummary,
+    quantizable,
+    select,
+    summarize,
+    unwrap,
+)
 from distq.sparse import SCOPES, SparsitySchedule, global_split
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "raise")
+# Schemes whose solver iterates from a starting α: each step starts from the previous step's α.
+WARM_STARTED = ("ternary-approx", "linear", "log")
 
 
 class QuantizedOptimizer(torch.optim.Optimizer):
@@ -33,10 +44,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         base_optimizer: the optimizer over `model`'s parameters. Adam/AdamW (d from exp_avg_sq,
             bias-corrected), RMSprop (square_avg) and Adagrad (sum) give loss-aware steps;
             any other (SGD) means d ≡ 1.
-        model: the model (or its DDP wrapper). Build this optimizer after wrapping the model in
-            DDP, so the latent weights start from the broadcast, identical initial weights.
+        model: the model (or its DDP wrapper), before or after wrapping it in DDP (see
+            sync_latent).
         scheme, bits: a name in `distq.quant.SCHEMES` and its bit width (m-bit schemes only).
-        keep_full_precision: names, regexes or "first"/"last" of layers to leave unquantized.
+        keep_full_precision: names, regexes or "first"/"last" of layers to leave unquantized
+            (by default the first quantizable layer and the last, a language model's output head).
+        quantize_modules: further layer types whose `weight` to quantize, as classes or class
+            names, beyond distq.selection's policy (Linear, Conv, HF Conv1D, LSTM/GRU gates, ...).
         clip_latent: clip latent weights to [−c, c] after each step (None: no clipping).
         per_channel: one scale per output channel instead of one per tensor. A parameter
             marked with `distq.quant.set_blocks(p, B)` (an LSTM's stacked gate matrices) gets
@@ -48,6 +62,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             tensors together; each keeps its entries with the largest d·w²).
         loss_aware: False projects with d ≡ 1 whatever the base optimizer keeps (an ablation:
             the same training without the curvature weighting).
+        sync_latent: at the first step, when torch.distributed is initialized with several
+            ranks, every rank takes rank 0's latent weights (one broadcast per quantized tensor,
+            once). An optimizer built before DDP (the Hugging Face Trainer builds it first)
+            holds each rank's own initial weights, while DDP broadcast only rank 0's ŵ: without
+            this the replicas diverge unless every rank seeded its model alike. Turn it off for
+            a model that is not replicated over the default process group (pipeline or tensor
+            parallel shards).
     """
 
     def __init__(
@@ -63,6 +84,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         sparsity: float | SparsitySchedule = 0.0,
         sparsity_scope: str = "tensor",
         loss_aware: bool = True,
+        quantize_modules: Iterable[ModuleType] = (),
+        sync_latent: bool = True,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise ValueError(
@@ -86,6 +109,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.clip_latent = clip_latent
         self.nonfinite = nonfinite
         self.loss_aware = loss_aware
+        self.sync_latent = sync_latent
+        self._synced = False
         self.base_optimizer = base_optimizer
         for hooks in (
             "_optimizer_step_pre_hooks",
@@ -98,8 +123,12 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             setattr(self, hooks, OrderedDict())
 
         module = unwrap(model)
+        quantize_modules = tuple(quantize_modules)
         params = dict(module.named_parameters())
-        self.names = select_quantized(module, keep_full_precision)
+        chosen = select(module, keep_full_precision, quantize_modules)
+        self.names = [c.name for c in chosen]
+        if not self.names:
+            self._warn_nothing_quantized(module, keep_full_precision, quantize_modules)
         self.summary: QuantizationSummary = summarize(module, self.names, scheme, self.bits)
         self._param_names = {p: n for n, p in params.items()}
         in_optimizer = {p for g in self.param_groups for p in g["params"]}
@@ -107,12 +136,35 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"parameters {missing} are quantized but not in base_optimizer")
         self._params: dict[str, nn.Parameter] = {n: params[n] for n in self.names}
-        self.blocks: dict[str, int] = {n: blocks_of(p) for n, p in self._params.items()}
+        # a weight marked with set_blocks keeps its marking; recurrent gates get a block each
+        marked = {c.name: blocks_of(self._params[c.name]) for c in chosen}
+        self.blocks: dict[str, int] = {
+            c.name: marked[c.name] if marked[c.name] > 1 else c.blocks for c in chosen
+        }
         self._group = self._groups_by_parameter()
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
         self.skipped_steps = 0
         self._project_all()
+
+    @staticmethod
+    def _warn_nothing_quantized(
+        module: nn.Module, keep: Iterable[str], quantize_modules: Iterable[ModuleType]
+    ) -> None:
+        found = [c.name for c in quantizable(module, quantize_modules)]
+        keep = tuple([keep] if isinstance(keep, str) else keep)
+        reason = (
+            f"all {len(found)} quantizable weights {found} are kept by "
+            f"keep_full_precision={keep!r}; keep fewer"
+            if found
+            else "it has no layer distq quantizes (Linear, Conv, HF Conv1D, recurrent and "
+            "attention layers: distq.selection); name further layer types with "
+            "quantize_modules=(MyLayer, ...)"
+        )
+        warnings.warn(
+            f"QuantizedOptimizer quantizes no tensor of {type(module).__name__}: {reason}",
+            stacklevel=3,
+        )
 
     # The wrapped optimizer's groups and state, looked up on every use: its load_state_dict
     # replaces the group dicts, and LR schedulers must keep acting on the live ones.
@@ -139,6 +191,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._synced:
+            self._take_rank0_latent()
         if not self._gradients_finite():
             return loss
         for name, p in self._params.items():
@@ -154,9 +208,21 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    def _take_rank0_latent(self) -> None:
+        """Rank 0's latent weights and scales on every rank (once; see `sync_latent`)."""
+        self._synced = True
+        if not (self.sync_latent and dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() > 1:
+            for tensor in [*self.latent.values(), *self.alpha.values()]:
+                buffer = tensor.contiguous()
+                dist.broadcast(buffer, src=0)
+                tensor.copy_(buffer)
+
+    @torch.no_grad()
     def _project_all(self) -> None:
         """Write ŵ = argmin_{α·S, ‖ŵ‖₀ ≤ K} ‖ŵ − w‖²_D into every quantized parameter."""
-        warm_start = self.scheme == "ternary-approx"
+        warm_start = self.scheme in WARM_STARTED
         curvatures = {name: self.curvature(p) for name, p in self._params.items()}
         sparsities = self.current_sparsities(curvatures)
         for name, p in self._params.items():
@@ -256,8 +322,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore base state, latent weights and scales; ŵ comes from the model's state_dict.
 
-        ŵ is not recomputed here: ternary-approx warm-starts from the previous α, so only the
-        saved ŵ (in the model checkpoint) resumes bit-exactly.
+        ŵ is not recomputed here: the iterative solvers (WARM_STARTED) start from the previous
+        α, so only the saved ŵ (in the model checkpoint) resumes bit-exactly.
         """
         saved = state_dict["quantization"]
         mine = self.config()

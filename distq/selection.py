@@ -1,8 +1,12 @@
 """Which tensors of a model get quantized, and the one-table summary printed at start.
 
-Policy: every Linear/Conv weight, minus `keep_full_precision` (module or parameter names,
-regular expressions, or "first"/"last" for the first/last quantizable layer). Biases and
-normalization parameters always stay full precision.
+Policy: the matmul weight of every layer a user would call one (Linear, Conv and ConvTranspose,
+Hugging Face's Conv1D, the stacked gate matrices of LSTM/GRU/RNN, MultiheadAttention's
+projections, and any module type named in `quantize_modules`), minus `keep_full_precision`
+(module or parameter names, regular expressions, or "first"/"last" for the first/last
+quantizable layer: by default the layer after the embeddings and the output head). Embeddings,
+biases and normalization parameters always stay full precision. A weight tied into several
+layers (a language model's output head and its embedding) is one tensor, quantized once.
 """
 
 from __future__ import annotations
@@ -19,8 +23,29 @@ QUANTIZABLE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
 )
+# Layers of other libraries, matched by qualified class name so distq never imports them.
+# Hugging Face's Conv1D (GPT-2's attention and MLP) is a Linear whose weight is stored (in, out):
+# per_channel scales then act on the stored rows, i.e. on input features.
+FOREIGN_MODULES = ("transformers.pytorch_utils.Conv1D",)
+# Gate matrices stacked in one recurrent weight: one scale per gate block (torch's gate order).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3}
 POSITIONAL = ("first", "last")
+
+ModuleType = type[nn.Module] | str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A quantizable weight: its name in `named_parameters()`, every layer path that reaches it
+    (several for a tied weight), and its number of gate blocks (1 outside recurrent layers)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    blocks: int = 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -30,13 +55,79 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def candidate_weights(model: nn.Module) -> list[str]:
-    """Names of the weights of quantizable layers, in module registration order."""
-    return [
-        f"{name}.weight" if name else "weight"
-        for name, module in model.named_modules()
-        if isinstance(module, QUANTIZABLE_MODULES) and module.weight is not None
-    ]
+def _class_names(module: nn.Module) -> set[str]:
+    """Bare and qualified names of the module's class and its bases."""
+    names = set()
+    for cls in type(module).__mro__:
+        names |= {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
+    return names
+
+
+def _is_named_type(module: nn.Module, types: Iterable[ModuleType]) -> bool:
+    names = _class_names(module)
+    return any(t in names if isinstance(t, str) else isinstance(module, t) for t in types)
+
+
+def _layer_weights(module: nn.Module, extra: tuple[ModuleType, ...]) -> list[tuple[str, int]]:
+    """(attribute, gate blocks) of each matmul weight `module` holds itself; [] if not a layer."""
+    if isinstance(module, nn.RNNBase):
+        gates = RECURRENT_GATES.get(module.mode, 1)
+        return [
+            (n, 1 if n.startswith("weight_hr") else gates)
+            for n, _ in module.named_parameters(recurse=False)
+            if n.startswith("weight_")
+        ]
+    if isinstance(module, nn.MultiheadAttention):
+        attrs = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return [
+            (a, 3 if a == "in_proj_weight" else 1) for a in attrs if getattr(module, a) is not None
+        ]
+    if isinstance(module, QUANTIZABLE_MODULES) or _is_named_type(module, FOREIGN_MODULES + extra):
+        return [("weight", 1)] if getattr(module, "weight", None) is not None else []
+    return []
+
+
+def _check_module_types(model: nn.Module, types: tuple[ModuleType, ...]) -> None:
+    """Every entry is a Module subclass or class name that matches a module with a `weight`."""
+    present = sorted({type(m).__name__ for m in model.modules()})
+    for t in types:
+        if not (isinstance(t, str) and t) and not (
+            isinstance(t, type) and issubclass(t, nn.Module)
+        ):
+            raise ValueError(
+                f"quantize_modules entry {t!r}; allowed: an nn.Module subclass or a class name"
+            )
+        hits = [m for m in model.modules() if _is_named_type(m, (t,))]
+        if not hits:
+            raise ValueError(
+                f"quantize_modules entry {t!r} matches no module of the model; "
+                f"module types in it: {present}"
+            )
+        if all(not isinstance(getattr(m, "weight", None), nn.Parameter) for m in hits):
+            raise ValueError(
+                f"quantize_modules entry {t!r}: its modules have no `weight` parameter"
+            )
+
+
+def quantizable(model: nn.Module, quantize_modules: Iterable[ModuleType] = ()) -> list[Candidate]:
+    """Every quantizable weight of `model`, each once, in the order its first layer registers."""
+    model = unwrap(model)
+    extra = tuple(quantize_modules)
+    _check_module_types(model, extra)
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    found: dict[int, tuple[list[str], int]] = {}
+    for path, module in model.named_modules():
+        for attr, blocks in _layer_weights(module, extra):
+            weight = getattr(module, attr)
+            if id(weight) in canonical:
+                aliases, _ = found.setdefault(id(weight), ([], blocks))
+                aliases.append(f"{path}.{attr}" if path else attr)
+    return [Candidate(canonical[key], tuple(a), b) for key, (a, b) in found.items()]
+
+
+def candidate_weights(model: nn.Module, quantize_modules: Iterable[ModuleType] = ()) -> list[str]:
+    """Names (as `named_parameters()` gives them) of the quantizable weights, in layer order."""
+    return [c.name for c in quantizable(model, quantize_modules)]
 
 
 def _matches(pattern: str, param_name: str) -> bool:
@@ -49,27 +140,41 @@ def _matches(pattern: str, param_name: str) -> bool:
         return False
 
 
-def select_quantized(
-    model: nn.Module, keep_full_precision: Iterable[str] = POSITIONAL
-) -> list[str]:
-    """Parameter names to quantize; a keep pattern that matches nothing is a ValueError."""
+def select(
+    model: nn.Module,
+    keep_full_precision: Iterable[str] = POSITIONAL,
+    quantize_modules: Iterable[ModuleType] = (),
+) -> list[Candidate]:
+    """The weights to quantize; a keep pattern that matches nothing is a ValueError. A pattern
+    may name any path of a tied weight (GPT-2's "lm_head.weight" is "transformer.wte.weight")."""
     if isinstance(keep_full_precision, str):
         keep_full_precision = (keep_full_precision,)
-    candidates = candidate_weights(unwrap(model))
+    candidates = quantizable(model, quantize_modules)
     keep: set[str] = set()
     for pattern in keep_full_precision:
         if pattern in POSITIONAL:
             if candidates:
-                keep.add(candidates[0] if pattern == "first" else candidates[-1])
+                keep.add(candidates[0 if pattern == "first" else -1].name)
             continue
-        hits = {name for name in candidates if _matches(pattern, name)}
+        hits = {
+            c.name for c in candidates if any(_matches(pattern, n) for n in (c.name, *c.aliases))
+        }
         if not hits:
             raise ValueError(
                 f"keep_full_precision entry {pattern!r} matches no quantizable weight; "
-                f"allowed: 'first', 'last', or a name/regex among {candidates}"
+                f"allowed: 'first', 'last', or a name/regex among {[c.name for c in candidates]}"
             )
         keep |= hits
-    return [name for name in candidates if name not in keep]
+    return [c for c in candidates if c.name not in keep]
+
+
+def select_quantized(
+    model: nn.Module,
+    keep_full_precision: Iterable[str] = POSITIONAL,
+    quantize_modules: Iterable[ModuleType] = (),
+) -> list[str]:
+    """Parameter names to quantize (see `select`)."""
+    return [c.name for c in select(model, keep_full_precision, quantize_modules)]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""QuantizedOptimizer on one worker: the proximal step, exact resume, NaN safety, memory."""
+"""QuantizedOptimizer on one worker: the proximal step, exact resume, NaN safety, memory; and
+built before DDP on 2 real ranks (as the Hugging Face Trainer builds it)."""
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ from torch import nn
 
 from distq.optim import QuantizedOptimizer
 from distq.quant import project
+from tests.distributed import run_workers
 
 
 def make_model(seed=0):
@@ -218,3 +221,31 @@ def test_loss_aware_off_projects_with_unit_curvature():
         assert opt.curvature(p) is None
         expected = project(opt.latent[name], None, "ternary").q
         assert torch.equal(p.detach(), expected), name
+
+
+def train_built_before_ddp(rank, world_size, out_dir):
+    model = make_model(seed=rank)  # no shared seed: each rank starts from its own weights
+    opt = build(model, scheme="ternary-approx")  # warm-started α must agree too
+    initial = {n: t.clone() for n, t in opt.latent.items()}
+    ddp = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's ŵ, not its latent w
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(10):
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    params = {n: p.detach() for n, p in model.named_parameters()}  # BatchNorm's stats: per rank
+    torch.save({"params": params, "latent": opt.latent, "initial": initial},
+               out_dir / f"rank{rank}.pt")  # fmt: skip
+    del ddp
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_built_before_ddp_replicas_stay_bit_identical_without_a_shared_seed(tmp_path):
+    run_workers(train_built_before_ddp, 2, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert not torch.equal(r0["initial"]["2.weight"], r1["initial"]["2.weight"])
+    for kind in ("params", "latent"):
+        different = [n for n in r0[kind] if not torch.equal(r0[kind][n], r1[kind][n])]
+        assert not different, (kind, different)
