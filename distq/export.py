@@ -38,10 +38,16 @@ blocks (optional, >= 2: G = blocks rows of equal first-dimension blocks, e.g. th
 matrices of an LSTM weight with a scale each; absent: 1); for
 bitmap and index also nnz, nz_bits, neg_zero; for index also index_bits, index_count.
 layout_version 1 files (no "layout": dense) still load.
+
+Integrity: the metadata's "digests" maps every stored tensor's name to the 64-bit BLAKE2b of its
+bytes (16 hex digits: any flip is found but with odds 2**-64, at ~35 header bytes a tensor);
+`load_packed` checks each and refuses a codebook holding NaN or Inf. Files written before distq
+recorded digests (no "digests") load with only the structural checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Collection, Mapping
@@ -77,6 +83,7 @@ FORMAT = "distq-packed"
 LAYOUT_VERSION = 2  # 2: sparse layouts (bitmap, index) and the "layout" field; 1: dense only
 LAYOUTS = ("dense", "bitmap", "index")  # order breaks ties between equal sizes
 META_KEY = "distq"
+DIGESTS_KEY = "digests"
 _CODEBOOK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # exact through a float32 table
 
 
@@ -248,7 +255,9 @@ def export_packed(
             TensorSize(name, t.numel(), spec.bits, t.numel() * 4, nbytes, True, layout, q.nnz)
         )
 
+    digests = {name: _digest(t) for name, t in tensors.items()}
     doc = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "tensors": header}
+    doc[DIGESTS_KEY] = digests
     meta = json.dumps(doc, separators=(",", ":"))
     save_file(tensors, os.fspath(path), metadata={**user_meta, META_KEY: meta})
     return ExportReport(os.fspath(path), tuple(sizes), os.path.getsize(path))
@@ -265,18 +274,30 @@ def load_packed(path: str | os.PathLike) -> dict[str, Tensor]:
     """Rebuild every tensor of a file written by `export_packed`, original shapes and dtypes.
 
     Reads layout_version 1 and 2; raises ValueError naming the file and tensor for metadata or
-    stored codes that are missing, malformed or inconsistent.
+    stored codes that are missing, malformed, inconsistent or not matching their digest, and
+    for a codebook holding NaN or Inf.
     """
     with safe_open(os.fspath(path), framework="pt") as f:
-        version, header = _read_header(path, f.metadata())
+        version, header, digests = _read_header(path, f.metadata())
         stored = set(f.keys())
+        if digests is not None and set(digests) != stored:
+            raise ValueError(f"{path}: the stored tensors are not those its digests list")
+
+        def get(name: str) -> Tensor:
+            t = f.get_tensor(name)
+            if digests is not None and _digest(t) != digests[name]:
+                raise ValueError(f"{path}: tensor {name!r} is corrupt (its digest differs)")
+            return t
+
         out: dict[str, Tensor] = {}
         for name, info in header.items():
             missing = {name + ".codes", name + ".codebook"} - stored
             if missing:
                 raise ValueError(f"{path}: quantized tensor {name!r} lacks {sorted(missing)}")
-            codes, codebook = f.get_tensor(name + ".codes"), f.get_tensor(name + ".codebook")
+            codes, codebook = get(name + ".codes"), get(name + ".codebook")
             try:
+                if codebook.is_floating_point() and not codebook.isfinite().all():
+                    raise ValueError(f"tensor {name!r}: codebook holds NaN or Inf")
                 entry = _check_entry(name, info, version)
                 if entry["layout"] == "dense":
                     out[name] = _decode(name, codes, codebook, entry)
@@ -285,8 +306,14 @@ def load_packed(path: str | os.PathLike) -> dict[str, Tensor]:
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
             stored -= {name + ".codes", name + ".codebook"}
-        out.update((name, f.get_tensor(name)) for name in sorted(stored))
+        out.update((name, get(name)) for name in sorted(stored))
     return out
+
+
+def _digest(t: Tensor) -> str:
+    """64-bit BLAKE2b of a tensor's bytes as stored (row-major), in hex."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.blake2b(data.numpy().tobytes(), digest_size=8).hexdigest()
 
 
 def _rows(
@@ -572,9 +599,9 @@ def _check_entry(name: str, info: object, version: int) -> dict:
 
 def _read_header(
     path: str | os.PathLike, meta: Mapping[str, str] | None
-) -> tuple[int, dict[str, object]]:
-    """(layout_version, quantized-tensor table) of a distq file; ValueError for other or newer
-    files."""
+) -> tuple[int, dict[str, object], dict[str, str] | None]:
+    """(layout_version, quantized-tensor table, tensor digests or None) of a distq file;
+    ValueError for other or newer files."""
     if not meta or META_KEY not in meta:
         raise ValueError(f"{path} is not a distq packed export (no {META_KEY!r} metadata)")
     try:
@@ -597,7 +624,12 @@ def _read_header(
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict):
         raise ValueError(f"{path}: {META_KEY!r} metadata has no 'tensors' table")
-    return version, tensors
+    digests = doc.get(DIGESTS_KEY)
+    if digests is not None and not (
+        isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())
+    ):
+        raise ValueError(f"{path}: {META_KEY!r} metadata's {DIGESTS_KEY!r} is not a table")
+    return version, tensors, digests
 
 
 def _row(

@@ -128,6 +128,11 @@ class TrainConfig:
     seed: int = option(0, "random seed (model init, data split and order)", minimum=0)
     out_dir: str = option("runs/digits", "where checkpoints and logs go")
     resume: bool = option(False, "continue from the newest checkpoint in out_dir, if there is one")
+    move_aside: bool = option(
+        False,
+        "a fresh run into an out_dir holding an earlier run's checkpoints moves that run to "
+        "out_dir/previous-<n>/ (default: refuse)",
+    )
     checkpoint_every: int | None = option(
         100, "steps between checkpoints, besides one per epoch (null: per epoch only)", minimum=1
     )

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,24 @@ def _restart_store(env: DistEnv) -> dist.Store | None:
         timeout=default_pg_timeout,
     )
     return dist.PrefixStore(f"distq/attempt_{restart}", store)
+
+
+def on_main(env: DistEnv, action: Callable[[], T], errors: tuple[type[Exception], ...]) -> T:
+    """`action()` run on rank 0, its result sent to every rank; if it raises one of `errors`,
+    every rank raises the same (a collective: no rank is left waiting for one that stopped)."""
+    result, failure = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except errors as exc:
+            failure = (next(i for i, e in enumerate(errors) if isinstance(exc, e)), str(exc))
+    if env.distributed:
+        box = [(result, failure)]
+        dist.broadcast_object_list(box, src=0)
+        result, failure = box[0]
+    if failure is not None:
+        raise errors[failure[0]](failure[1])
+    return result
 
 
 def shutdown(*objects_to_drop: object) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from distq.comm import QuantizedCommState, prime_buckets
 from distq.launch import checkpoint, config, rng
-from distq.launch.environment import DistEnv
+from distq.launch.environment import DistEnv, on_main
 from distq.optim import QuantizedOptimizer
 
 FORMAT = 2  # bumped when the layout changes; older files are refused
@@ -93,11 +93,7 @@ class RunState:
     def restore(self, prime_input: torch.Tensor) -> tuple[Position, float, Path] | None:
         """Load rank 0's newest checkpoint on every rank (sent over the process group, so no
         shared filesystem is needed); None if there is none."""
-        found = self.store.load_newest() if self.env.is_main else None
-        if self.env.distributed:
-            box = [found]
-            dist.broadcast_object_list(box, src=0)
-            found = box[0]
+        found = on_main(self.env, self._newest, (checkpoint.CheckpointError,))
         if found is None:
             return None
         state, path = found
@@ -112,6 +108,19 @@ class RunState:
         rng.restore(mine["rng"])
         position = Position(state["epoch"], state["step_in_epoch"], state["step"])
         return position, mine["epoch_loss_sum"], path
+
+    def _newest(self) -> tuple[dict, Path] | None:
+        """Rank 0's newest loadable checkpoint; CheckpointError rather than a fresh start when
+        every checkpoint there is corrupt."""
+        found = self.store.load_newest()
+        corrupt = self.store.corrupt()
+        if found is None and corrupt:
+            raise checkpoint.CheckpointError(
+                f"--resume: no checkpoint in {self.store.directory} loads, and "
+                f"{len(corrupt)} corrupt one(s) lie in {corrupt[0].parent} (newest: "
+                f"{corrupt[-1].name}); refusing to start from scratch over them"
+            )
+        return found
 
 
 def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:

@@ -25,13 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distq.comm import QuantizedCommState, quantized_hook
-from distq.launch import checkpoint, config, preemption, recipes
+from distq.launch import checkpoint, config, preemption, recipes, run_dir
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
     choose_backend,
     device_for,
     init_process_group,
+    on_main,
     shutdown,
 )
 from distq.launch.resume import Position, RunState
@@ -157,12 +158,34 @@ def build_monitor(
 
 
 def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
-    """Train per `cfg` in this process (one rank of the job); returns rank-local results."""
+    """Train per `cfg` in this process (one rank of the job); returns rank-local results.
+
+    Rank 0 holds out_dir's lock for the whole run; an out_dir that cannot take the run (locked,
+    not writable, an earlier run's checkpoints without --resume) stops every rank before training.
+    """
     env = env or DistEnv.from_environ()
+    preemption.stop_when_launcher_dies()
     backend = choose_backend(cfg.backend)
     init_process_group(env, backend)
     if env.distributed:
         check_same_config(cfg, env)
+    lock = run_dir.RunDirLock(cfg.out_dir)
+    try:
+        on_main(env, lambda: _claim(lock, cfg), (run_dir.RunDirError,))
+        return _train(cfg, env, backend)
+    finally:
+        lock.release()
+
+
+def _claim(lock: run_dir.RunDirLock, cfg: config.TrainConfig) -> None:
+    lock.acquire()
+    previous = run_dir.claim(cfg.out_dir, cfg.resume, cfg.move_aside)
+    if previous is not None:
+        print(f"the earlier run in {cfg.out_dir} was moved to {previous}")
+
+
+def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
+    """The training itself, once out_dir is this run's."""
     device = device_for(env, backend)
     say = print if env.is_main else (lambda *a, **k: None)
 
@@ -371,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         result = run(cfg)
-    except config.ConfigError as exc:  # found once running: ranks disagree, or a bad resume
+    except (config.ConfigError, run_dir.RunDirError, checkpoint.CheckpointError) as exc:
+        # found once running: ranks disagree, a bad resume, an out_dir that cannot take the run
         print(f"distq train: error: {exc}", file=sys.stderr)
         return 2
     if result.stopped_by == "SIGTERM":  # checkpointed, but the run did not finish: say so

@@ -426,9 +426,13 @@ def test_dense_layout_is_the_version_1_layout(tmp_path):
 
 
 def read(path):
+    """The stored tensors and the metadata, less its digests: an edited file saved from these
+    reaches the structural checks (as a file written before distq recorded digests would)."""
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
-        return tensors, json.loads(f.metadata()["distq"])
+        doc = json.loads(f.metadata()["distq"])
+        doc.pop("digests", None)
+        return tensors, doc
 
 
 def set_field(key, value):
@@ -538,3 +542,36 @@ def test_unknown_layouts_are_rejected(tmp_path, layouts):
         export_packed(
             {"w": torch.zeros(4)}, {"w": QuantSpec("t", 2)}, tmp_path / "x", layouts=layouts
         )
+
+
+def flip_stored_bytes(path, tensor, count, offset=0):
+    """Flip `count` bytes of `tensor`'s data, from `offset`, in the file at `path`."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    assert at >= 0
+    for i in range(at + offset, at + offset + count):
+        data[i] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("stored", ["w.codebook", "w.codes", "bias"])
+def test_flipped_bytes_in_codebooks_codes_or_raw_tensors_are_refused(tmp_path, stored):
+    path = tmp_path / "w.safetensors"
+    state = {"w": ternary((64, 64), 0.5, seed=3), "bias": torch.linspace(-1, 1, 64)}
+    export_packed(state, {"w": QuantSpec("ternary", 2)}, path, layouts=("bitmap",))
+    tensors = read(path)[0]
+    size = {"w.codebook": 1, "w.codes": 8, "bias": 8}[stored]  # 8 code bytes: weight signs
+    flip_stored_bytes(path, tensors[stored], size, offset=tensors[stored].numel() - size
+                      if stored == "w.codes" else 0)
+    with pytest.raises(ValueError, match=re.escape(f"tensor {stored!r} is corrupt")):
+        load_packed(path)
+
+
+def test_a_non_finite_codebook_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    export_packed({"w": ternary((8, 8), 0.5, seed=1)}, {"w": QuantSpec("ternary", 2)}, path)
+    tensors, doc = read(path)
+    tensors["w.codebook"][0, -1] = float("nan")
+    save_file(tensors, path, metadata={"distq": json.dumps(doc)})
+    with pytest.raises(ValueError, match="tensor 'w': codebook holds NaN or Inf"):
+        load_packed(path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distq.launch import config, rng, train
+from distq.launch import checkpoint, config, rng, train
 from distq.launch.checkpoint import CheckpointStore
 
 
@@ -77,3 +77,42 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path):
         train.run(tiny(tmp_path, scheme="binary", epochs=2))
     state, _ = CheckpointStore(tmp_path, keep=3).load_newest()
     assert all(torch.equal(state["model"][k], weights[k]) for k in weights)  # nothing trained
+
+
+def flip_tensor_bytes(path, tensor, count=40):
+    """Flip `count` bytes inside `tensor`'s data as stored in the checkpoint file at `path`."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes())
+    assert at >= 0
+    for i in range(at + 100, at + 100 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_found_and_the_file_is_moved_aside_never_pruned(tmp_path, caplog):
+    weights = torch.linspace(-0.25, 0.25, 4096)
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save({"step": 1, "w": weights}, 1)
+    newest = store.save({"step": 2, "w": weights}, 2)
+    flip_tensor_bytes(newest, weights)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-00000002\.pt' is corrupt"):
+        checkpoint.load(store.latest)  # what `distq export` opens
+    state, _ = store.load_newest()
+    assert state["step"] == 1 and torch.equal(state["w"], weights)
+    assert "step-00000002.pt does not load" in caplog.text
+    assert store.corrupt() == [store.directory / "corrupt" / "step-00000002.pt"]
+    for step in (3, 4, 5):  # later saves prune good checkpoints only
+        store.save({"step": step}, step)
+    assert store.corrupt() == [store.directory / "corrupt" / "step-00000002.pt"]
+
+
+def test_resume_over_only_corrupt_checkpoints_stops_instead_of_starting_over(tmp_path):
+    train.run(tiny(tmp_path, resume=False, checkpoint_every=None))
+    store = CheckpointStore(tmp_path, keep=3)
+    [only] = store.paths()
+    weight = torch.load(only, weights_only=True)["model"]["0.weight"]
+    flip_tensor_bytes(only, weight)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* loads"):
+        train.run(tiny(tmp_path))
+    assert store.corrupt() and not store.paths()
+    assert not (tmp_path / "summary.json").read_text().count('"steps": 0')

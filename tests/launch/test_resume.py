@@ -116,3 +116,30 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_same_weights(tmp_pa
     assert_same(final_state(tmp_path), uninterrupted)
     kept = CheckpointStore(tmp_path, keep=3).paths()
     assert len(kept) == 3 and kept[-1].name == f"step-{uninterrupted['step']:08d}.pt"
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_checkpoint_and_stop_when_torchrun_is_killed(tmp_path):
+    proc = train(tmp_path, "--epochs", "100")
+    wait_for_step(tmp_path, 8, proc)
+    pids = workers(proc)
+    os.kill(proc.pid, signal.SIGKILL)  # what a scheduler or the OOM killer does to the agent
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    try:
+        while any(map(alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, pids)), "the workers outlived their torchrun agent"
+    finally:
+        for pid in filter(alive, pids):
+            os.kill(pid, signal.SIGKILL)
+    output = proc.communicate(timeout=30)[0]
+    assert "SIGTERM received: stopped after step" in output
+    state, _ = CheckpointStore(tmp_path, keep=3).load_newest()
+    assert state["step"] == steps_logged(tmp_path) > 8  # the last step trained is saved
