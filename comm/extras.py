@@ -1,12 +1,18 @@
 """Optional integrations import their engine through `require`, so a missing engine fails with
-the pip extra that installs it, and `import distq` never imports DeepSpeed, Horovod or Lightning."""
+the pip extra that installs it, and `import distq` never imports DeepSpeed, Horovod, Lightning
+or transformers."""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-EXTRAS = {"deepspeed": "deepspeed", "horovod.torch": "horovod", "pytorch_lightning": "lightning"}
+EXTRAS = {
+    "deepspeed": "deepspeed",
+    "horovod.torch": "horovod",
+    "pytorch_lightning": "lightning",
+    "transformers": "transformers",
+}
 NOTES = {"horovod": " (Horovod builds from source against torch: see .ci/install-horovod.sh)"}
 
 

@@ -1,0 +1,71 @@
+"""The Hugging Face Trainer with distq's quantized DDP hook, on any device.
+
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[QuantizedCommCallback(bits=2)])
+
+Why a callback, and why it searches for the DDP model: the Trainer wraps the model in DDP
+(through Accelerate) only inside `train()`, once the process group exists, and hands callbacks
+the unwrapped model, never `trainer.model_wrapped`. At `on_train_begin`, after the wrap and
+before the first forward, the callback finds the DDP wrapper of that model among the live
+objects (one scan of the garbage collector's list, tens of milliseconds, once per `train()`)
+and registers `quantized_hook` on it. Gradient accumulation (DDP's `no_sync` between
+boundaries: the hook runs once per optimizer step) and `ddp_static_graph` work unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distq.comm.extras import require
+from distq.comm.hook import QuantizedCommState, quantized_hook
+
+transformers = require("transformers")
+log = logging.getLogger(__name__)
+
+
+def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The live DistributedDataParallel wrapper whose `.module` is `model`, or None."""
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and obj.module is model:
+            return obj
+    return None
+
+
+class QuantizedCommCallback(transformers.TrainerCallback):
+    """Registers distq's DDP hook on the Trainer's DDP model when training begins.
+
+    `QuantizedCommCallback(**state_options)` builds `QuantizedCommState(**state_options)` (bits,
+    clip, collective, ...: see its docstring) at `on_train_begin` and registers
+    `quantized_hook`; the state, with the byte counters and `compression_stats()`, is
+    `callback.state` afterwards. In a single process (nothing to exchange) it logs a warning
+    and registers nothing; a distributed Trainer that runs no DDP (DeepSpeed, FSDP) is a
+    ValueError, since the hook is DDP's (`distq.comm.deepspeed` covers DeepSpeed).
+    """
+
+    def __init__(self, **state_options: Any) -> None:
+        self.state_options = state_options
+        self.state: QuantizedCommState | None = None
+        self._ddp: DistributedDataParallel | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        if args.world_size < 2:
+            log.warning("QuantizedCommCallback: one process, no gradient exchange to quantize")
+            return
+        ddp = find_ddp(model)
+        if ddp is None:
+            raise ValueError(
+                f"QuantizedCommCallback needs the Trainer to wrap {type(model).__name__} in "
+                f"DistributedDataParallel; it runs {args.world_size} processes without DDP "
+                "(DeepSpeed: distq.comm.deepspeed.quantize_engine; FSDP is not supported)"
+            )
+        if ddp is self._ddp:  # a second train(): the hook is registered already
+            return
+        self.state = QuantizedCommState(model=ddp, **self.state_options)
+        ddp.register_comm_hook(self.state, quantized_hook)
+        self._ddp = ddp
+        log.info("distq's quantized DDP hook registered on %s", type(model).__name__)
