@@ -42,7 +42,7 @@ def assert_both_ranks_sent_quantized_bytes(output: str) -> list[int]:
 @pytest.mark.parametrize(
     ("example", "module"),
     [("train_ddp.py", None), ("train_lightning.py", "pytorch_lightning"),
-     ("train_accelerate.py", "accelerate")],
+     ("train_accelerate.py", "accelerate"), ("train_transformers.py", "transformers")],
 )  # fmt: skip
 def test_torchrun_example(example, module):
     if module:
