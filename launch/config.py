@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,12 +239,24 @@ def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
     }[base]
     if not ok:
         raise ConfigError(f"{name}={value!r}: expected {base.__name__}")
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {_bounds(meta)}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
     if meta.get("min") is not None and value < meta["min"]:
         raise ConfigError(f"{name}={value!r} is below the minimum {meta['min']}")
     if meta.get("max") is not None and value > meta["max"]:
         raise ConfigError(f"{name}={value!r} is above the maximum {meta['max']}")
+
+
+def _bounds(meta: typing.Mapping[str, Any]) -> str:
+    """A float field's allowed values in words: "a finite number in [0, 0.99]"."""
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and high is not None:
+        return f"a finite number in [{low}, {high}]"
+    if low is not None:
+        return f"a finite number >= {low}"
+    return "a finite number" if high is None else f"a finite number <= {high}"
 
 
 def from_mapping(values: typing.Mapping[str, Any], source: str = "config") -> TrainConfig:

@@ -271,6 +271,7 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
                 loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
                 loss.backward()
                 optimizer.step()
+                check_finite(model, optimizer, position.step + 1, cfg.lr)
                 schedule.step()
                 loss_sum += loss.detach()
                 steps_run += 1
@@ -295,6 +296,11 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
             if stopped_by is not None:
                 break
             loss_value = _mean_over_ranks(loss_sum / batches.steps_per_epoch, env)
+            if not math.isfinite(loss_value):  # every rank sees the same mean
+                raise DivergedError(
+                    f"training diverged: the mean loss of epoch {epoch + 1} is {loss_value} "
+                    f"(lr {cfg.lr}); its end was not saved; lower --lr"
+                )
             accuracy = recipes.accuracy(model, test_x, test_y)
             metrics = recipes.extra_metrics(cfg.recipe, model, test_x, test_y)
             say(
@@ -341,6 +347,30 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         comm.close()
     shutdown(net)
     return result
+
+
+class DivergedError(RuntimeError):
+    """An update made weights non-finite: training stops before using or saving them."""
+
+
+def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float) -> None:
+    """Raise DivergedError if a weight, a float buffer (batch-norm statistics) or a
+    QuantizedOptimizer's latent weight is NaN or Inf.
+
+    Every rank holds the same weights, so every rank raises at the same step; nothing after the
+    newest checkpoint is saved, and that one holds finite weights.
+    """
+    tensors = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+    if isinstance(optimizer, QuantizedOptimizer):
+        tensors.update((f"{n} (latent)", t) for n, t in optimizer.latent.items())
+    if torch.stack([t.detach().isfinite().all() for t in tensors.values()]).all():
+        return
+    bad = [n for n, t in tensors.items() if not t.detach().isfinite().all()]
+    raise DivergedError(
+        f"training diverged: the update of step {step} made {', '.join(bad)} non-finite (lr {lr}); "
+        "nothing after the newest checkpoint was saved; lower --lr"
+    )
 
 
 def _format_scores(metrics: dict[str, float], sep: str = " ") -> str:
@@ -398,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         # found once running: ranks disagree, a bad resume, an out_dir that cannot take the run
         print(f"distq train: error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"distq train: error: {exc}", file=sys.stderr)
+        return 3
     if result.stopped_by == "SIGTERM":  # checkpointed, but the run did not finish: say so
         return 128 + signal.SIGTERM
     return 0

@@ -1,8 +1,13 @@
 """The config schema: defaults, YAML, CLI overrides, and errors that name the bad key or value."""
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+import typing
 
 import pytest
+import torch
 
 from distq.launch import config
 
@@ -94,3 +99,32 @@ def test_ranks_with_different_settings_stop_before_training(tmp_path):
             "ranks disagree on the configuration: rank 1 has grad_bits=4 but rank 0 has "
             "grad_bits=2"
         )
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(config.TrainConfig)
+                if typing.get_type_hints(config.TrainConfig)[f.name] in (float, float | None)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_option_refuses_nan_and_inf(name, value):
+    assert {"lr", "clip", "sparsity", "test_fraction", "clip_latent"} <= set(FLOAT_FIELDS)
+    with pytest.raises(config.ConfigError, match=rf"^{name}=.* not allowed; allowed: a finite"):
+        parse([f"--{name.replace('_', '-')}={value}"])
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_non_zero_with_one_line_and_saves_no_nan(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "distq.launch.train", "--lr", "1e30", "--epochs", "1",
+         "--hidden", "16", "--depth", "2", "--no-progress", "--no-monitor", "--metrics-port",
+         "none", "--checkpoint-every", "5", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "distq train: error: training diverged: " in done.stderr
+    assert "Traceback" not in done.stderr and "done:" not in done.stdout
+    assert not (tmp_path / "summary.json").exists()
+    for path in (tmp_path / "checkpoints").glob("step-*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(t.isfinite().all() for t in state["model"].values()), path
