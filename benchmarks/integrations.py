@@ -1,22 +1,29 @@
 """Step time and bytes per step: each engine's own gradient exchange against distq's, 2 ranks.
 
     .venv/bin/python -m benchmarks.integrations [--steps 40] [--repeats 2] [--rate 1gbit]
+        [--engines ...] [--eval-steps 150 --seeds 0 1]
 
 The same 4.2 M-parameter MLP (Adam, batch 64 per rank) trains under plain DDP, Lightning's
 DDPStrategy, DeepSpeed ZeRO-0 and Horovod, each once with the engine's default exchange (fp32
 all-reduce) and once with distq's (2-bit stochastic codes, 512-element buckets, `scatter`, clip
-2.5σ). Both ranks run in a network namespace of their own (needs root), so the namespace's
-loopback counter holds exactly their traffic: bytes per step per rank = Δ tx_bytes / 2 / steps,
-headers included. Without root the counter is the host's (other traffic leaks in; flagged).
-`--rate` shapes that loopback with a token bucket (both ranks share it), a slow link.
-distq's own count of payload bytes is reported beside it. Runs alternate default / distq and
-repeat, because the machine's 2 cores are shared: the table gives the median of the per-run
-median step times and the range over repeats.
+2.5σ). The Hugging Face Trainer (`transformers`) trains a 3.2 M-parameter GPT-2 (4 layers,
+width 256, AdamW, 4 sequences of 64 byte tokens per rank) instead, with distq's exchange through
+`QuantizedCommCallback`. `--eval-steps N` also trains that GPT-2 for N steps per seed with the
+Trainer's fp32 exchange, with distq's 2-bit exchange, and with distq's exchange plus ternary
+weights, and reports the loss on held-out bytes. Both ranks run in a network namespace of their
+own (needs root), so the namespace's loopback counter holds exactly their traffic: bytes per
+step per rank = Δ tx_bytes / 2 / steps, headers included. Without root the counter is the host's
+(other traffic leaks in; flagged). `--rate` shapes that loopback with a token bucket (both ranks
+share it), a slow link. distq's own count of payload bytes is reported beside it. Runs alternate
+default / distq and repeat, because the machine's 2 cores are shared: the table gives the median
+of the per-run median step times and the range over repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import json
 import os
 import statistics
@@ -24,16 +31,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ENGINES = ("ddp", "lightning", "deepspeed", "horovod")
+ENGINES = ("ddp", "lightning", "deepspeed", "horovod", "transformers")
+EVAL_MODES = ("default", "distq", "distq-ternary")
 MODES = ("default", "distq")
 NAMESPACE = "distq-integrations"
 WARMUP = 5
 BATCH, FEATURES, HIDDEN, CLASSES = 64, 1024, 2048, 10
+GPT_BATCH, GPT_SEQUENCE = 4, 64
 LO_TX = Path("/sys/class/net/lo/statistics/tx_bytes")
 BIN = Path(sys.executable).parent
 
@@ -201,8 +211,81 @@ def worker_horovod(mode: str, steps: int) -> dict:
     return clock.result(steps, counted) | {"rank": rank}
 
 
+def gpt2(seed: int) -> nn.Module:
+    """The Trainer benchmark's model: GPT-2, 4 layers of width 256 over 256 byte tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=256, n_positions=GPT_SEQUENCE, n_embd=256, n_layer=4, n_head=4,
+                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def byte_corpus() -> tuple[list[dict], list[dict]]:
+    """Training and held-out sequences: byte tokens of four standard-library modules (the last
+    10% of the bytes held out)."""
+    modules = (argparse, difflib, inspect, typing)
+    data = torch.tensor(list(b"".join(Path(m.__file__).read_bytes() for m in modules)))
+    rows = data[: len(data) // GPT_SEQUENCE * GPT_SEQUENCE].view(-1, GPT_SEQUENCE)
+    split = int(0.9 * len(rows))
+    return [{"input_ids": r, "labels": r} for r in rows[:split]], \
+        [{"input_ids": r, "labels": r} for r in rows[split:]]  # fmt: skip
+
+
+def trainer_for(mode: str, steps: int, seed: int, callbacks: list) -> tuple[typing.Any, ...]:
+    """A Trainer over `gpt2(seed)` for `steps` steps; with mode distq-ternary, ternary weights."""
+    from transformers import Trainer, TrainingArguments
+
+    from distq.comm.transformers import QuantizedCommCallback
+    from distq.optim import QuantizedOptimizer
+
+    model = gpt2(seed)
+    optimizers = (None, None)
+    if mode == "distq-ternary":
+        adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizers = (QuantizedOptimizer(adam, model, "ternary"), None)
+    hook = QuantizedCommCallback(bits=2, clip=2.5) if mode != "default" else None
+    args = TrainingArguments(
+        "runs/benchmark-transformers", max_steps=steps, per_device_train_batch_size=GPT_BATCH,
+        per_device_eval_batch_size=32, learning_rate=1e-3, seed=seed, use_cpu=True,
+        ddp_find_unused_parameters=False, logging_strategy="no", save_strategy="no",
+        report_to=[], disable_tqdm=True,
+    )  # fmt: skip
+    train, held_out = byte_corpus()
+    callbacks = callbacks + ([hook] if hook else [])
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out[:256],
+                      optimizers=optimizers, callbacks=callbacks)  # fmt: skip
+    return trainer, hook
+
+
+def worker_transformers(mode: str, steps: int, seed: int = 0) -> dict:
+    from transformers import TrainerCallback
+
+    clock, before = Clock(), [0]
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick(state.global_step - 1)
+            if state.global_step == WARMUP and hook is not None:
+                before[0] = sent(hook.state.stats)
+
+    trainer, hook = trainer_for(mode, WARMUP + steps, seed, [Tick()])
+    trainer.train()
+    counted = sent(hook.state.stats) - before[0] if hook else None
+    return clock.result(steps, counted) | {"rank": trainer.args.process_index}
+
+
+def worker_transformers_eval(mode: str, steps: int, seed: int = 0) -> dict:
+    """Train `steps` steps, then the loss on held-out bytes (gathered over both ranks)."""
+    trainer, _ = trainer_for(mode, steps, seed, [])
+    trainer.train()
+    loss = trainer.evaluate()["eval_loss"]
+    return {"eval_loss": loss, "seed": seed, "rank": trainer.args.process_index}
+
+
 WORKERS = {"ddp": worker_ddp, "lightning": worker_lightning, "deepspeed": worker_deepspeed,
-           "horovod": worker_horovod}  # fmt: skip
+           "horovod": worker_horovod, "transformers": worker_transformers,
+           "transformers-eval": worker_transformers_eval}  # fmt: skip
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -233,9 +316,9 @@ def namespace_prefix(rate: str | None) -> list[str]:
     return ["ip", "netns", "exec", NAMESPACE]
 
 
-def run(prefix: list[str], engine: str, mode: str, steps: int, out: Path) -> dict:
+def run(prefix: list[str], engine: str, mode: str, steps: int, out: Path, seed: int = 0) -> dict:
     command = [*prefix, *launcher(engine), str(Path(__file__).resolve()), "--worker", engine,
-               mode, "--steps", str(steps), "--out", str(out)]  # fmt: skip
+               mode, "--steps", str(steps), "--seed", str(seed), "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -270,6 +353,20 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(rows)
 
 
+def eval_table(results: dict[str, list[dict]], steps: int) -> str:
+    """Markdown: held-out loss per Trainer mode and seed, after the same number of steps."""
+    labels = {"default": "Trainer default (fp32 all-reduce)", "distq": "distq 2-bit scatter",
+              "distq-ternary": "distq 2-bit + ternary weights"}  # fmt: skip
+    rows = [f"| exchange (GPT-2, {steps} steps) | held-out loss: mean | per seed |",
+            "|---|---|---|"]  # fmt: skip
+    for mode in EVAL_MODES:
+        losses = [r["eval_loss"] for r in results.get(mode, [])]
+        if losses:
+            per_seed = ", ".join(f"{x:.4f}" for x in losses)
+            rows.append(f"| {labels[mode]} | {statistics.mean(losses):.4f} | {per_seed} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
@@ -277,18 +374,25 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--rate", help="shape the ranks' link, tc syntax (e.g. 1gbit; root)")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--eval-steps", type=int, default=0,
+                        help="also train the Trainer's GPT-2 this long per seed and mode, then "
+                        "report its held-out loss")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("ENGINE", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         engine, mode = args.worker
-        result = WORKERS[engine](mode, args.steps)
+        seeded = {"seed": args.seed} if engine.startswith("transformers") else {}
+        result = WORKERS[engine](mode, args.steps, **seeded)
         if result["rank"] == 0:
             args.out.write_text(json.dumps(result))
         return
 
     prefix = namespace_prefix(args.rate)
     results: dict[tuple[str, str], list[dict]] = {}
+    evals: dict[str, list[dict]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for repeat in range(args.repeats):
@@ -299,12 +403,21 @@ def main() -> None:
                         result = run(prefix, engine, mode, args.steps, out)
                         results.setdefault((engine, mode), []).append(result)
                         print(f"{engine:9s} {mode:7s} repeat {repeat}: {result}", flush=True)
+            for seed in args.seeds if args.eval_steps else []:
+                for mode in EVAL_MODES:
+                    out = Path(tmp) / f"eval-{mode}-{seed}.json"
+                    result = run(prefix, "transformers-eval", mode, args.eval_steps, out, seed)
+                    evals.setdefault(mode, []).append(result)
+                    print(f"eval {mode:13s} seed {seed}: {result}", flush=True)
     finally:
         if prefix:
             subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
     if args.json:
-        args.json.write_text(json.dumps({f"{e}/{m}": r for (e, m), r in results.items()}))
+        runs = {f"{e}/{m}": r for (e, m), r in results.items()}
+        args.json.write_text(json.dumps(runs | {f"eval/{m}": r for m, r in evals.items()}))
     print(table(results))
+    if evals:
+        print(eval_table(evals, args.eval_steps))
 
 
 if __name__ == "__main__":
