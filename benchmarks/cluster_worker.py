@@ -130,7 +130,7 @@ class HookTimers:
     exclusive part, "other", is the hook's own work: scratch buffer, copies, division.
 
     Wraps, by attribute replacement in this process only (distq's code is not changed):
-    QuantizedCommState.reduce, clip_by_std_, the error measurement, the codec's encode and
+    QuantizedCommState.reduce, clip_by_rms_, the error measurement, the codec's encode and
     decode methods, and the gloo collectives when called from distq's thread (starting one,
     and waiting for it). Overhead: a few perf_counter calls per wrapped call, tens per bucket.
     """
@@ -207,7 +207,7 @@ class HookTimers:
                     self.events.append((index, buffer.numel(), start, time.perf_counter()))
 
         QuantizedCommState.reduce = reduce
-        self.wrap(dq_hook, "clip_by_std_", "clip")
+        self.wrap(dq_hook, "clip_by_rms_", "clip")
         self.wrap(dq_hook, "_relative_error", "error measurement")
         for attr in ("compress", "compress_rows"):
             self.wrap(dq_compressors.BucketCodec, attr, "compress")

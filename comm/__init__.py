@@ -1,5 +1,6 @@
 """distq.comm: gradients on the wire in 1–8 bits: compressors, collectives, the DDP hook."""
 
+from distq._layout import require_package_name
 from distq.comm.api import allreduce
 from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum
 from distq.comm.compressors import (
@@ -14,6 +15,8 @@ from distq.comm.compressors import (
 from distq.comm.hook import CompressionStats, QuantizedCommState, prime_buckets, quantized_hook
 from distq.comm.noise import Key
 from distq.comm.wire import WireFormat
+
+require_package_name(__name__, "distq.comm")
 
 __all__ = [
     "COLLECTIVES",

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import itertools
+import zlib
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distq.comm.clipping import clip_by_std_
+from distq.comm.clipping import clip_by_rms_
 from distq.comm.collectives import quantized_sum
 from distq.comm.compressors import Compressor, StochasticQuantizer
 from distq.comm.noise import Key
 
-_calls = itertools.count()
+NONFINITE_POLICIES = ("raise", "propagate")
+_calls: dict[str, int] = {}  # calls so far per process group name (the default noise key)
 
 
 def allreduce(
     tensor: Tensor,
-    bits: int = 2,
+    bits: int | None = None,
     bucket_size: int | None = 512,
     clip: float | None = None,
     collective: str = "scatter",
@@ -26,18 +27,60 @@ def allreduce(
     *,
     compressor: Compressor | None = None,
     key: Key | None = None,
+    nonfinite: str = "raise",
 ) -> Tensor:
-    """Average `tensor` over the ranks of `group`, sending `bits`-bit stochastic codes.
+    """Average floating-point `tensor` over the ranks of `group`, sending `bits`-bit stochastic
+    codes (default 2, or `compressor`'s width; a `bits` that contradicts `compressor` is refused).
 
     Returns a new tensor (same shape and dtype), bit-identical on every rank and unbiased:
-    E[result] = mean of the (clipped) inputs. Every rank must call it in the same order. `key`
-    fixes the rounding noise (default: a per-process call counter, the same on every rank).
+    E[result] = mean of the (clipped, at clip·√mean(x²)) inputs. On a one-rank group it is the
+    input itself, unquantized. Every rank must call it in the same order. `key` fixes the rounding
+    noise; by default it counts this process's calls on `group` (seeded by the group's name),
+    which is the same on every member as long as each makes the same calls on that group, as
+    the collective requires anyway (calls on other groups do not move it). `nonfinite`: 'raise'
+    a FloatingPointError on every rank alike when any rank's input holds NaN/Inf, or
+    'propagate' the NaN to every rank alike.
     """
-    compressor = compressor or StochasticQuantizer(bits, bucket_size)
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"allreduce averages floating-point tensors; got dtype {tensor.dtype} (cast it, "
+            "e.g. tensor.float(): an integer average would be truncated)"
+        )
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}")
+    if compressor is None:
+        compressor = StochasticQuantizer(2 if bits is None else bits, bucket_size)
+    elif bits is not None and bits != compressor.wire.bits:
+        raise ValueError(
+            f"bits={bits} contradicts compressor {type(compressor).__name__}, which sends "
+            f"{compressor.wire.bits} bit(s); allowed: bits={compressor.wire.bits} or bits=None"
+        )
+    if dist.get_world_size(group) == 1:
+        return _checked(tensor.detach().clone(), nonfinite)
     if key is None:
-        key = Key(step=next(_calls), rank=dist.get_rank())
+        key = _next_key(group)
     x = tensor.detach().to(torch.float32, copy=True).reshape(-1)
     if clip is not None:
-        clip_by_std_(x, clip)
+        clip_by_rms_(x, clip)
     total, _ = quantized_sum(x, compressor, key, collective, group, inplace=True)
-    return (total / dist.get_world_size(group)).reshape(tensor.shape).to(tensor.dtype)
+    average = (total / dist.get_world_size(group)).reshape(tensor.shape).to(tensor.dtype)
+    return _checked(average, nonfinite)
+
+
+def _next_key(group: dist.ProcessGroup | None) -> Key:
+    """Key of this process's next call on `group`: (group's name, its call count, rank)."""
+    name = (group or dist.group.WORLD).group_name
+    step = _calls.get(name, 0)
+    _calls[name] = step + 1
+    return Key(seed=zlib.crc32(name.encode()), step=step, rank=dist.get_rank())
+
+
+def _checked(average: Tensor, nonfinite: str) -> Tensor:
+    """The average, or FloatingPointError under 'raise' if it holds NaN/Inf (it is the same on
+    every rank, so every rank raises alike)."""
+    if nonfinite == "raise" and not torch.isfinite(average).all():
+        raise FloatingPointError(
+            "non-finite value in allreduce's average: some rank's input holds NaN/Inf "
+            "(every rank raises alike; nonfinite='propagate' returns the NaN instead)"
+        )
+    return average

@@ -57,15 +57,19 @@ def _compress(
     are max-reduced across the group."""
     if not compressor.wire.shared_scale:
         return compressor.compress(x, key, start=start)
-    scales = compressor.scales(x, key)
-    scales = torch.where(torch.isnan(scales), torch.inf, scales)  # MAX drops NaN: carry it as inf
-    dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=group)
+    scales = group_scales(compressor.scales(x, key), group)
     n = group_size(group)
     traffic.sent += 2 * (n - 1) * scales.numel() * 4 // n
     traffic.received += 2 * (n - 1) * scales.numel() * 4 // n
-    return compressor.compress(
-        x, key, torch.where(torch.isinf(scales), torch.nan, scales), start=start
-    )
+    return compressor.compress(x, key, scales, start=start)
+
+
+def group_scales(scales: Tensor, group) -> Tensor:
+    """Per-bucket scales max-reduced over the group (TernGrad's shared scale); a NaN on any
+    rank stays NaN (MAX drops NaN, so it travels as inf)."""
+    scales = torch.where(torch.isnan(scales), torch.inf, scales)
+    dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(torch.isinf(scales), torch.nan, scales)
 
 
 def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor:
@@ -238,7 +242,9 @@ def scatter_sum(
         owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
         owner_payload = compressor.compress(mine, owner_key, start=seg.start)
         if errors is not None:  # the second quantization's error, on this rank's chunks
-            decoded = compressor.decompress(owner_payload, chunk).sub_(mine)
+            # (decoded by the kernel the all-gather stage uses: nothing new to compile)
+            decoded = compressor.decode_rows_into(owner_payload.view(1, -1), torch.empty_like(mine))
+            decoded.sub_(mine)
             requant[0] += float(torch.dot(decoded, decoded))
             requant[1] += float(torch.dot(mine, mine))
         gathered = _buffer(

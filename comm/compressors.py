@@ -9,7 +9,8 @@ decode a payload get bit-identical values.
   levels r/k, k = 2^(m−1) − 1, scale s = max|g| of the bucket, stochastic rounding between the two
   nearest levels: unbiased, E‖Q(g) − g‖² ≤ Δ_g·‖g‖_∞·‖g‖₁ per bucket with Δ_g = 1/k.
   m = 1 is the unbiased stochastic sign: ±s with P(+s) = (1 + g/s)/2.
-- `terngrad`: the 2-bit case with one scale per tensor, max-reduced across ranks.
+- `terngrad`: the 2-bit case with the scale max-reduced across ranks (one per tensor by
+  default; `make_compressor` and the hook give it their `bucket_size`, one per bucket).
 - `SignCompressor`: sign(g)·mean|g| per bucket (1 bit; biased, use with error feedback).
 - `ErrorFeedback`: wraps any compressor; adds last step's compression error before compressing.
 """
@@ -530,16 +531,36 @@ class ErrorFeedback(Compressor):
         self.residuals.clear()
 
 
+FIXED_BITS = {"sign": 1, "terngrad": 2}  # compressors whose code has one width only
+
+
+def compressor_bits(kind: str, bits: int | None, name: str = "bits") -> int:
+    """The bit width compressor `kind` sends for a requested `bits` (None: its own, 2 for
+    'quantize'); a width it cannot send is refused (sign: 1 bit only, TernGrad: 2)."""
+    fixed = FIXED_BITS.get(kind)
+    if bits is None:
+        return fixed or 2
+    if fixed is not None and bits != fixed:
+        raise ValueError(
+            f"{name}={bits!r} with compressor {kind!r}, which sends {fixed} bit(s) per element; "
+            f"allowed: {name}={fixed} (or None), or compressor 'quantize' for {bits} bits"
+        )
+    return bits
+
+
 def make_compressor(
     kind: str = "quantize",
-    bits: int = 2,
+    bits: int | None = None,
     bucket_size: int | None = 512,
     error_feedback: bool = False,
     scale_dtype: torch.dtype = torch.float32,
     inplace_feedback: bool = False,
 ) -> Compressor:
-    """A compressor by name: 'quantize' (m-bit stochastic), 'terngrad', 'sign' (1-bit);
-    error_feedback wraps it in `ErrorFeedback(…, inplace=inplace_feedback)`."""
+    """A compressor by name: 'quantize' (m-bit stochastic), 'terngrad' (2-bit), 'sign' (1-bit);
+    error_feedback wraps it in `ErrorFeedback(…, inplace=inplace_feedback)`. bits=None: the
+    compressor's own width; one it cannot send is refused (`compressor_bits`)."""
+    if kind in COMPRESSORS:
+        bits = compressor_bits(kind, bits)
     if kind == "quantize":
         compressor: Compressor = StochasticQuantizer(bits, bucket_size, scale_dtype)
     elif kind == "terngrad":

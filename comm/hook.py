@@ -22,15 +22,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distq.comm.clipping import clip_by_std_
+from distq.comm.clipping import clip_by_rms_
 from distq.comm.collectives import (
     COLLECTIVES,
     SEGMENT_ELEMENTS,
     Traffic,
+    group_scales,
     quantized_sum,
     working_length,
 )
-from distq.comm.compressors import COMPRESSORS, Compressor, ErrorFeedback, make_compressor
+from distq.comm.compressors import (
+    COMPRESSORS,
+    Compressor,
+    ErrorFeedback,
+    compressor_bits,
+    make_compressor,
+)
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
 
@@ -51,17 +58,25 @@ class CompressionStats:
     intra_node_bytes_sent: int = 0
     fp32_allreduce_bytes: int = 0
     uncompressed_bytes_sent: int = 0
-    relative_error: float = float("nan")  # ‖Q(g) − g‖²/‖g‖², this rank's own quantization
-    requant_relative_error: float = float("nan")  # scatter's second quantization (owner chunk)
-    clip_bias: float = float("nan")  # ‖clip(g) − g‖²/‖g‖²
-    measured_step: int = -1  # the step these three were measured at
+    # Measured every `error_every` steps on this rank's own gradient g (before clipping), with
+    # x = Clip(g) and Q(x) its codes as sent (the shared scale for TernGrad):
+    relative_error: float = float("nan")  # ‖Q(x) − x‖²/‖g‖²
+    clipped_norm_ratio: float = float("nan")  # ‖x‖²/‖g‖² (1 without clipping)
+    clip_bias: float = float("nan")  # ‖x − g‖²/‖g‖²
+    requant_relative_error: float = float("nan")  # scatter's 2nd quantization, ‖Q(s) − s‖²/‖s‖²
+    measured_step: int = -1  # the step these were measured at
 
     @property
     def measured_blowup(self) -> float:
-        """E‖Q(g)‖²/‖g‖² = 1 + the relative errors of every quantization (they are unbiased, so
-        their variances add); NaN before the first measurement."""
-        second = self.requant_relative_error
-        return 1.0 + self.relative_error + (0.0 if second != second else second)
+        """‖Q(Clip(g))‖²/‖g‖² of this rank's first quantization, both norms of the unclipped g
+        (one draw of the E‖Q(Clip(g))‖²/‖g‖² the theory bounds); NaN before a measurement."""
+        return self.clipped_norm_ratio + self.relative_error
+
+    @property
+    def second_blowup(self) -> float:
+        """1 + ‖Q(s) − s‖²/‖s‖² of `scatter`'s re-quantization of the reduced chunks s; NaN
+        where there is none."""
+        return 1.0 + self.requant_relative_error
 
     @property
     def compression_ratio(self) -> float:
@@ -113,13 +128,16 @@ class QuantizedCommState:
 
     Args:
         process_group: the group DDP reduces over (None: the default group).
-        bits: bits per gradient element, 1..8. 2 (levels {0, ±1}·scale) cuts traffic ~15×;
-            4 is the safe choice for sensitive layers. Override per parameter with bits_by_name.
+        bits: bits per gradient element, 1..8 (None: the compressor's own, 2 for 'quantize').
+            2 (levels {0, ±1}·scale) cuts traffic ~15×; 4 is the safe choice for sensitive
+            layers. Override per parameter with bits_by_name.
         bucket_size: elements per scale. Smaller buckets lower the variance (the scale tracks
-            local magnitudes) and add 4 bytes per bucket; 512 costs 1/64 bit per element at 2 bits.
-            None: one scale per DDP bucket (the paper's per-tensor setting).
-        clip: clip each gradient tensor at clip·σ before quantizing (2.5 is a good default;
-            the paper used 1–3). Clipping removes the √d growth of the error; None disables it.
+            local magnitudes) and add 4 bytes per bucket: 512 costs 32/512 = 1/16 bit per
+            element. None: one scale per DDP bucket (the paper's per-tensor setting).
+        clip: clip each gradient tensor at clip·r, r = √mean(g²) (the paper's σ for zero-mean
+            gradients), before quantizing; a constant or offset gradient is never cut. 2.5 is
+            a good default (the paper used 1–3). Clipping bounds the scale, which removes the
+            √d growth of the error, at a small bias; None disables it.
         collective: 'scatter' (bandwidth-optimal, two quantizations), 'allgather' (one
             quantization, traffic grows with ranks), 'hierarchical' (full precision inside a
             node, 'scatter' between nodes).
@@ -130,17 +148,23 @@ class QuantizedCommState:
         min_numel: buckets smaller than this go uncompressed (tiny buckets gain nothing).
         bits_by_name: {name or regex: bits} for parameters of `model` that need other widths.
         model: the model (or DDP module) whose parameter names bits_by_name refers to.
-        compressor: 'quantize' (stochastic m-bit), 'terngrad', or 'sign' (1-bit).
+        compressor: 'quantize' (stochastic m-bit), 'terngrad' (bits=2 only), or 'sign'
+            (bits=1 only); a width the compressor cannot send is refused.
         seed: seeds the rounding noise (with step, rank and bucket).
-        nonfinite: 'raise' a FloatingPointError on every rank when any rank's gradient holds
-            NaN/Inf, or 'propagate' the NaN to every rank alike (so an optimizer or AMP scaler
-            skips the step everywhere).
+        nonfinite: 'raise': when any rank's gradient holds NaN/Inf, `loss.backward()` raises
+            FloatingPointError on every rank alike, after DDP has finished its backward (so the
+            model stays usable: zero the gradients and go on); or 'propagate' the NaN to every
+            rank alike (so an optimizer or AMP scaler skips the step everywhere).
         overlap: run exchanges on a worker thread while backward continues (False: inline).
         error_every: measure the quantization errors and clipping bias every this many steps
             (on the first 1 M elements of the bucket; one extra encode and decode).
         segment: elements per pipeline segment: a bucket goes on the wire in segments, the
             next one encoded and the previous one decoded while one is in flight, so the
             codec's time hides behind the network's. None: a bucket in one piece.
+
+    The state may be built before `torch.distributed` is initialized (as torch's PowerSGDState
+    is, e.g. for Lightning's `DDPStrategy(ddp_comm_state=...)`): its process groups are
+    resolved when the hook first runs.
 
     `set_keep_mask(fn)` leaves gradient entries off the wire: fn(parameter) gives a bool tensor
     of the entries to exchange (None: all), and every rank must give the same masks (as
@@ -152,6 +176,7 @@ class QuantizedCommState:
         "_compressors",
         "_group",
         "_keep_mask",
+        "_nonfinite_at",
         "_priming",
         "_rank",
         "_scratch",
@@ -181,7 +206,7 @@ class QuantizedCommState:
     def __init__(
         self,
         process_group: dist.ProcessGroup | None = None,
-        bits: int = 2,
+        bits: int | None = None,
         bucket_size: int | None = 512,
         clip: float | None = 2.5,
         collective: str = "scatter",
@@ -200,6 +225,7 @@ class QuantizedCommState:
         _check_choice("collective", collective, COLLECTIVES)
         _check_choice("compressor", compressor, COMPRESSORS)
         _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        bits = compressor_bits(compressor, bits)
         _check_bits(bits)
         if start_iter < 2:
             raise ValueError(f"start_iter={start_iter}; allowed: >= 2 (DDP rebuilds buckets at 1)")
@@ -211,8 +237,7 @@ class QuantizedCommState:
             raise ValueError("bits_by_name needs model= to resolve parameter names")
         for pattern, width in (bits_by_name or {}).items():
             _check_bits(width, f"bits_by_name[{pattern!r}]")
-        if not dist.is_initialized():
-            raise RuntimeError("QuantizedCommState needs an initialized torch.distributed group")
+            compressor_bits(compressor, width, f"bits_by_name[{pattern!r}]")
         self.process_group = process_group
         self.bits, self.bucket_size, self.clip = bits, bucket_size, clip
         self.collective, self.error_feedback = collective, error_feedback
@@ -234,13 +259,31 @@ class QuantizedCommState:
         self._compressors: dict[int, Compressor] = {}
         self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
         self._scratch: Tensor | None = None  # the work buffer, reused by every bucket
-        self._world_size = dist.get_world_size(process_group)
-        self._rank = dist.get_rank()
-        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-        # Our own group: our collectives never interleave with DDP's or the user's.
-        self._group = dist.new_group(ranks)
-        self._topology = Topology.discover(self._group) if collective == "hierarchical" else None
+        self._nonfinite_at: tuple[int, int] | None = None  # (bucket, step) of a NaN/Inf average
+        self._group: dist.ProcessGroup | None = None  # resolved by bind()
+        self._world_size = self._rank = -1
+        self._topology: Topology | None = None
         self._worker = _Worker() if overlap else None
+        if dist.is_initialized():
+            self.bind()
+
+    def bind(self) -> None:
+        """Resolve the process groups (once; the hook calls it on its first run). Every rank
+        of the group must call it in the same order: it creates distq's own group, so distq's
+        collectives never interleave with DDP's or the user's."""
+        if self._group is not None:
+            return
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "QuantizedCommState is used before torch.distributed is initialized: call "
+                "dist.init_process_group(...) (or start under torchrun) first"
+            )
+        group = self.process_group
+        self._world_size = dist.get_world_size(group)
+        self._rank = dist.get_rank()
+        self._group = dist.new_group(dist.get_process_group_ranks(group or dist.group.WORLD))
+        if self.collective == "hierarchical":
+            self._topology = Topology.discover(self._group)
 
     def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
         """Exchange only the entries fn(parameter) marks (see the class docstring)."""
@@ -298,6 +341,7 @@ class QuantizedCommState:
         if given (it may be `buffer` itself: the division and the write-back are then one
         pass) and returned.
         """
+        self.bind()
         n, numel = self._world_size, buffer.numel()
         self.stats.fp32_allreduce_bytes += 2 * (n - 1) * numel * 4 // n
         if keep is None:
@@ -328,23 +372,42 @@ class QuantizedCommState:
         work = self._work_buffer(working_length(numel, n, compressor, self.collective), buffer)
         work[numel:].zero_()  # scatter's padding
         x = work[:numel]
+        measure = step % self.error_every == 0 and self._quantizes_here()
+        original = None
+        if measure and self.clip is not None:
+            original = _error_sample(buffer, compressor).to(torch.float32, copy=True)
         if self.clip is None:
             x.copy_(buffer)
-        else:
-            before = None
-            if step % self.error_every == 0:
-                before = buffer[:ERROR_SAMPLE].to(torch.float32, copy=True)
-            if buffer.dtype == torch.float32:  # copy and clip in one pass
-                clip_by_std_(x, self.clip, lengths, source=buffer)
-            else:  # σ of half-precision sums is too coarse: clip the float32 copy
-                clip_by_std_(x.copy_(buffer), self.clip, lengths)
-            if before is not None:
-                norm = float(torch.dot(before, before))
-                moved = before.sub_(x[:ERROR_SAMPLE])
-                self.stats.clip_bias = float(torch.dot(moved, moved)) / norm if norm else 0.0
+        elif buffer.dtype == torch.float32:  # copy and clip in one pass
+            clip_by_rms_(x, self.clip, lengths, source=buffer)
+        else:  # the rms of half-precision sums is too coarse: clip the float32 copy
+            clip_by_rms_(x.copy_(buffer), self.clip, lengths)
+        slot = index * SLOTS_PER_BUCKET
+        if measure:
+            self._measure(x, original, compressor, Key(self.seed, step, self._rank, slot=slot))
         target = work if self.collective == "scatter" else x
-        summed = self._exchange(target, compressor, index * SLOTS_PER_BUCKET, step)
+        summed = self._exchange(target, compressor, slot, step, measure)
         return _divided(summed[:numel], n, out)
+
+    def _measure(
+        self, x: Tensor, original: Tensor | None, compressor: Compressor, key: Key
+    ) -> None:
+        """Record the first quantization's error and the clipping bias of this step, all
+        relative to ‖g‖² of the unclipped gradient (`original`; None: x is unclipped), on the
+        first ERROR_SAMPLE elements, with the scales and noise the exchange sends."""
+        sample = _error_sample(x, compressor)
+        g = sample if original is None else original
+        norm = float(torch.dot(g, g))
+        error = _quantization_error(x, sample, _plain(compressor), key, self._group)
+        stats = self.stats
+        stats.measured_step = key.step
+        if norm == 0:
+            stats.relative_error, stats.clip_bias, stats.clipped_norm_ratio = 0.0, 0.0, 1.0
+            return
+        stats.relative_error = error / norm
+        stats.clipped_norm_ratio = float(torch.dot(sample, sample)) / norm
+        moved = g - sample
+        stats.clip_bias = float(torch.dot(moved, moved)) / norm
 
     def _work_buffer(self, numel: int, like: Tensor) -> Tensor:
         """The first `numel` elements of the shared scratch buffer (grown as needed)."""
@@ -353,16 +416,15 @@ class QuantizedCommState:
             scratch = self._scratch = torch.empty(numel, device=like.device)
         return scratch[:numel]
 
-    def _exchange(self, x: Tensor, compressor: Compressor, slot: int, step: int) -> Tensor:
-        """Σ over ranks of the quantized x (overwritten), keyed by step, rank and slot."""
+    def _exchange(
+        self, x: Tensor, compressor: Compressor, slot: int, step: int, measure: bool = False
+    ) -> Tensor:
+        """Σ over ranks of the quantized x (overwritten), keyed by step, rank and slot; with
+        `measure`, the second quantization's error is recorded."""
         key = Key(self.seed, step, self._rank, slot=slot)
         if isinstance(compressor, ErrorFeedback) and compressor.discard_mismatched(slot, x.numel()):
             log.warning("DDP bucket layout changed: error-feedback residual %d reset", slot)
-        errors = None
-        if step % self.error_every == 0 and self._quantizes_here():
-            self.stats.relative_error = _relative_error(x, _plain(compressor), key)
-            self.stats.measured_step = step
-            errors = {}
+        errors = {} if measure else None
         summed, traffic = quantized_sum(
             x,
             compressor,
@@ -387,12 +449,22 @@ class QuantizedCommState:
         width over its elements (this path copies each group, beyond the 2x bound)."""
         flat = buffer.to(torch.float32, copy=True)
         if self.clip is not None:
-            clip_by_std_(flat, self.clip, lengths)
-        for part, (width, mask) in enumerate(groups):
+            clip_by_rms_(flat, self.clip, lengths)
+        for part, (width, mask) in enumerate(groups):  # errors are measured on 1-width buckets
             flat[mask] = self._exchange(
                 flat[mask], self.compressor_for(width), index * SLOTS_PER_BUCKET + part, step
             )
         return flat
+
+    def quantizations(self) -> int:
+        """How many times a gradient value is quantized on its way: 1 (allgather), 2 (scatter,
+        and hierarchical across nodes), 0 (hierarchical on one node: full precision)."""
+        if self.collective == "allgather":
+            return 1
+        self.bind()
+        if self._topology is not None and self._topology.num_nodes == 1:
+            return 0
+        return 2
 
     def _quantizes_here(self) -> bool:
         """Whether this rank's exchange quantizes (hierarchical: only node leaders, and only
@@ -409,6 +481,7 @@ class QuantizedCommState:
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's hook state: step counter, settings, error-feedback residuals."""
+        self.bind()
         residuals = {
             f"{bits}/{slot}": r.clone()
             for bits, c in self._compressors.items()
@@ -434,6 +507,7 @@ class QuantizedCommState:
         ]
         if different:
             raise ValueError("hook state was saved with other settings: " + "; ".join(different))
+        self.bind()
         self.iter = int(state["iter"])
         for compressor in self._compressors.values():
             if isinstance(compressor, ErrorFeedback):
@@ -488,6 +562,7 @@ def quantized_hook(
     state: "QuantizedCommState", bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: the bucket's gradients averaged over ranks through quantized codes."""
+    state.bind()
     buffer = bucket.buffer()
     step, last = state.iter, bucket.is_last()
     if last and not state._priming:
@@ -501,18 +576,19 @@ def quantized_hook(
     widths = [state._widths.get(p, state.bits) for p in bucket.parameters()]
     index = bucket.index()
     keep = state._bucket_keep(bucket)
+    if last and state.nonfinite == "raise":
+        _raise_after_backward_if_nonfinite(state)
 
     def job() -> Tensor:
         result = state.reduce(buffer.detach(), lengths, widths, index, step, keep, out=buffer)
         if last:
             state.stats.steps += 1
-        # A sum is NaN/Inf iff an element is (or it overflows, which is as unusable); unlike
-        # isfinite(result).all() it allocates nothing of the bucket's size.
-        if state.nonfinite == "raise" and not torch.isfinite(result.sum()):
-            raise FloatingPointError(
-                f"non-finite gradient in DDP bucket {index} at step {step} on some rank "
-                "(every rank raises alike; nonfinite='propagate' hands the NaN to the optimizer)"
-            )
+        # A float32 sum is NaN/Inf iff an element is (or it overflows 3e38, as unusable);
+        # unlike isfinite(result).all() it allocates nothing of the bucket's size (and summed
+        # in float16 it would overflow on finite gradients). The average is the same on every
+        # rank, so every rank records (and later raises) alike.
+        if state._nonfinite_at is None and not torch.isfinite(result.sum(dtype=torch.float32)):
+            state._nonfinite_at = (index, step)
         # Written into DDP's own bucket, like an in-place all-reduce: the scratch buffer is
         # free for the next bucket instead of being held by the future until backward ends.
         return result
@@ -552,6 +628,26 @@ def prime_buckets(ddp: nn.Module, state: QuantizedCommState, *inputs: Any) -> No
         for name, b in module.named_buffers():
             b.copy_(buffers[name])
     torch.set_rng_state(rng)
+
+
+def _raise_after_backward_if_nonfinite(state: QuantizedCommState) -> None:
+    """Have this backward raise FloatingPointError once DDP has finished it, if an average was
+    NaN/Inf. A future that fails reaches the user as DDP's RuntimeError("Unable to cast …") and
+    an exception inside the hook leaves DDP's reducer half-finished; an autograd-engine callback
+    queued from another callback runs after DDP's own (which waits for every bucket), and its
+    exception reaches `loss.backward()`'s caller with its type."""
+    engine = torch.autograd.Variable._execution_engine
+
+    def check() -> None:
+        failure, state._nonfinite_at = state._nonfinite_at, None
+        if failure is not None:
+            index, step = failure
+            raise FloatingPointError(
+                f"non-finite gradient in DDP bucket {index} at step {step} on some rank (every "
+                "rank raises alike; nonfinite='propagate' hands the NaN to the optimizer)"
+            )
+
+    engine.queue_callback(lambda: engine.queue_callback(check))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -610,12 +706,32 @@ def _plain(compressor: Compressor) -> Compressor:
     return compressor.inner if isinstance(compressor, ErrorFeedback) else compressor
 
 
-def _relative_error(x: Tensor, compressor: Compressor, key: Key) -> float:
-    """‖Q(x) − x‖² / ‖x‖² of one quantization of this rank's gradient, with the noise it was
-    sent with, over its first ERROR_SAMPLE elements (whole buckets, so their codes are the ones
-    sent when the scale is per bucket) to keep the measurement's memory small."""
+def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
+    """The leading whole buckets of x, at most ERROR_SAMPLE elements (a view; all of x when it
+    is shorter than a bucket): whole buckets encode with the kernels the exchange has compiled
+    already, where a partial one would compile the element-order kernels at this step."""
     bucket = compressor.wire.bucket_size
-    sample = x[: ERROR_SAMPLE - ERROR_SAMPLE % bucket if bucket else ERROR_SAMPLE]
-    diff = compressor.decompress(compressor.compress(sample, key), sample.numel()).sub_(sample)
-    norm = float(torch.dot(sample, sample))
-    return float(torch.dot(diff, diff)) / norm if norm > 0 else 0.0
+    if not bucket:
+        return x[:ERROR_SAMPLE]
+    whole = min(ERROR_SAMPLE, x.numel()) // bucket * bucket
+    return x[: whole or x.numel()]
+
+
+def _quantization_error(
+    x: Tensor, sample: Tensor, compressor: Compressor, key: Key, group: dist.ProcessGroup
+) -> float:
+    """‖Q(sample) − sample‖² for the leading `sample` of x, with the codes the exchange sends:
+    the same noise, and the scales of x's buckets (one scale: x's own; shared scales: max-reduced
+    over `group`, a collective every rank makes at the same steps)."""
+    wire = compressor.wire
+    if wire.bucket_size is not None and not wire.shared_scale:  # the sample's own scales
+        payload = compressor.compress(sample, key)
+    else:
+        scales = compressor.scales(x if wire.bucket_size is None else sample, key)
+        if wire.shared_scale:
+            scales = group_scales(scales, group)
+        payload = compressor.compress(sample, key, scales=scales)
+    # decoded by the kernel scatter's all-gather stage uses: no extra compile at this step
+    diff = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(sample))
+    diff.sub_(sample)
+    return float(torch.dot(diff, diff))

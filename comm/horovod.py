@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
-from distq.comm.clipping import clip_by_std_
+from distq.comm.clipping import clip_by_rms_
 from distq.comm.compressors import COMPRESSORS, Compressor, make_compressor
 from distq.comm.extras import require
 from distq.comm.hook import SLOTS_PER_BUCKET, CompressionStats
@@ -65,7 +65,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
-        bits: int = 2,
+        bits: int | None = None,
         collective: str = "scatter",
         bucket_size: int | None = 512,
         clip: float | None = 2.5,
@@ -158,7 +158,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.stats.uncompressed_bytes_sent += 2 * (n - 1) * flat.numel() * 4 // n
             return hvd.allreduce(flat, op=hvd.Sum, name=name).div_(n)
         if self.clip is not None:
-            clip_by_std_(flat, self.clip, [p.numel() for p in params])
+            clip_by_rms_(flat, self.clip, [p.numel() for p in params])
         key = Key(self.seed, self.iter, self._transport.rank, slot=index * SLOTS_PER_BUCKET)
         total, traffic = transport_sum(
             flat, self.compressor, key, self.collective, self._transport, name

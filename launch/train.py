@@ -136,13 +136,13 @@ def build_monitor(
             log.warning("rank %d: no metrics exporter (%s)", env.rank, exc)
             exporter = None
     gradient = None
-    if comm is not None and cfg.grad_compressor != "sign":
-        k = 2 ** (cfg.grad_bits - 1) - 1
+    if comm is not None:
         gradient = GradientSetup(
-            delta_g=1.0 / k if k else 1.0,
+            bits=comm.bits,
             clip=cfg.clip,
             bucket_numel=cfg.bucket_size or 25 * 2**20 // 4,  # else: a default 25 MiB DDP bucket
-            quantizations=1 if cfg.collective == "allgather" else 2,
+            quantizations=comm.quantizations(),
+            compressor=cfg.grad_compressor,
         )
     quantizer = optimizer if isinstance(optimizer, QuantizedOptimizer) else None
     return ConvergenceMonitor(

@@ -16,15 +16,16 @@ from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 log = logging.getLogger(__name__)
 
 GAUGES = {
-    "distq_weight_quant_error": ("‖ŵ − w‖²_D of a quantized tensor", ("rank", "tensor")),
-    "distq_weight_quant_error_relative": ("‖ŵ − w‖²_D / ‖w‖²_D", ("rank", "tensor")),
+    "distq_weight_quant_error": ("D-weighted ‖ŵ − w‖²_D of a tensor", ("rank", "tensor")),
+    "distq_weight_quant_error_relative": ("‖ŵ − w‖²_D / ‖w‖²_D (D-weighted)", ("rank", "tensor")),
     "distq_weight_alpha": ("scale α of a quantized tensor", ("rank", "tensor")),
     "distq_weight_rounding_bound": ("d·α²·Δ_w²/4, the theory's weight term", ("rank", "tensor")),
-    "distq_grad_quant_error_relative": ("‖Q(g) − g‖²/‖g‖², all quantizations", ("rank",)),
-    "distq_grad_clip_bias_relative": ("‖clip(g) − g‖²/‖g‖²", ("rank",)),
-    "distq_grad_clip_bias_predicted": ("the theory's clipping bias for Gaussian g", ("rank",)),
-    "distq_grad_blowup": ("measured E‖Q(g)‖²/‖g‖²", ("rank",)),
-    "distq_grad_blowup_bound": ("the theory's bound on the blow-up", ("rank",)),
+    "distq_grad_quant_error_relative": ("Σ of each quantization's ‖Q(x) − x‖²/‖·‖²", ("rank",)),
+    "distq_grad_clip_bias_relative": ("‖Clip(g) − g‖²/‖g‖²", ("rank",)),
+    "distq_grad_clip_bias_predicted": ("the clipping bias of zero-mean Gaussian g", ("rank",)),
+    "distq_grad_blowup": ("measured ‖Q(Clip g)‖²/‖g‖², first quantization", ("rank",)),
+    "distq_grad_blowup_bound": ("proven bound on the blow-up (absent: none)", ("rank",)),
+    "distq_grad_second_blowup": ("measured 1 + ‖Q(s) − s‖²/‖s‖², scatter's 2nd", ("rank",)),
     "distq_compression_ratio": ("fp32 all-reduce bytes ÷ bytes sent", ("rank",)),
     "distq_lstm_spectral_norm": ("‖W_h‖₂ of an LSTM layer's recurrent matrix", ("rank", "tensor")),
     "distq_lstm_hidden_grad_norm_first": (

@@ -1,13 +1,15 @@
 """ConvergenceMonitor: the combined weight and gradient quantization error, step by step,
 beside the theory's bounds (DESIGN §5), to a JSONL log and a Prometheus exporter, with alarms.
 
-Every `every` steps it reads ‖ŵ − w‖²_D per tensor from the QuantizedOptimizer; whenever the
-comm hook has measured its gradient errors (both quantizations of `scatter`, and the clipping
-bias; every `error_every` hook steps) it records them beside the theory's bound. Alarms warn
-(and count) when the measured gradient blow-up exceeds its bound, or when the combined error has
-risen `rising` checks in a row. The loss, step time and bytes are recorded every step. For a
-model with quantizable LSTM layers it also records, every `every` steps, ‖∂ℓ/∂h_t‖ across the
-time steps of the last backward and the spectral norms of the recurrent matrices.
+Every `every` steps it reads ‖ŵ − w‖²_D (D-weighted) and ‖ŵ − w‖² (Euclidean) per tensor from
+the QuantizedOptimizer; whenever the comm hook has measured its gradient errors (both
+quantizations of `scatter`, and the clipping bias; every `error_every` hook steps) it records
+them beside a bound where one is proven (`GradientSetup.blowup_bound`). Alarms warn (and count)
+when a measured gradient blow-up exceeds its bound, or when the combined error (Euclidean
+relative weight error + relative gradient error) has risen `rising` checks in a row. The loss,
+step time and bytes are recorded every step. For a model with quantizable LSTM layers it also
+records, every `every` steps, ‖∂ℓ/∂h_t‖ across the time steps of the last backward and the
+spectral norms of the recurrent matrices.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from distq.monitor.exporter import MetricsExporter
 from distq.monitor.recurrent import RecurrentProbe
 from distq.monitor.weights import weight_errors
 from distq.optim import QuantizedOptimizer
-from distq.theory import clip_bias_per_element, grad_blowup_clipped, grad_blowup_unclipped
+from distq.theory import (
+    clip_bias_relative,
+    grad_blowup_clipped,
+    grad_blowup_unclipped,
+    level_spacing,
+    sign_blowup_bound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +41,41 @@ LOG_NAME = "monitor-rank{rank}.jsonl"
 
 @dataclass
 class GradientSetup:
-    """What the gradient bound needs: Δ_g, clip multiple c (None: unclipped), the dimension of
-    one scale's bucket, and how many quantizations a value goes through (scatter: 2)."""
+    """What the gradient bounds need: the compressor ('quantize', 'terngrad', 'sign') and its
+    bits, the clip multiple c (None: unclipped), the elements per scale (bucket), and how many
+    quantizations a value goes through (allgather: 1; scatter: 2; hierarchical: 2 across nodes,
+    0 on one node)."""
 
-    delta_g: float
+    bits: int
     clip: float | None
     bucket_numel: int
     quantizations: int = 1
+    compressor: str = "quantize"
 
-    def blowup_bound(self) -> float:
-        """The theory's E‖Q(g)‖²/‖g‖² bound; variances of independent quantizations add."""
-        one = (
-            grad_blowup_clipped(self.clip, self.delta_g)
-            if self.clip is not None
-            else grad_blowup_unclipped(self.bucket_numel, self.delta_g)
-        )
-        return 1.0 + self.quantizations * (float(one) - 1.0)
+    def blowup_bound(self) -> float | None:
+        """A bound on E‖Q(x)‖²/‖g‖² of one quantization (x = Clip(g) or g) proven for every
+        gradient, or None where none is.
+
+        m ≥ 2 bits: Lemma 3 per bucket with Cauchy–Schwarz, 1 + ((1 + √B)/2)·Δ_g with B the
+        bucket size (`grad_blowup_unclipped`), clipped or not (clipping only shrinks ‖x‖; the
+        clipped 1 + c·Δ_g needs buckets inside one tensor, which DDP's flat buckets are not).
+        1 bit (stochastic sign): B (`sign_blowup_bound`; Lemma 3 does not hold there). None for
+        TernGrad (its scale is the max over all ranks, unbounded by this rank's g), for the
+        biased `sign` compressor (the blow-up of an unbiased quantizer does not describe it),
+        and where nothing is quantized.
+        """
+        if self.quantizations == 0 or self.compressor != "quantize":
+            return None
+        if self.bits == 1:
+            return float(sign_blowup_bound(self.bucket_numel))
+        return float(grad_blowup_unclipped(self.bucket_numel, level_spacing(self.bits)))
+
+    def gaussian_blowup(self) -> float | None:
+        """The paper's clipped form √(2/π)·c·Δ_g + 1: about what Gaussian gradients give, for
+        comparison, not a bound (None unclipped or where `blowup_bound` has none)."""
+        if self.clip is None or self.bits == 1 or self.blowup_bound() is None:
+            return None
+        return float(grad_blowup_clipped(self.clip, level_spacing(self.bits)))
 
 
 @dataclass
@@ -115,33 +142,57 @@ class ConvergenceMonitor:
         }
 
     def _gradient_errors(self, step: int) -> dict[str, Any]:
-        """The hook's newest error measurement, if it is one this monitor has not seen yet."""
+        """The hook's newest error measurement, if it is one this monitor has not seen yet.
+
+        All first-quantization figures are relative to ‖g‖² of this rank's unclipped gradient
+        (Euclidean): the error ‖Q(x) − x‖², the clipping bias ‖x − g‖², the blow-up ‖Q(x)‖²;
+        the second quantization's (`scatter`'s owner step) are relative to its own input."""
         if self.comm is None:
             return {}
         stats = self.comm.compression_stats()
         if stats.measured_step <= self._grad_seen:
             return {}
         self._grad_seen = stats.measured_step
+        second = _or_none(stats.requant_relative_error)
         out = {
             "grad_measured_at_hook_step": stats.measured_step,
-            "grad_error_relative": stats.measured_blowup - 1.0,
             "grad_first_error_relative": stats.relative_error,
-            "grad_second_error_relative": _or_none(stats.requant_relative_error),
+            "grad_second_error_relative": second,
+            "grad_error_relative": stats.relative_error + (second or 0.0),
             "grad_clip_bias_relative": _or_none(stats.clip_bias),
             "grad_blowup": stats.measured_blowup,
         }
+        if second is not None:
+            out["grad_second_blowup"] = stats.second_blowup
         self._last_grad_error = out["grad_error_relative"]
-        if self.gradient is not None and self.gradient.clip is not None:
-            # per element σ²·f(c), so relative to ‖g‖² ≈ dσ² it is f(c) (Gaussian g)
-            out["grad_clip_bias_predicted"] = float(clip_bias_per_element(self.gradient.clip))
         if self.gradient is not None:
-            out["grad_blowup_bound"] = bound = self.gradient.blowup_bound()
-            if stats.measured_blowup > bound:
+            out.update(self._gradient_theory(step, out))
+        return out
+
+    def _gradient_theory(self, step: int, measured: dict[str, Any]) -> dict[str, Any]:
+        """The proven bounds beside the measured blow-ups (null where none is proven), the
+        Gaussian forms for comparison, and alarms where a measurement exceeds its bound."""
+        setup = self.gradient
+        assert setup is not None
+        bound = setup.blowup_bound()
+        out: dict[str, Any] = {"grad_blowup_bound": bound}
+        if "grad_second_blowup" in measured:
+            out["grad_second_blowup_bound"] = bound
+        if setup.gaussian_blowup() is not None:
+            out["grad_blowup_gaussian"] = setup.gaussian_blowup()
+        if setup.clip is not None:
+            # for zero-mean Gaussian g, the largest over Gaussian means (`clip_bias_relative`)
+            out["grad_clip_bias_predicted"] = float(clip_bias_relative(setup.clip))
+        if bound is None:
+            return out
+        for key, name in (("grad_blowup", "first"), ("grad_second_blowup", "second")):
+            value = measured.get(key)
+            if value is not None and value > bound:
                 self._alarm(
                     "blowup_above_bound",
                     step,
-                    f"measured gradient blow-up {stats.measured_blowup:.3f} exceeds "
-                    f"the theory's bound {bound:.3f}",
+                    f"measured blow-up of the {name} gradient quantization {value:.3f} "
+                    f"exceeds its proven bound {bound:.3f}",
                 )
         return out
 
@@ -150,26 +201,32 @@ class ConvergenceMonitor:
             return {}
         tensors = weight_errors(self.optimizer)
         total = sum(e.error for e in tensors.values())
-        norm = sum(e.error / e.relative for e in tensors.values() if e.relative > 0)
+        norm = sum(e.norm for e in tensors.values())
+        euclidean = sum(e.error_euclidean for e in tensors.values())
+        euclidean_norm = sum(e.norm_euclidean for e in tensors.values())
         return {
             "weights": {
                 name: {
-                    "error": e.error,
-                    "relative": e.relative,
+                    "error_D": e.error,
+                    "relative_D": e.relative,
+                    "relative_euclidean": e.relative_euclidean,
                     "alpha": e.alpha,
                     "delta_w": e.delta_w,
                     "rounding_bound": e.rounding_bound,
                 }
                 for name, e in tensors.items()
             },
-            "weight_error": total,
-            "weight_error_relative": total / norm if norm > 0 else 0.0,
+            "weight_error_D": total,
+            "weight_error_relative_D": total / norm if norm > 0 else 0.0,
+            "weight_error_relative_euclidean": (
+                euclidean / euclidean_norm if euclidean_norm > 0 else 0.0
+            ),
         }
 
     def _check_combined(self, step: int, record: dict[str, Any]) -> None:
-        """Combined = relative weight error + latest relative gradient error; alarm once when it
-        has risen `rising` checks in a row."""
-        combined = record.get("weight_error_relative", 0.0) + self._last_grad_error
+        """Combined = Euclidean relative weight error + latest relative gradient error (both
+        ‖·‖²/‖·‖² in the plain norm); alarm once when it has risen `rising` checks in a row."""
+        combined = record.get("weight_error_relative_euclidean", 0.0) + self._last_grad_error
         record["combined_error_relative"] = combined
         rose = self._last_combined is not None and combined > self._last_combined
         self._streak = self._streak + 1 if rose else 0
@@ -200,8 +257,8 @@ class ConvergenceMonitor:
             if math.isfinite(record["compression_ratio"]):
                 e.set("distq_compression_ratio", record["compression_ratio"])
         for name, w in record.get("weights", {}).items():
-            e.set("distq_weight_quant_error", w["error"], tensor=name)
-            e.set("distq_weight_quant_error_relative", w["relative"], tensor=name)
+            e.set("distq_weight_quant_error", w["error_D"], tensor=name)
+            e.set("distq_weight_quant_error_relative", w["relative_D"], tensor=name)
             e.set("distq_weight_alpha", w["alpha"], tensor=name)
             e.set("distq_weight_rounding_bound", w["rounding_bound"], tensor=name)
         for name, r in record.get("recurrent", {}).items():
@@ -211,8 +268,10 @@ class ConvergenceMonitor:
         for key, metric in (
             ("grad_error_relative", "distq_grad_quant_error_relative"),
             ("grad_clip_bias_relative", "distq_grad_clip_bias_relative"),
+            ("grad_clip_bias_predicted", "distq_grad_clip_bias_predicted"),
             ("grad_blowup", "distq_grad_blowup"),
             ("grad_blowup_bound", "distq_grad_blowup_bound"),
+            ("grad_second_blowup", "distq_grad_second_blowup"),
         ):
             if record.get(key) is not None:
                 e.set(metric, record[key])

@@ -60,18 +60,21 @@ def write_report(run_dir: str | Path, rank: int = 0) -> list[Path]:
     tensors = sorted({n for r in records for n in r.get("weights", {})})
     for name in tensors:
         steps = [r["step"] for r in records if name in r.get("weights", {})]
-        values = [r["weights"][name]["relative"] for r in records if name in r.get("weights", {})]
+        values = [r["weights"][name]["relative_D"] for r in records if name in r.get("weights", {})]
         ax.plot(steps, values, marker=".", label=name)
     if tensors:
         ax.legend(fontsize=8)
     written.append(_save(fig, run_dir / "weight_error.png"))
 
-    fig, ax = _figure("Gradient quantization: measured blow-up vs theory", "E‖Q(g)‖² / ‖g‖²")
+    fig, ax = _figure("Gradient quantization: measured blow-up vs theory", "‖Q(Clip g)‖² / ‖g‖²")
     steps, measured = _series(records, "grad_blowup")
     ax.plot(steps, measured, marker=".", label="measured")
     bound_steps, bound = _series(records, "grad_blowup_bound")
     if bound:
-        ax.plot(bound_steps, bound, ls="--", color="tab:red", label="theory bound")
+        ax.plot(bound_steps, bound, ls="--", color="tab:red", label="proven bound")
+    gaussian_steps, gaussian = _series(records, "grad_blowup_gaussian")
+    if gaussian:
+        ax.plot(gaussian_steps, gaussian, ls=":", color="tab:gray", label="Gaussian g (paper)")
     ax.legend(fontsize=8)
     written.append(_save(fig, run_dir / "grad_blowup.png"))
 

@@ -1,4 +1,5 @@
-"""Weight quantization error of a QuantizedOptimizer's tensors: ‖ŵ − w‖²_D, relative, α, Δ_w."""
+"""Weight quantization error of a QuantizedOptimizer's tensors: ‖ŵ − w‖²_D (the loss-aware
+projection's own objective) and ‖ŵ − w‖² (comparable with the gradient errors), α, Δ_w."""
 
 from __future__ import annotations
 
@@ -15,10 +16,22 @@ class WeightError:
     """One quantized tensor at one step."""
 
     error: float  # ‖ŵ − w‖²_D with the optimizer's curvature d (d ≡ 1 for SGD)
-    relative: float  # error / ‖w‖²_D
+    norm: float  # ‖w‖²_D
+    error_euclidean: float  # ‖ŵ − w‖²
+    norm_euclidean: float  # ‖w‖²
     alpha: float  # mean scale (per-channel and two-scale schemes averaged)
     delta_w: float  # level spacing in units of α
     numel: int
+
+    @property
+    def relative(self) -> float:
+        """‖ŵ − w‖²_D / ‖w‖²_D (D-weighted)."""
+        return self.error / self.norm if self.norm > 0 else 0.0
+
+    @property
+    def relative_euclidean(self) -> float:
+        """‖ŵ − w‖² / ‖w‖² (Euclidean)."""
+        return self.error_euclidean / self.norm_euclidean if self.norm_euclidean > 0 else 0.0
 
     @property
     def rounding_bound(self) -> float:
@@ -36,11 +49,12 @@ def weight_errors(optimizer: QuantizedOptimizer) -> dict[str, WeightError]:
         w = optimizer.latent[name].float()
         d = optimizer.curvature(p)
         d = torch.ones_like(w) if d is None else d.float()
-        error = float((d * (p.detach().float() - w).square()).sum())
-        norm = float((d * w.square()).sum())
+        moved = (p.detach().float() - w).square()
         out[name] = WeightError(
-            error=error,
-            relative=error / norm if norm > 0 else 0.0,
+            error=float((d * moved).sum()),
+            norm=float((d * w.square()).sum()),
+            error_euclidean=float(moved.sum()),
+            norm_euclidean=float(w.square().sum()),
             alpha=float(optimizer.alpha[name].float().mean()),
             delta_w=spacing,
             numel=w.numel(),

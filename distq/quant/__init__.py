@@ -6,7 +6,7 @@ proximal Newton step of loss-aware quantization, Hou & Kwok); d = None means d â
 >>> import torch
 >>> p = project(torch.tensor([0.9, -0.1, -1.1, 0.05]), scheme="ternary")
 >>> p.q.tolist(), round(p.alpha.item(), 3)
-([1.0, -0.0, -1.0, 0.0], 1.0)
+([1.0, 0.0, -1.0, 0.0], 1.0)
 """
 
 from __future__ import annotations

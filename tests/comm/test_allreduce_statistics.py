@@ -178,7 +178,7 @@ def theory(xs: list[torch.Tensor], collective: str, t: int):
 
 
 def clipped(x: torch.Tensor) -> torch.Tensor:
-    limit = CLIP * x.std(correction=0)
+    limit = CLIP * x.double().square().mean().sqrt().float()
     return x.clamp(-limit, limit)
 
 

@@ -648,11 +648,16 @@ def test_error_feedback_drops_non_finite_residuals():
 
 
 def test_terngrad_wire_format():
-    for q in (terngrad(), make_compressor("terngrad", bits=5, bucket_size=None)):
+    for q in (terngrad(), make_compressor("terngrad", bits=2, bucket_size=None)):
         assert isinstance(q, StochasticQuantizer)
         assert (q.wire.bits, q.wire.bucket_size, q.wire.shared_scale) == (2, None, True)
         assert q.k == 1
     assert terngrad(128).wire.bucket_size == 128
+    # bits=5 silently sent 2 bits while checkpoints recorded 5
+    with pytest.raises(ValueError, match="bits=5 with compressor 'terngrad'"):
+        make_compressor("terngrad", bits=5)
+    with pytest.raises(ValueError, match="bits=4 with compressor 'sign'"):
+        make_compressor("sign", bits=4)
     assert not StochasticQuantizer(2, None).wire.shared_scale
 
 

@@ -96,3 +96,13 @@ def test_lightning_ddp_strategy_trains_like_ddp(tmp_path, ddp_reference, engine)
     assert_identical_replicas(ranks)
     assert_tracks(ranks, ddp_reference)
     assert_bytes(ranks, STEPS - 2)
+
+
+def test_horovod_optimizer_refuses_contradictory_bits():
+    """compressor='sign' sent 1 bit whatever `bits` said (checked before Horovod starts)."""
+    need("horovod.torch")
+    from distq.comm.horovod import DistributedOptimizer
+
+    layer = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="bits=4 with compressor 'sign'"):
+        DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), bits=4, compressor="sign")

@@ -267,7 +267,9 @@ def run_lightning(args) -> None:
 
         from distq.comm import quantized_hook
 
-        dist.init_process_group("gloo")  # Lightning reuses it; the state needs it to exist
+        # Built before any process group exists, as users build torch's PowerSGDState: the
+        # state resolves its group when the hook first runs.
+        assert not dist.is_initialized()
         strategy = DDPStrategy(ddp_comm_state=comm_state(args), ddp_comm_hook=quantized_hook)
         hook = QuantizedCommHook()
     else:

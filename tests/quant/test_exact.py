@@ -94,6 +94,29 @@ def test_linear_alpha_is_weighted_least_squares_for_its_codes(bits, seed):
     assert p.alpha.item() == pytest.approx(lsq.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("scheme", ["linear", "log"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("seed", range(6))
+def test_every_in_range_weight_sits_at_its_nearest_level(scheme, bits, seed):
+    """Theorem 1's premise (rounding error ≤ αΔ_w/2 for linear): after 10 rounds 2–3% of
+    in-range weights were still off their nearest level, by up to 1.32·αΔ_w/2."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4096, generator=g, dtype=torch.float64)
+    d = torch.rand(4096, generator=g, dtype=torch.float64) + 0.05
+    p = project(w, d, scheme, bits)
+    alpha = p.alpha.item()
+    k = 2 ** (bits - 1) - 1
+    linear = torch.arange(-k, k + 1, dtype=torch.float64) / k
+    levels = alpha * (linear if scheme == "linear" else log_levels(bits))
+    inside = w.abs() <= alpha
+    assert inside.sum() > 1000
+    distance = (w[inside, None] - levels[None, :]).abs()
+    chosen = (p.q[inside] - w[inside]).abs()
+    assert torch.all(chosen <= distance.min(dim=1).values + 1e-12)
+    if scheme == "linear":
+        assert chosen.max() <= alpha / k / 2 + 1e-12
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_linear_lsq_rule_beats_the_reference_rule(seed):
     w, d = sample(seed, n=200)

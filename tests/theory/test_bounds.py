@@ -8,10 +8,13 @@ import pytest
 
 from distq.theory import (
     clip_bias_per_element,
+    clip_bias_relative,
     grad_blowup_clipped,
+    grad_blowup_clipped_bound,
     grad_blowup_unclipped,
     lemma3_variance_bound,
     level_spacing,
+    sign_blowup_bound,
     weight_error_floor,
 )
 
@@ -156,9 +159,58 @@ def test_clip_bias_matches_quadrature():
         assert clip_bias_per_element(c) == pytest.approx(2 * np.trapezoid(integrand, z), rel=1e-6)
 
 
+@pytest.mark.parametrize("c", [1.5, 2.5])
+@pytest.mark.parametrize("mean", [0.0, 0.5, 2.0, -3.0])
+def test_rms_clip_bias_matches_simulation(c, mean, normal_samples):
+    """distq clips at c·√mean(g²): offset gradients lose less than zero-mean ones."""
+    sigma = 0.7
+    g = mean + sigma * normal_samples
+    limit = c * math.sqrt(mean**2 + sigma**2)
+    simulated = float(np.mean((np.clip(g, -limit, limit) - g) ** 2) / np.mean(g**2))
+    predicted = clip_bias_relative(c, mean, sigma)
+    assert abs(simulated - predicted) <= 0.05 * predicted + 1e-7
+    if mean == 0.0:
+        assert predicted == pytest.approx(clip_bias_per_element(c, sigma) / sigma**2, rel=1e-12)
+
+
+def test_zero_mean_is_the_largest_rms_clip_bias():
+    means = np.linspace(-5, 5, 201)
+    for c in (1.0, 1.5, 2.5, 3.0):
+        values = clip_bias_relative(c, means)
+        assert np.all(values <= clip_bias_relative(c) * (1 + 1e-12))
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clipped_bound_holds_for_every_gradient(dist, bits):
+    """1 + c·Δ_g bounds E‖Q(Clip(g))‖²/‖g‖² (exact expectation) for any g, clipped at c·rms."""
+    rng = np.random.default_rng(bits)
+    for c in (1.0, 2.5):
+        for bucket in (None, 64):
+            g = distribution(dist, 4096, rng) + (0.3 if dist == "gaussian" else 0.0)
+            limit = c * math.sqrt(np.mean(g**2))
+            x = np.clip(g, -limit, limit)
+            blowup = ((x**2).sum() + exact_variance(x, bits, bucket)) / (g**2).sum()
+            assert blowup <= grad_blowup_clipped_bound(c, level_spacing(bits)) + 1e-12
+
+
+def test_stochastic_sign_bound_is_the_bucket_size():
+    """±max|g| codes: E‖Q(g)‖² = B·Σ s_b² ≤ B·‖g‖², equal for one non-zero per bucket (the
+    Lemma 3 form gave 12.8 at B = 512 where 236.8 was measured)."""
+    rng = np.random.default_rng(4)
+    for bucket in (8, 512):
+        for name in DISTRIBUTIONS:
+            g = distribution(name, 4096, rng)
+            s = np.abs(bucket_rows(g, bucket)).max(axis=1)
+            assert bucket * (s**2).sum() / (g**2).sum() <= sign_blowup_bound(bucket)
+        one_hot = np.zeros(bucket)
+        one_hot[3] = -2.0
+        assert bucket * 4.0 / (one_hot**2).sum() == sign_blowup_bound(bucket)
+
+
 def test_limits_and_known_values():
     assert weight_error_floor(2, 3, 4, 1, 1) == pytest.approx(6 * math.sqrt(10))
-    assert weight_error_floor(2, 3, 100, 0.5, 0) == pytest.approx(2 * 3 * 3)  # Δ_w = 0: L·D²
+    assert weight_error_floor(2, 3, 100, 0.5, 0) == pytest.approx(2 * 3 * 3)  # Δ_w = 0: G·D²
     assert grad_blowup_unclipped(1, 0.5) == 1.5
     assert grad_blowup_clipped(2.5, 1.0) == pytest.approx(1 + 2.5 * math.sqrt(2 / math.pi))
     assert clip_bias_per_element(1e-9, 2.0) == pytest.approx(4.0)  # c → 0: all of σ²
@@ -184,7 +236,7 @@ def test_vectorized():
         (lambda: level_spacing(1), "bits=1"),
         (lambda: level_spacing(9), "bits=9"),
         (lambda: level_spacing(2.0), "bits=2.0"),
-        (lambda: weight_error_floor(-1, 1, 1, 1, 1), "L=-1"),
+        (lambda: weight_error_floor(-1, 1, 1, 1, 1), "G=-1"),
         (lambda: weight_error_floor(1, 1, 0, 1, 1), "d=0"),
         (lambda: weight_error_floor(1, 1, 1, 1, math.nan), "delta_w=nan"),
         (lambda: grad_blowup_unclipped(0, 1.0), "d=0"),
