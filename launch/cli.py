@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
+from pathlib import Path
 
 from distq.launch import checkpoint, train
 
@@ -15,14 +17,54 @@ def export_command(argv: list[str]) -> int:
     )
     parser.add_argument("checkpoint", help="checkpoint.pt written by distq train")
     parser.add_argument("out", help="output .safetensors file")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing output (never a checkpoint)"
+    )
     args = parser.parse_args(argv)
     from distq.export import QuantSpec, export_packed
 
-    state = checkpoint.load(args.checkpoint)
+    try:
+        check_export_target(Path(args.checkpoint), Path(args.out), args.force)
+        state = read_training_checkpoint(args.checkpoint)
+    except ValueError as exc:
+        print(f"distq export: error: {exc}", file=sys.stderr)
+        return 2
     specs = {name: QuantSpec(**spec) for name, spec in state["quantized"].items()}
     report = export_packed(state["model"], specs, args.out)
     print(report.to_str())
     return 0
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, checked; ValueError "not a distq checkpoint: ..." otherwise."""
+    try:
+        state = checkpoint.load(path)
+    except (FileNotFoundError, checkpoint.CheckpointError) as exc:
+        raise ValueError(str(exc)) from None
+    except Exception as exc:  # whatever torch.load makes of a file that is not its own
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"not a distq checkpoint: {path} ({reason})") from None
+    if not (isinstance(state, dict) and {"model", "quantized"} <= state.keys()):
+        raise ValueError(f"not a distq checkpoint: {path} (no 'model' and 'quantized' entries)")
+    return state
+
+
+def check_export_target(source: Path, out: Path, force: bool) -> None:
+    """ValueError unless `out` may be written: absent, or replaced under `force` when it is
+    neither the source nor any torch checkpoint (a zip archive) or a checkpoint's digest."""
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; name the output file")
+    digest_of = out.with_name(out.name.removesuffix(checkpoint.DIGEST_SUFFIX))
+    if (
+        out.resolve() == source.resolve()
+        or zipfile.is_zipfile(out)
+        or (out.name.endswith(checkpoint.DIGEST_SUFFIX) and digest_of.exists())
+    ):
+        raise ValueError(f"{out} is a checkpoint; distq export never writes over one")
+    if not force:
+        raise ValueError(f"{out} exists; add --force to replace it")
 
 
 def schemes_command(argv: list[str]) -> int:

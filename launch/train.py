@@ -226,6 +226,12 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
                 f"resumed from {path} at step {position.step} "
                 f"(epoch {position.epoch + 1}, step {position.step_in_epoch} of it)"
             )
+    finished = position.epoch >= cfg.epochs
+    if finished:  # a resumed finished run: report it, change nothing
+        say(
+            f"the run in {out_dir} is finished ({position.epoch} epochs, step {position.step}); "
+            f"nothing to train, {out_dir / SUMMARY_NAME} is left as it is"
+        )
 
     scheme = cfg.scheme if cfg.scheme != config.FULL_PRECISION else "fp32"
     summary = (
@@ -322,7 +328,10 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         stopped_by,
         metrics,
     )
-    if env.is_main and stopped_by is None:
+    if finished and (out_dir / SUMMARY_NAME).is_file():
+        record = json.loads((out_dir / SUMMARY_NAME).read_text())
+        result = TrainResult(**{**record, "checkpoint": Path(record["checkpoint"])})
+    if env.is_main and stopped_by is None and not finished:
         summary_record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary_record, indent=2) + "\n")
         say(
@@ -337,13 +346,14 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         monitor.close()
         if monitor.alarms:
             say(f"monitor alarms (rank 0): {monitor.alarms}")
-    if comm is not None:
+    if comm is not None and steps_run:
         stats = comm.compression_stats()
         say(
             f"gradient traffic (rank 0): {stats.bytes_sent / 1e6:.2f} MB sent vs "
             f"{stats.fp32_allreduce_bytes / 1e6:.2f} MB an fp32 all-reduce sends "
             f"({stats.compression_ratio:.1f}x less)"
         )
+    if comm is not None:
         comm.close()
     shutdown(net)
     return result

@@ -89,3 +89,13 @@ def test_a_second_run_is_refused_naming_the_first_and_a_dead_runs_lock_is_taken_
     after = train(tmp_path, "--epochs", "1", "--move-aside")
     assert after.returncode == 0, after.stdout + after.stderr
     assert f"pid {first.pid}" not in (tmp_path / ".distq.lock").read_text()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    assert train(tmp_path, "--epochs", "1").returncode == 0
+    summary, before = (tmp_path / "summary.json").read_bytes(), snapshot(tmp_path)
+    done = train(tmp_path, "--epochs", "1", "--resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"the run in {tmp_path} is finished (1 epochs, step 44)" in done.stdout
+    assert (tmp_path / "summary.json").read_bytes() == summary
+    assert snapshot(tmp_path) == before
