@@ -491,7 +491,8 @@ def hierarchical_worker(rank, world, out):
         step(ddp, opt, rank, i)
     stats = state.compression_stats()
     torch.save({"params": flat_params(model), "sent": stats.bytes_sent,
-                "intra": stats.intra_node_bytes_sent}, out / f"rank{rank}.pt")
+                "intra": stats.intra_node_bytes_sent, "quantizations": state.quantizations(),
+                "measured": stats.measured_step}, out / f"rank{rank}.pt")  # fmt: skip
     state.close()
     del ddp
     gc.collect()
@@ -504,6 +505,28 @@ def test_hierarchical_across_two_emulated_nodes(tmp_path):
     leaders, others = (res[0], res[2]), (res[1], res[3])
     assert all(r["sent"] > 0 and r["intra"] > 0 for r in leaders)  # quantized between nodes
     assert all(r["sent"] == 0 and r["intra"] > 0 for r in others)  # only fp32 inside the node
+    assert all(r["quantizations"] == 2 for r in res)
+    assert [r["measured"] >= 10 for r in res] == [True, False, True, False]  # leaders measure
+
+
+def one_node_worker(rank, world, out):
+    _, ddp, state = setup({"bits": 2, "collective": "hierarchical", "min_numel": 0})
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    for i in range(12):
+        step(ddp, opt, rank, i)
+    torch.save({"quantizations": state.quantizations(),
+                "measured": state.compression_stats().measured_step}, out / f"rank{rank}.pt")
+    state.close()
+    del ddp
+    gc.collect()
+
+
+def test_hierarchical_on_one_node_counts_no_quantization(tmp_path):
+    """Nothing is quantized on one node, so the monitor gets no measurement and shows no bound
+    (it counted two quantizations there)."""
+    run_workers(one_node_worker, 2, tmp_path)
+    for r in results(tmp_path, 2):
+        assert r == {"quantizations": 0, "measured": -1}
 
 
 def mixed_widths_worker(rank, world, out):
