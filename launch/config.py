@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,9 +40,11 @@ def option(
     choices: tuple | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    above: float | None = None,
 ) -> Any:
-    """A config field with its help text, allowed values and numeric bounds."""
-    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum}
+    """A config field with its help text, allowed values and numeric bounds (`above`: an
+    exclusive lower bound)."""
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "above": above}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,7 +78,7 @@ class TrainConfig:
     keep_full_precision: list[str] = option(
         ["first", "last"], "layers left unquantized: names, regexes, 'first', 'last'"
     )
-    clip_latent: float | None = option(1.0, "clip latent weights to [-c, c] (null: off)", minimum=0)
+    clip_latent: float | None = option(1.0, "clip latent weights to [-c, c] (null: off)", above=0)
     loss_aware: bool = option(
         True, "weight the projection by the optimizer's curvature (off: d = 1, an ablation)"
     )
@@ -150,7 +153,7 @@ class TrainConfig:
     collective: str = option(
         "scatter", "how quantized gradients are exchanged", choices=COLLECTIVES
     )
-    clip: float | None = option(2.5, "clip gradients at clip·σ per tensor (null: off)", minimum=0)
+    clip: float | None = option(2.5, "clip gradients at clip·σ per tensor (null: off)", above=0)
     bucket_size: int | None = option(
         512, "gradient elements per scale (null: one per bucket)", minimum=1
     )
@@ -163,7 +166,10 @@ class TrainConfig:
     monitor: bool = option(True, "log quantization errors and theory bounds (JSONL in out_dir)")
     monitor_every: int = option(10, "steps between error measurements", minimum=1)
     metrics_port: int | None = option(
-        9400, "Prometheus /metrics on this port + local rank (null: no exporter)", minimum=0
+        9400,
+        "Prometheus /metrics on this port + local rank (0: any free port; null: no exporter)",
+        minimum=0,
+        maximum=65535,
     )
 
     def __post_init__(self) -> None:
@@ -247,11 +253,15 @@ def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         raise ConfigError(f"{name}={value!r} is below the minimum {meta['min']}")
     if meta.get("max") is not None and value > meta["max"]:
         raise ConfigError(f"{name}={value!r} is above the maximum {meta['max']}")
+    if meta.get("above") is not None and value <= meta["above"]:
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: above {meta['above']}")
 
 
 def _bounds(meta: typing.Mapping[str, Any]) -> str:
     """A float field's allowed values in words: "a finite number in [0, 0.99]"."""
     low, high = meta.get("min"), meta.get("max")
+    if meta.get("above") is not None:
+        return f"a finite number above {meta['above']}"
     if low is not None and high is not None:
         return f"a finite number in [{low}, {high}]"
     if low is not None:
@@ -270,14 +280,39 @@ def from_mapping(values: typing.Mapping[str, Any], source: str = "config") -> Tr
     return TrainConfig(**values)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with 1.2's floats (`1e-3` is a number, as users write it, not the string 1.1 makes
+    it) that refuses a key given twice instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"key {key!r} is given twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML config file (empty file: no settings)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.load(Path(path).read_text(), Loader=_ConfigLoader) or {}  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return data

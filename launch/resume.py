@@ -99,11 +99,15 @@ class RunState:
         state, path = found
         check_resumable(state, self.cfg, self.env, path)
         mine = state["ranks"][self.env.rank]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.comm is not None:
+                self.comm.load_state_dict(mine["comm"])
+        except (ValueError, KeyError, TypeError) as exc:  # saved under settings not compared above
+            raise config.ConfigError(f"cannot resume from {path}: {exc}") from None
         if self.comm is not None:
-            self.comm.load_state_dict(mine["comm"])
             prime_buckets(self.net, self.comm, prime_input)
         rng.restore(mine["rng"])
         position = Position(state["epoch"], state["step_in_epoch"], state["step"])

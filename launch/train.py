@@ -132,7 +132,7 @@ def build_monitor(
         exporter = MetricsExporter(env.rank)
         try:
             exporter.start(cfg.metrics_port + env.local_rank if cfg.metrics_port else 0)
-        except OSError as exc:  # a busy port must not stop training
+        except (OSError, OverflowError) as exc:  # a busy or impossible port: train on
             log.warning("rank %d: no metrics exporter (%s)", env.rank, exc)
             exporter = None
     gradient = None
@@ -205,7 +205,10 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
     comm = attach_comm_hook(cfg, net) if env.distributed else None
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
-    optimizer = build_optimizer(cfg, net, total_steps)
+    try:
+        optimizer = build_optimizer(cfg, net, total_steps)
+    except ValueError as exc:  # e.g. keep_full_precision naming no layer of the model
+        raise config.ConfigError(str(exc)) from None
     if comm is not None and cfg.sparse_gradients:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = torch.optim.lr_scheduler.LambdaLR(

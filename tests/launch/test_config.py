@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import re
 import subprocess
 import sys
 import typing
@@ -128,3 +129,79 @@ def test_a_diverging_run_exits_non_zero_with_one_line_and_saves_no_nan(tmp_path)
     for path in (tmp_path / "checkpoints").glob("step-*.pt"):
         state = torch.load(path, weights_only=True)
         assert all(t.isfinite().all() for t in state["model"].values()), path
+
+
+def test_yaml_takes_exponent_floats_and_refuses_a_key_given_twice(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-4\n")
+    cfg = parse([str(path)])
+    assert (cfg.lr, cfg.weight_decay) == (1e-3, 5e-4)
+    path.write_text("lr: 0.1\nepochs: 2\nlr: 0.01\n")
+    with pytest.raises(config.ConfigError, match=r"key 'lr' is given twice \(line 3\)"):
+        parse([str(path)])
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--clip=0", "clip=0.0 is not allowed; allowed: above 0"),
+    ("--clip-latent=0", "clip_latent=0.0 is not allowed; allowed: above 0"),
+    ("--metrics-port=70000", "metrics_port=70000 is above the maximum 65535"),
+])
+def test_bounds_are_the_ones_the_code_needs(flag, message):
+    with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}$"):
+        parse([flag])
+
+
+def test_a_layer_name_that_matches_nothing_is_a_config_error(tmp_path):
+    from distq.launch import train
+
+    cfg = config.TrainConfig(epochs=1, hidden=16, depth=2, out_dir=str(tmp_path), progress=False,
+                             monitor=False, metrics_port=None,
+                             keep_full_precision=["nosuchlayer"])
+    with pytest.raises(config.ConfigError, match="nosuchlayer"):
+        train.run(cfg)
+
+
+@pytest.mark.slow
+def test_an_out_dir_that_cannot_be_a_directory_stops_before_training():
+    done = subprocess.run(
+        [sys.executable, "-m", "distq.launch.train", "--epochs", "1", "--no-progress",
+         "--metrics-port", "none", "--out-dir", "/dev/null"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "distq train: error: out_dir '/dev/null' cannot hold a run: File exists (allowed: a "
+        "writable directory, or a path where one can be made)"
+    ]
+    assert "epoch" not in done.stdout
+
+
+def exporter_and_resume_worker(rank, world, out):
+    from distq.launch import train
+    from distq.launch.environment import DistEnv
+
+    def cfg(**changes):
+        return config.TrainConfig(**{"epochs": 1, "hidden": 16, "depth": 2, "out_dir": str(out),
+                                     "progress": False, "monitor_every": 5,
+                                     "metrics_port": 65535, **changes})
+
+    result = train.run(cfg(), DistEnv(rank, rank, world))  # rank 1's port would be 65536
+    assert result.steps == 22
+    try:
+        train.run(cfg(resume=True, grad_bits=4, metrics_port=None),
+                  DistEnv(rank, rank, world))
+        message = "resumed"
+    except config.ConfigError as exc:
+        message = str(exc)
+    (out / f"rank{rank}.txt").write_text(message)
+
+
+@pytest.mark.slow
+def test_an_impossible_metrics_port_keeps_training_and_another_grad_bits_is_one_error(tmp_path):
+    from tests.distributed import run_workers
+
+    run_workers(exporter_and_resume_worker, 2, tmp_path)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("cannot resume from "), message
+        assert "bits" in message
