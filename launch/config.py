@@ -171,6 +171,10 @@ class TrainConfig:
         minimum=0,
         maximum=65535,
     )
+    metrics_address: str = option(
+        "127.0.0.1",
+        "address the exporter listens on (0.0.0.0: all interfaces, for a Prometheus elsewhere)",
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -131,8 +131,9 @@ def build_monitor(
     if cfg.metrics_port is not None:
         exporter = MetricsExporter(env.rank)
         try:
-            exporter.start(cfg.metrics_port + env.local_rank if cfg.metrics_port else 0)
-        except (OSError, OverflowError) as exc:  # a busy or impossible port: train on
+            port = cfg.metrics_port + env.local_rank if cfg.metrics_port else 0
+            exporter.start(port, cfg.metrics_address)
+        except (OSError, OverflowError) as exc:  # a busy or impossible port or address: train on
             log.warning("rank %d: no metrics exporter (%s)", env.rank, exc)
             exporter = None
     gradient = None
@@ -406,7 +407,7 @@ def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
 
 
 # Settings that may differ between ranks (where each rank writes, how it reports).
-PER_RANK_SETTINGS = ("out_dir", "progress", "metrics_port")
+PER_RANK_SETTINGS = ("out_dir", "progress", "metrics_port", "metrics_address")
 
 
 def check_same_config(cfg: config.TrainConfig, env: DistEnv) -> None:

@@ -1,7 +1,9 @@
 """Prometheus exporter for one rank: an isolated registry served on /metrics (and /health).
 
 Off unless asked for (the CLI turns it on): `start()` binds base_port + local_rank on a daemon
-thread. Metric names are `distq_*` with `rank` (and `tensor`) labels; README lists them.
+thread, on 127.0.0.1 unless another address is given (0.0.0.0 lets a Prometheus on another host
+scrape it). Only /metrics and /health are served; any other path is 404. Metric names are
+`distq_*` with `rank` (and `tensor`) labels; README lists them.
 """
 
 from __future__ import annotations
@@ -64,15 +66,19 @@ class MetricsExporter:
         if amount > 0:
             self.counters[name].labels(rank=self.rank, **labels).inc(amount)
 
-    def start(self, port: int, address: str = "0.0.0.0") -> None:
-        """Serve /metrics and /health on `port` from a daemon thread."""
+    def start(self, port: int, address: str = "127.0.0.1") -> None:
+        """Serve /metrics and /health on `address`:`port` from a daemon thread."""
         metrics = make_wsgi_app(self.registry)
 
         def app(environ, start_response):
-            if environ.get("PATH_INFO") == "/health":
+            path = environ.get("PATH_INFO")
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            if path == "/health":
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ok\n"]
-            return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this exporter serves /metrics and /health\n"]
 
         self._server = make_server(
             address, port, app, ThreadingWSGIServer, handler_class=_SilentHandler
