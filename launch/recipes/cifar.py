@@ -90,9 +90,35 @@ def read_python_batches(folder: Path) -> Split:
     return Split(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_x, test_y)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10 batches hold (dicts, lists, bytes, numpy arrays): any other
+    global, the way a malicious pickle runs code, is refused."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),  # numpy 1 pickles (the dataset's own)
+            ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 pickles
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: a CIFAR-10 batch holds only dicts, lists, bytes and "
+                "numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
     with path.open("rb") as f:
-        batch = pickle.load(f, encoding="bytes")  # the dataset's own format: trusted user files
+        try:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ValueError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
     try:
         data, labels = batch[b"data"], batch[b"labels"]
     except (KeyError, TypeError):

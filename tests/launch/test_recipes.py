@@ -1,6 +1,7 @@
 """The cifar recipe: a deterministic synthetic set, CIFAR-10's python batches read exactly, clear
 errors, and a CNN that trains under `distq train` with ternary weights."""
 
+import os
 import pickle
 
 import numpy as np
@@ -64,3 +65,32 @@ def test_cnn_trains_with_ternary_weights(tmp_path):
     quantized = state["quantized"]
     assert len(quantized) == 5  # 6 convolutions and a classifier, first and last kept
     assert all(len(state["model"][n].unique()) <= 3 for n in quantized)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_batch_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+    write_batch(tmp_path / "data_batch_1", np.zeros((1, 3, 32, 32), np.uint8), [0])
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": RunsCode(marker),
+                                                        b"labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR-10 python batch: refused "
+                                         r"(posix|os)\.system"):
+        cifar.read_python_batches(tmp_path)
+    assert not marker.exists()
+
+
+def test_protocol_2_batches_as_the_dataset_ships_them_still_load(tmp_path):
+    images = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    for name in ("data_batch_1", "test_batch"):
+        batch = {b"batch_label": b"x", b"data": images, b"labels": [3, 4], b"filenames": [b"a"]}
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
+    split = cifar.read_python_batches(tmp_path)
+    assert split.test_y.tolist() == [3, 4]
+    assert torch.equal(split.test_x.reshape(2, -1), torch.from_numpy(images).float() / 255)
