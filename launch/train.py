@@ -243,11 +243,14 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         if isinstance(optimizer, QuantizedOptimizer)
         else summarize(model, [], scheme, 32)
     )
-    wire = (
-        f"{cfg.grad_bits}-bit {cfg.grad_compressor} gradients, {cfg.collective}, clip {cfg.clip}"
-        if comm is not None
-        else "fp32 gradients"
-    )
+    one_node_fallback = comm is not None and comm.quantizations() == 0
+    if one_node_fallback:
+        wire = "fp32 gradients (hierarchical on one node: a full-precision all-reduce)"
+    elif comm is not None:
+        code = f"{cfg.grad_bits}-bit {cfg.grad_compressor}"
+        wire = f"{code} gradients, {cfg.collective}, clip {cfg.clip}"
+    else:
+        wire = "fp32 gradients"
     say(
         f"distq train: {cfg.recipe}, {env.world_size} worker(s) on {backend}, "
         f"weights {scheme}, {wire}"
@@ -350,7 +353,9 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         monitor.close()
         if monitor.alarms:
             say(f"monitor alarms (rank 0): {monitor.alarms}")
-    if comm is not None and steps_run:
+    if one_node_fallback and steps_run:
+        say("gradient traffic (rank 0): full-precision all-reduce, nothing quantized on one node")
+    elif comm is not None and steps_run:
         stats = comm.compression_stats()
         say(
             f"gradient traffic (rank 0): {stats.bytes_sent / 1e6:.2f} MB sent vs "
