@@ -146,6 +146,11 @@ class TrainConfig:
         "torch.distributed backend (auto: nccl on GPU, else gloo)",
         choices=("auto", "gloo", "nccl"),
     )
+    dist_timeout: float = option(
+        600,
+        "seconds the ranks wait for each other (rendezvous and each collective) before an error",
+        above=0,
+    )
     progress: bool = option(True, "show a progress bar on rank 0")
     grad_bits: int | None = option(
         2, "bits per gradient element on the wire (null: fp32 all-reduce)", minimum=1, maximum=8

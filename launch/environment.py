@@ -10,6 +10,7 @@ import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -62,17 +63,40 @@ def device_for(env: DistEnv, backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(env: DistEnv, backend: str) -> None:
-    """Join the job's process group (env:// rendezvous, as torchrun and our SLURM scripts set)."""
+class RendezvousError(RuntimeError):
+    """The job's process group did not form (in time)."""
+
+
+def init_process_group(env: DistEnv, backend: str, timeout_s: float = 600) -> None:
+    """Join the job's process group (env:// rendezvous, as torchrun and our SLURM scripts set).
+
+    `timeout_s` bounds the rendezvous and every collective after it: a rank that waits for
+    peers that never come (another WORLD_SIZE, a rank that did not start) stops with
+    RendezvousError naming the likely causes instead of hanging.
+    """
     if env.distributed and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError(
+            raise RendezvousError(
                 f"WORLD_SIZE={env.world_size} but MASTER_ADDR is not set: start with torchrun, "
                 "or export MASTER_ADDR/MASTER_PORT (see slurm/ for SLURM jobs)"
             )
-        dist.init_process_group(
-            backend, store=_restart_store(env), rank=env.rank, world_size=env.world_size
-        )
+        try:
+            dist.init_process_group(
+                backend,
+                store=_restart_store(env),
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            dist.barrier()  # gloo connects lazily: make every rank meet every other one now
+        except (RuntimeError, ValueError) as exc:  # DistError subclasses RuntimeError
+            where = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RendezvousError(
+                f"rank {env.rank} of WORLD_SIZE={env.world_size} could not form the process group "
+                f"at {where} within {timeout_s:g} s ({type(exc).__name__}); likely: the ranks "
+                "were started with different WORLD_SIZE (nproc_per_node, nnodes, --ntasks), a "
+                "rank did not start, or MASTER_ADDR/MASTER_PORT is not reachable"
+            ) from None
 
 
 def _restart_store(env: DistEnv) -> dist.Store | None:

@@ -29,6 +29,7 @@ from distq.launch import checkpoint, config, preemption, recipes, run_dir
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
+    RendezvousError,
     choose_backend,
     device_for,
     init_process_group,
@@ -167,7 +168,7 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     env = env or DistEnv.from_environ()
     preemption.stop_when_launcher_dies()
     backend = choose_backend(cfg.backend)
-    init_process_group(env, backend)
+    init_process_group(env, backend, cfg.dist_timeout)
     if env.distributed:
         check_same_config(cfg, env)
     lock = run_dir.RunDirLock(cfg.out_dir)
@@ -443,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         result = run(cfg)
-    except (config.ConfigError, run_dir.RunDirError, checkpoint.CheckpointError) as exc:
+    except (
+        config.ConfigError,
+        run_dir.RunDirError,
+        checkpoint.CheckpointError,
+        RendezvousError,
+    ) as exc:
         # found once running: ranks disagree, a bad resume, an out_dir that cannot take the run
         print(f"distq train: error: {exc}", file=sys.stderr)
         return 2
