@@ -272,15 +272,32 @@ def worker_transformers(mode: str, steps: int, seed: int = 0) -> dict:
     trainer, hook = trainer_for(mode, WARMUP + steps, seed, [Tick()])
     trainer.train()
     counted = sent(hook.state.stats) - before[0] if hook else None
-    return clock.result(steps, counted) | {"rank": trainer.args.process_index}
+    result = clock.result(steps, counted) | {"rank": trainer.args.process_index}
+    trainer = hook = None  # drop the DDP model before closing the group
+    return close_gloo(result)
+
+
+def close_gloo(result: dict) -> dict:
+    """Free the DDP model, then the process group: a live DDP on gloo at interpreter exit
+    sometimes aborts the process (ENVIRONMENT.md)."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
 
 
 def worker_transformers_eval(mode: str, steps: int, seed: int = 0) -> dict:
     """Train `steps` steps, then the loss on held-out bytes (gathered over both ranks)."""
     trainer, _ = trainer_for(mode, steps, seed, [])
     trainer.train()
-    loss = trainer.evaluate()["eval_loss"]
-    return {"eval_loss": loss, "seed": seed, "rank": trainer.args.process_index}
+    result = {"eval_loss": trainer.evaluate()["eval_loss"], "seed": seed,
+              "rank": trainer.args.process_index}  # fmt: skip
+    del trainer
+    return close_gloo(result)
 
 
 WORKERS = {"ddp": worker_ddp, "lightning": worker_lightning, "deepspeed": worker_deepspeed,

@@ -1,5 +1,6 @@
 # Hugging Face Trainer: torchrun --standalone --nproc_per_node=2 examples/train_transformers.py
 import difflib
+import gc
 from pathlib import Path
 
 import torch
@@ -23,3 +24,7 @@ trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, N
                   callbacks=[callback])
 loss = trainer.train().training_loss
 print(f"rank {args.process_index}: loss {loss:.3f}, sent {callback.state.stats.bytes_sent} B")
+del trainer                                                    # a clean exit on gloo: free the
+gc.collect()                                                   # DDP model, then the group
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

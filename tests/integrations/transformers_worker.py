@@ -14,6 +14,7 @@ distq's byte counters.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -85,6 +86,10 @@ def main() -> None:
         },
         args.out / f"rank{rank}.pt",
     )  # fmt: skip
+    del trainer  # free the DDP model, then close gloo: a live DDP at exit may abort
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     json.dump({"ok": True}, sys.stdout)
 
 
