@@ -34,9 +34,9 @@ def main() -> None:
     accuracy: dict[str, list[float]] = {name: [] for name, _ in OPTIONS}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for name, flags in OPTIONS:
+            for index, (name, flags) in enumerate(OPTIONS):  # a directory per run
                 result = run_digits(["--scheme", "ternary", *flags], seed, args.epochs,
-                                    Path(tmp) / f"{len(accuracy[name])}-{name[:5]}")
+                                    Path(tmp) / f"seed{seed}-option{index}")
                 accuracy[name].append(100 * result["test_accuracy"])
                 print(f"seed {seed} {name:<22} {accuracy[name][-1]:.2f}%", file=sys.stderr)
     reference = statistics.mean(accuracy["fp32 gradients"])
