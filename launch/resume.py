@@ -90,12 +90,12 @@ class RunState:
         }
         return self.store.save(payload, position.step)
 
-    def restore(self, prime_input: torch.Tensor) -> tuple[Position, float, Path] | None:
-        """Load rank 0's newest checkpoint on every rank (sent over the process group, so no
-        shared filesystem is needed); None if there is none."""
-        found = on_main(self.env, self._newest, (checkpoint.CheckpointError,))
-        if found is None:
-            return None
+    def restore(
+        self, found: tuple[dict, Path], prime_input: torch.Tensor
+    ) -> tuple[Position, float, Path]:
+        """Load a checkpoint `find_newest` returned into this rank's model, optimizer, schedule,
+        hook and RNGs. The config's lr and weight_decay apply from here on (the schedule's
+        factor at the resumed step times the new lr), so the next checkpoint records what ran."""
         state, path = found
         check_resumable(state, self.cfg, self.env, path)
         mine = state["ranks"][self.env.rank]
@@ -107,24 +107,39 @@ class RunState:
                 self.comm.load_state_dict(mine["comm"])
         except (ValueError, KeyError, TypeError) as exc:  # saved under settings not compared above
             raise config.ConfigError(f"cannot resume from {path}: {exc}") from None
+        self._apply_lr_and_weight_decay()
         if self.comm is not None:
             prime_buckets(self.net, self.comm, prime_input)
         rng.restore(mine["rng"])
         position = Position(state["epoch"], state["step_in_epoch"], state["step"])
         return position, mine["epoch_loss_sum"], path
 
-    def _newest(self) -> tuple[dict, Path] | None:
-        """Rank 0's newest loadable checkpoint; CheckpointError rather than a fresh start when
-        every checkpoint there is corrupt."""
-        found = self.store.load_newest()
-        corrupt = self.store.corrupt()
+    def _apply_lr_and_weight_decay(self) -> None:
+        factor = self.schedule.lr_lambdas[0](self.schedule.last_epoch)
+        self.schedule.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = self.cfg.lr, self.cfg.lr * factor
+            group["weight_decay"] = self.cfg.weight_decay
+        self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def find_newest(env: DistEnv, store: checkpoint.CheckpointStore) -> tuple[dict, Path] | None:
+    """Rank 0's newest loadable checkpoint, sent to every rank (no shared filesystem needed);
+    None if there is none, CheckpointError rather than a fresh start when every checkpoint
+    there is corrupt."""
+
+    def newest() -> tuple[dict, Path] | None:
+        found = store.load_newest()
+        corrupt = store.corrupt()
         if found is None and corrupt:
             raise checkpoint.CheckpointError(
-                f"--resume: no checkpoint in {self.store.directory} loads, and "
+                f"--resume: no checkpoint in {store.directory} loads, and "
                 f"{len(corrupt)} corrupt one(s) lie in {corrupt[0].parent} (newest: "
                 f"{corrupt[-1].name}); refusing to start from scratch over them"
             )
         return found
+
+    return on_main(env, newest, (checkpoint.CheckpointError,))
 
 
 def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:

@@ -36,7 +36,7 @@ from distq.launch.environment import (
     on_main,
     shutdown,
 )
-from distq.launch.resume import Position, RunState
+from distq.launch.resume import Position, RunState, find_newest
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, RecurrentProbe
 from distq.optim import QuantizedOptimizer
 from distq.selection import summarize
@@ -207,8 +207,14 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
     comm = attach_comm_hook(cfg, net) if env.distributed else None
     batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
     total_steps = cfg.epochs * batches.steps_per_epoch
+    out_dir = Path(cfg.out_dir)
+    store = checkpoint.CheckpointStore(out_dir, cfg.keep_checkpoints)
+    found = find_newest(env, store) if cfg.resume else None
+    # The sparsity ramp stays where the run placed it: a resume with more epochs extends the
+    # run at its final sparsity, while the LR schedule spans the new total.
+    ramp_epochs = found[0]["config"].get("epochs", cfg.epochs) if found else cfg.epochs
     try:
-        optimizer = build_optimizer(cfg, net, total_steps)
+        optimizer = build_optimizer(cfg, net, ramp_epochs * batches.steps_per_epoch)
     except ValueError as exc:  # e.g. keep_full_precision naming no layer of the model
         raise config.ConfigError(str(exc)) from None
     if comm is not None and cfg.sparse_gradients:
@@ -216,21 +222,18 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(cfg.lr_schedule, total_steps)
     )
-    out_dir = Path(cfg.out_dir)
-    store = checkpoint.CheckpointStore(out_dir, cfg.keep_checkpoints)
     run_state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
 
     position, resumed_loss_sum = Position(), 0.0
-    if cfg.resume:
-        restored = run_state.restore(train_x[: cfg.batch_size])
-        if restored is None:
-            say(f"no checkpoint in {store.directory}: starting from scratch")
-        else:
-            position, resumed_loss_sum, path = restored
-            say(
-                f"resumed from {path} at step {position.step} "
-                f"(epoch {position.epoch + 1}, step {position.step_in_epoch} of it)"
-            )
+    if cfg.resume and found is None:
+        say(f"no checkpoint in {store.directory}: starting from scratch")
+    elif found is not None:
+        position, resumed_loss_sum, path = run_state.restore(found, train_x[: cfg.batch_size])
+        say(
+            f"resumed from {path} at step {position.step} "
+            f"(epoch {position.epoch + 1}, step {position.step_in_epoch} of it)"
+            + _changes_applied(found[0]["config"], cfg, total_steps)
+        )
     finished = position.epoch >= cfg.epochs
     if finished:  # a resumed finished run: report it, change nothing
         say(
@@ -367,6 +370,22 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         comm.close()
     shutdown(net)
     return result
+
+
+def _changes_applied(saved: dict, cfg: config.TrainConfig, total_steps: int) -> str:
+    """The options a resume applies that differ from the checkpoint's, for the resume line."""
+    keys = ("lr", "weight_decay", "epochs", "lr_schedule")
+    changed = [
+        f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+        for k in keys
+        if saved.get(k) != getattr(cfg, k)
+    ]
+    if not changed:
+        return ""
+    return (
+        f"; applied: {', '.join(changed)} (the {cfg.lr_schedule} LR schedule now spans "
+        f"{total_steps} steps and continues from this step)"
+    )
 
 
 class DivergedError(RuntimeError):

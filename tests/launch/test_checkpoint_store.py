@@ -116,3 +116,15 @@ def test_resume_over_only_corrupt_checkpoints_stops_instead_of_starting_over(tmp
         train.run(tiny(tmp_path))
     assert store.corrupt() and not store.paths()
     assert not (tmp_path / "summary.json").read_text().count('"steps": 0')
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_applies_a_new_lr_and_more_epochs_and_records_what_ran(tmp_path, schedule):
+    train.run(tiny(tmp_path, resume=False, depth=2, lr_schedule=schedule))
+    first = CheckpointStore(tmp_path, keep=3).load_newest()[0]
+    train.run(tiny(tmp_path, depth=2, lr_schedule=schedule, epochs=3, lr=0.5))
+    state = CheckpointStore(tmp_path, keep=3).load_newest()[0]
+    assert state["epoch"] == 3 and state["step"] == 3 * first["step"]
+    assert state["config"]["lr"] == 0.5 and state["schedule"]["base_lrs"] == [0.5]
+    lrs = [g["lr"] for g in state["optimizer"]["base"]["param_groups"]]
+    assert lrs == ([0.5] if schedule == "constant" else [0.0])  # cosine over 3 epochs ends at 0
