@@ -237,7 +237,7 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
     finished = position.epoch >= cfg.epochs
     if finished:  # a resumed finished run: report it, change nothing
         say(
-            f"the run in {out_dir} is finished ({position.epoch} epochs, step {position.step}); "
+            f"the run in {out_dir} is finished (epoch {position.epoch}, step {position.step}); "
             f"nothing to train, {out_dir / SUMMARY_NAME} is left as it is"
         )
 

@@ -96,6 +96,6 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path):
     summary, before = (tmp_path / "summary.json").read_bytes(), snapshot(tmp_path)
     done = train(tmp_path, "--epochs", "1", "--resume")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"the run in {tmp_path} is finished (1 epochs, step 44)" in done.stdout
+    assert f"the run in {tmp_path} is finished (epoch 1, step 44)" in done.stdout
     assert (tmp_path / "summary.json").read_bytes() == summary
     assert snapshot(tmp_path) == before
