@@ -1,17 +1,19 @@
 """Quantized LSTMs need normalization: bits per character of a 1-layer character LSTM at the
-same budget for full precision, BinaryConnect, LAB and TernaryConnect (unscaled ternary) weights,
-each without and with weight / layer / batch-shared normalization, over several seeds; the
-packed model size of each, and ‖∂ℓ/∂h_t‖ across time steps.
+same budget for full precision, BinaryConnect and TernaryConnect (the unscaled binary and ternary
+weights of the paper's BC and TC rows), each without and with weight / layer / batch-shared
+normalization, over several seeds; the packed model size of each, and ‖∂ℓ/∂h_t‖ across time
+steps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lstm_normalization.py [--seeds 0 1]
 
 The corpus is the first `--corpus-chars` characters of the recipe's default corpus (the
 standard library's sources), written to the run root and read as `data_dir`: a slice small
-enough that a 64-unit LSTM gets many passes over it in a CPU budget of about a minute and a half
-per run. The question the table answers is whether quantized weights with a normalization reach
+enough that a 64-unit LSTM gets 12 passes over it in a few minutes per run on one core. The
+question the table answers is whether quantized weights with a normalization reach
 full precision *with the same normalization*, so full precision is trained with every
 normalization too; the budget is only meaningful if full precision is near convergence, which
-the script checks by printing the gap between full precision without and with layer norm.
+the script checks by printing the gap between full precision without and with layer norm. The
+plot's ‖W_h‖₂ is the monitor's power iteration; benchmarks/README.md says where it reads 0.
 
 Each configuration and seed trains in its own process (`distq.launch.train.run`, one worker,
 1 thread), one at a time, and writes benchmarks/lstm_normalization_runs/<name>.json as it
@@ -39,7 +41,6 @@ PLOT = HERE / "lstm_normalization.png"
 SCHEMES = {  # weight scheme -> short name
     "none": "fp32",
     "binaryconnect": "bc",
-    "binary": "lab",
     "ternaryconnect": "tc",
 }
 NORMS = ("none", "weight", "layer", "batch-shared")
@@ -167,7 +168,8 @@ def run_missing(names: list[str], run_root: Path, corpus_chars: int) -> None:
             "--corpus-chars",
             str(corpus_chars),
         ]
-        with (RESULTS / f"{name}.log").open("w") as log:
+        run_root.mkdir(parents=True, exist_ok=True)
+        with (run_root / f"{name}.log").open("w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=log, env=env).returncode
         print(f"finished {name} (exit {code})", flush=True)
 
@@ -238,7 +240,6 @@ def plot(results: list[dict], path: Path) -> None:
     colors = {
         "none": "black",
         "binaryconnect": "tab:red",
-        "binary": "tab:blue",
         "ternaryconnect": "tab:green",
     }
     first_seed = min(r["seed"] for r in results)
