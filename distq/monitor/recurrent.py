@@ -27,13 +27,18 @@ def spectral_norm(
     on MᵀM, and the right singular vectors (…, n) to warm-start the next call with.
 
     Stops after `iterations` or once every σ moved less than `tol` relatively. Starts from `v`,
-    or from the all-ones vector (deterministic: every rank computes the same σ). σ never
-    exceeds the true norm; it converges to it unless v is orthogonal to the top vector.
+    where a row of it is zero (the matrix was zero at the last call) from a fixed
+    pseudo-random vector (deterministic: every rank computes the same σ; the all-ones start
+    lies in the null space of e.g. a ternary matrix whose rows sum to 0, and a zero vector
+    stays zero). σ never exceeds the true norm; it converges to it unless v is orthogonal to
+    the top vector.
     """
     m = matrix.detach().double()
+    start = _start_vector(m.shape[-1], m.device)
     if v is None:
-        v = torch.ones(m.shape[:-2] + m.shape[-1:], dtype=m.dtype, device=m.device)
+        v = start.expand(m.shape[:-2] + m.shape[-1:])
     v = v.to(m.dtype)
+    v = torch.where(v.norm(dim=-1, keepdim=True) > 0, v, start)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     sigma = torch.zeros(m.shape[:-2], dtype=m.dtype, device=m.device)
     for _ in range(iterations):
@@ -47,6 +52,12 @@ def spectral_norm(
             break
     sigma = (m @ v.unsqueeze(-1)).squeeze(-1).norm(dim=-1)  # ‖Mv‖: a lower bound on σ
     return sigma.to(matrix.dtype), v.to(matrix.dtype)
+
+
+def _start_vector(n: int, device: torch.device) -> Tensor:
+    """The same Gaussian vector of length n on every call and rank (float64)."""
+    generator = torch.Generator().manual_seed(0x5EED)
+    return torch.randn(n, generator=generator, dtype=torch.float64).to(device)
 
 
 @dataclass

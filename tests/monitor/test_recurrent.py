@@ -32,6 +32,19 @@ def test_warm_start_converges_in_few_iterations():
     torch.testing.assert_close(sigma, torch.linalg.matrix_norm(perturbed, ord=2), rtol=1e-4, atol=0)
 
 
+def test_a_zero_matrix_does_not_stick_and_null_space_starts_are_avoided():
+    """A W_h that was all zero at one check read 0 at every later one (its warm-start vector
+    was zero), and a ternary matrix whose rows sum to 0 read 0 from the all-ones start."""
+    sigma, v = spectral_norm(torch.zeros(3, 8, 8))
+    assert torch.equal(sigma, torch.zeros(3))
+    m = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4))
+    sigma, _ = spectral_norm(m, iterations=1000, tol=1e-12, v=v)
+    assert torch.allclose(sigma, torch.linalg.matrix_norm(m, ord=2), rtol=1e-4)
+    balanced = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]] * 2)
+    sigma, _ = spectral_norm(balanced, iterations=1000, tol=1e-12)
+    assert sigma.item() == pytest.approx(torch.linalg.matrix_norm(balanced, ord=2).item(), rel=1e-4)
+
+
 @pytest.mark.parametrize("d", [16, 64, 256])
 def test_binary_square_matrices_have_spectral_norm_at_least_sqrt_d(d):
     torch.manual_seed(d)
