@@ -137,8 +137,8 @@ def on_main(env: DistEnv, action: Callable[[], T], errors: tuple[type[Exception]
     return result
 
 
-def shutdown(*objects_to_drop: object) -> None:
-    """Leave the process group cleanly.
+def shutdown(*objects_to_drop: object, destroy_group: bool = True) -> None:
+    """Leave the process group cleanly (destroy_group=False: leave it to whoever made it).
 
     DDP on gloo sometimes aborts at interpreter exit ("terminate called without an active
     exception") when the reducer outlives the group; collecting it first, then a barrier, then
@@ -146,6 +146,6 @@ def shutdown(*objects_to_drop: object) -> None:
     """
     del objects_to_drop
     gc.collect()
-    if dist.is_initialized():
+    if destroy_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

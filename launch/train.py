@@ -168,13 +168,16 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     env = env or DistEnv.from_environ()
     preemption.stop_when_launcher_dies()
     backend = choose_backend(cfg.backend)
+    # A group that exists already (a caller's, or a test's) is the caller's to destroy: a second
+    # run() then reuses it instead of a fresh env:// rendezvous on a port the first one holds.
+    owns_group = not dist.is_initialized()
     init_process_group(env, backend, cfg.dist_timeout)
     if env.distributed:
         check_same_config(cfg, env)
     lock = run_dir.RunDirLock(cfg.out_dir)
     try:
         on_main(env, lambda: _claim(lock, cfg), (run_dir.RunDirError,))
-        return _train(cfg, env, backend)
+        return _train(cfg, env, backend, owns_group)
     finally:
         lock.release()
 
@@ -186,7 +189,7 @@ def _claim(lock: run_dir.RunDirLock, cfg: config.TrainConfig) -> None:
         print(f"the earlier run in {cfg.out_dir} was moved to {previous}")
 
 
-def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
+def _train(cfg: config.TrainConfig, env: DistEnv, backend: str, owns_group: bool) -> TrainResult:
     """The training itself, once out_dir is this run's."""
     device = device_for(env, backend)
     say = print if env.is_main else (lambda *a, **k: None)
@@ -368,7 +371,7 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str) -> TrainResult:
         )
     if comm is not None:
         comm.close()
-    shutdown(net)
+    shutdown(net, destroy_group=owns_group)
     return result
 
 
