@@ -1,5 +1,6 @@
-"""`import distq` keeps torch's script_method deprecation warnings, which the codec's first
-torch.compile would raise 14 times, from reaching users."""
+"""`import distq.comm` keeps torch's script_method deprecation warnings, which the codec's first
+torch.compile would raise 14 times, from reaching users; `import distq` alone imports no torch
+(distq.theory stays pure: tests/theory)."""
 
 import subprocess
 import sys
@@ -17,4 +18,4 @@ def warnings_of(code: str) -> str:
 
 def test_the_first_compile_raises_no_script_method_warning_once_distq_is_imported():
     assert warnings_of(f"import torch\n{FIRST_COMPILE}").count("script_method") >= 1  # torch does
-    assert "script_method" not in warnings_of(f"import distq\n{FIRST_COMPILE}")
+    assert "script_method" not in warnings_of(f"import distq.comm\n{FIRST_COMPILE}")
