@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from distq.quant import blocks_of, project, scheme_bits
+from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
     POSITIONAL,
     ModuleType,
@@ -28,7 +29,6 @@ from distq.selection import (
     summarize,
     unwrap,
 )
-from distq.sparse import SCOPES, SparsitySchedule, global_split
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             one scale per each of B row blocks instead of one per tensor.
         nonfinite: "skip" a step whose gradients hold NaN/Inf (with a warning), or "raise".
         sparsity: κ, the share of zeros per quantized tensor (joint quantization and
-            sparsification, distq.sparse), a number or a SparsitySchedule over steps.
+            sparsification, distq.quant.sparse), a number or a SparsitySchedule over steps.
         sparsity_scope: "tensor" (each tensor loses κ) or "global" (κ over all quantized
             tensors together; each keeps its entries with the largest d·w²).
         loss_aware: False projects with d ≡ 1 whatever the base optimizer keeps (an ablation:

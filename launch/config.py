@@ -24,7 +24,7 @@ from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
 from distq.lstm import NORMS
 from distq.quant import SCHEMES, get_scheme
-from distq.sparse import SCHEDULES, SCOPES
+from distq.quant.sparse import SCHEDULES, SCOPES
 
 FULL_PRECISION = "none"
 

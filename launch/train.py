@@ -39,8 +39,8 @@ from distq.launch.environment import (
 from distq.launch.resume import Position, RunState, find_newest
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, RecurrentProbe
 from distq.optim import QuantizedOptimizer
+from distq.quant.sparse import SparsitySchedule
 from distq.selection import summarize
-from distq.sparse import SparsitySchedule
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distq.optim import QuantizedOptimizer
-from distq.sparse import SparsitySchedule
+from distq.quant.sparse import SparsitySchedule
 from tests.distributed import run_workers
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ from distq.quant.base import (
     set_blocks,
 )
 from distq.quant.base import scheme_names as _scheme_names
-from distq.sparse import check_sparsity, solve_capped
+from distq.quant.sparse import check_sparsity, solve_capped
 
 SCHEMES: tuple[str, ...] = _scheme_names()
 
@@ -84,7 +84,7 @@ def project(
     per_channel=True gives every output channel (first dimension) its own scale; blocks=B
     splits the first dimension into B equal blocks with a scale each (an LSTM's gate matrices:
     alpha then has shape (B,)). sparsity=κ
-    keeps at most ⌈(1−κ)n⌉ non-zeros per scale group (distq.sparse; binary codes then become
+    keeps at most ⌈(1−κ)n⌉ non-zeros per scale group (distq.quant.sparse; binary codes then become
     ternary: zero is a level). Extra keyword
     options go to the scheme's solver (ternary-approx: alpha_init; linear/log: alpha_rule;
     twn: threshold). Raises ValueError on bad input, naming the value and what is allowed.

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distq.quant import SCHEMES, project
+from distq.quant.sparse import SparsitySchedule, capped_ternary, global_split, max_nonzeros
 from distq.quant.ternary import exact_support
-from distq.sparse import SparsitySchedule, capped_ternary, global_split, max_nonzeros
 
 
 def brute_force(w, d, cap):
@@ -85,8 +85,9 @@ def test_with_varying_curvature_refinement_is_never_worse_and_mostly_optimal():
     per_channel=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_every_scheme_keeps_the_budget_per_scale_group(scheme, rows, cols, sparsity, per_channel,
-                                                       seed):
+def test_every_scheme_keeps_the_budget_per_scale_group(
+    scheme, rows, cols, sparsity, per_channel, seed
+):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     d = torch.rand(rows, cols, generator=g) + 0.01
