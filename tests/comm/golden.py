@@ -1,6 +1,6 @@
 """What the golden test pins (tests/comm/test_golden_wire.py): the payload bytes of every
 compressor × bit width, the sums every collective returns with the bytes it counts, a DDP hook
-run's final weights, and the digits job's final weights, each as a SHA-256 of fixed inputs and
+run's final weights, the digits job's final weights, and DeepSpeed's and Horovod's runs, each as a SHA-256 of fixed inputs and
 keys. `python -m tests.comm.golden` rewrites tests/comm/golden_wire.json: only when the wire or
 the training is meant to change, saying so in the commit.
 """
@@ -84,6 +84,15 @@ def collective_worker(rank: int, world: int, out: Path) -> None:
                                                collective)  # fmt: skip
                 counts = torch.tensor([traffic.sent, traffic.received, traffic.intra_node_sent])
                 found[f"{name}/{collective}/{numel}"] = digest(total, counts)
+    for kind, bits in (("quantize", 2), ("sign", 1)):  # error feedback: the 2nd call carries e
+        for collective in ("allgather", "scatter", "hierarchical"):
+            feedback = make_compressor(kind, bits, 512, error_feedback=True)
+            sums = [
+                quantized_sum(gradient(4096, 20 * step + rank), feedback,
+                              Key(seed=2, step=step, rank=rank), collective)[0]
+                for step in (3, 4)
+            ]  # fmt: skip
+            found[f"{kind}{bits}-ef/{collective}/4096"] = digest(*sums)
     torch.save(found, out / f"rank{rank}.pt")
 
 
@@ -97,19 +106,33 @@ def collectives(world: int) -> dict[str, str]:
     return {f"{key}/rank{r}": found[key] for r, found in enumerate(ranks) for key in found}
 
 
-def hook_worker(rank: int, world: int, out: Path) -> None:
-    """Eight steps of a small model through the DDP hook (clipped 2-bit scatter, a 4-bit layer,
-    error sampling every 3 steps): the final weights."""
+HOOK_VARIANTS = {  # name -> QuantizedCommState options beyond the model's
+    "scatter2-mixed": dict(bits=2, clip=2.5, error_every=3, bits_by_name={"2.weight": 4}),
+    "allgather-sign-ef": dict(compressor="sign", collective="allgather", error_feedback=True),
+    "scatter-ef": dict(bits=3, error_feedback=True, overlap=False),
+    "hierarchical-terngrad": dict(compressor="terngrad", collective="hierarchical"),
+    "scatter4-keep-segments": dict(bits=4, segment=1024, keep=True),
+}
+
+
+def hook_worker(rank: int, world: int, out: Path, variant: str) -> None:
+    """Eight steps of a small model through the DDP hook with one of HOOK_VARIANTS' settings
+    (keep: every other row of the first layer off the wire): final weights and byte counts."""
     from torch import nn
 
     from distq.comm import QuantizedCommState, quantized_hook
 
+    torch.set_num_threads(1)  # the weights depend on the matmuls' thread count
+    options = dict(HOOK_VARIANTS[variant])
+    keep = options.pop("keep", False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(),
                           nn.Linear(64, 5))  # fmt: skip
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
-    state = QuantizedCommState(bits=2, clip=2.5, min_numel=0, error_every=3, model=ddp,
-                               bits_by_name={"2.weight": 4})  # fmt: skip
+    state = QuantizedCommState(min_numel=0, model=ddp, **options)
+    if keep:
+        rows = torch.arange(96) % 2 == 0
+        state.set_keep_mask(lambda p: rows[:, None].expand_as(p) if p is model[0].weight else None)
     ddp.register_comm_hook(state, quantized_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     for step in range(8):
@@ -125,14 +148,19 @@ def hook_worker(rank: int, world: int, out: Path) -> None:
     del ddp
 
 
-def hook_run() -> str:
+def hook_run(variant: str = "scatter2-mixed") -> str:
     from tests.distributed import run_workers
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_workers(hook_worker, 2, Path(tmp))
+        run_workers(hook_worker, 2, Path(tmp), variant)
         ranks = {torch.load(Path(tmp) / f"rank{r}.pt") for r in range(2)}
     assert len(ranks) == 1, "replicas differ"
     return ranks.pop()
+
+
+def hook_runs() -> dict[str, str]:
+    """Every HOOK_VARIANTS run but the first (pinned as "hook")."""
+    return {name: hook_run(name) for name in list(HOOK_VARIANTS)[1:]}
 
 
 def digits_run() -> str:
@@ -152,13 +180,40 @@ def digits_run() -> str:
     return digest(*(model[k] for k in sorted(model)))
 
 
+ENGINE_RUNS = {  # name -> (engine, worker options): DeepSpeed's and Horovod's own exchange paths
+    "deepspeed-scatter2-accum2": ("deepspeed", ["--bits", "2", "--accumulation", "2"]),
+    "horovod-scatter2": ("horovod", ["--bits", "2"]),
+    "horovod-allgather4": ("horovod", ["--bits", "4", "--collective", "allgather"]),
+}
+
+
+def engine_runs() -> dict[str, str]:
+    """tests/integrations/worker.py under the real deepspeed launcher and horovodrun, 2 ranks,
+    8 steps each: both replicas' final weights, losses and byte counters."""
+    from tests.integrations.conftest import run_worker
+
+    found = {}
+    for name, (engine, options) in ENGINE_RUNS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            ranks = run_worker(engine, Path(tmp), "--steps", "8", *options)
+        found[name] = [
+            digest(*(r["state"][k] for k in sorted(r["state"])),
+                   torch.tensor(r["losses"], dtype=torch.float64),
+                   torch.tensor(list(r["stats"].values())))
+            for r in ranks
+        ]  # fmt: skip
+    return found
+
+
 def everything() -> dict[str, object]:
     return {
         "payloads": payloads(),
         "collectives2": collectives(2),
         "collectives3": collectives(3),
         "hook": hook_run(),
+        "hooks": hook_runs(),
         "digits": digits_run(),
+        "engines": engine_runs(),
     }
 
 

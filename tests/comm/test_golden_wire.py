@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.comm import golden
+from tests.integrations.conftest import need
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +45,13 @@ def test_hook_run_final_weights(pinned):
 
 def test_digits_job_final_weights(pinned):
     assert golden.digits_run() == pinned["digits"]
+
+
+def test_engine_runs(pinned):
+    need("deepspeed")
+    need("horovod.torch")
+    assert golden.engine_runs() == pinned["engines"]
+
+
+def test_hook_variants(pinned):
+    assert golden.hook_runs() == pinned["hooks"]
