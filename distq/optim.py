@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distq.quant import blocks_of, project, scheme_bits
+from distq.quant import blocks_of, get_scheme, project, scheme_bits
 from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
     POSITIONAL,
@@ -33,8 +33,6 @@ from distq.selection import (
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "raise")
-# Schemes whose solver iterates from a starting α: each step starts from the previous step's α.
-WARM_STARTED = ("ternary-approx", "linear", "log")
 
 
 class QuantizedOptimizer(torch.optim.Optimizer):
@@ -222,7 +220,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _project_all(self) -> None:
         """Write ŵ = argmin_{α·S, ‖ŵ‖₀ ≤ K} ‖ŵ − w‖²_D into every quantized parameter."""
-        warm_start = self.scheme in WARM_STARTED
+        warm_start = get_scheme(self.scheme).warm_start  # iterative: start from the last α
         curvatures = {name: self.curvature(p) for name, p in self._params.items()}
         sparsities = self.current_sparsities(curvatures)
         for name, p in self._params.items():
@@ -322,8 +320,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore base state, latent weights and scales; ŵ comes from the model's state_dict.
 
-        ŵ is not recomputed here: the iterative solvers (WARM_STARTED) start from the previous
-        α, so only the saved ŵ (in the model checkpoint) resumes bit-exactly.
+        ŵ is not recomputed here: the iterative solvers (`Scheme.warm_start`) start from the
+        previous α, so only the saved ŵ (in the model checkpoint) resumes bit-exactly.
         """
         saved = state_dict["quantization"]
         mine = self.config()

@@ -24,6 +24,7 @@ from distq.quant.base import (
     check_blocks,
     check_weights,
     get_scheme,
+    levels_per_sign,
     resolve_bits,
     set_blocks,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "blocks_of",
     "get_scheme",
     "level_spacing",
+    "levels_per_sign",
     "project",
     "scheme_bits",
     "set_blocks",
@@ -51,21 +53,10 @@ def scheme_bits(scheme: str, bits: int | None = None) -> int:
 
 
 def level_spacing(scheme: str, bits: int | None = None) -> float:
-    """Δ_w: the largest gap between adjacent levels of the scheme's set, in units of α.
-
-    Binary ±1: 2; ternary: 1; m-bit linear: 1/k (k = 2^(m−1) − 1); m-bit log: ½ (between ½
-    and 1) once there are at least two magnitudes, else 1. A weight within [−α, α] is at most
-    α·Δ_w/2 from its nearest level, which is what the theory's weight error floor uses.
-    """
-    m = scheme_bits(scheme, bits)
-    if m == 1:
-        return 2.0
-    k = 2 ** (m - 1) - 1
-    if scheme == "linear":
-        return 1.0 / k
-    if scheme == "log":
-        return 0.5 if k >= 2 else 1.0
-    return 1.0
+    """Δ_w: the largest gap between adjacent levels of the scheme's set, in units of α
+    (binary 2, ternary 1, m-bit linear 1/k with k = 2^(m−1) − 1, m-bit log ½; Scheme)."""
+    spec = get_scheme(scheme)
+    return spec.level_spacing(resolve_bits(spec, bits))
 
 
 def project(

@@ -7,13 +7,25 @@ vectorized over scale groups and never loop over channels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 Solver = Callable[..., tuple[Tensor, Tensor]]
+CappedTest = Callable[[Mapping[str, object]], bool]
+
+
+def always(opts: Mapping[str, object]) -> bool:
+    """A `capped_exact` test: the capped ternary solver is exact for any solver options."""
+    return True
+
+
+def never(opts: Mapping[str, object]) -> bool:
+    """A `capped_exact` test: under a cap the scheme is pruned, then solved again."""
+    return False
 
 
 @dataclass(frozen=True)
@@ -30,27 +42,65 @@ class Projection:
 
 @dataclass(frozen=True)
 class Scheme:
-    """A registered quantization scheme: its solver and which bit widths it accepts."""
+    """A registered quantization scheme: its solver, the bit widths it accepts, and the facts
+    other modules read from here instead of testing its name.
+
+    uniform: the levels are evenly spaced (±1; 0, ±1; 0, ±1/k, …, ±1), False for the log
+    scheme's powers of two; it decides Δ_w (`level_spacing`). warm_start: the solver iterates
+    from a starting α and takes the previous step's as `alpha_init` (read off its signature).
+    capped_exact(opts): whether, with these solver options, the scheme's problem under a
+    non-zero budget is the capped ternary one (a binary code with zeros is ternary), which
+    distq.quant.sparse solves exactly for a uniform d; otherwise it prunes, then re-solves.
+    """
 
     name: str
     solver: Solver
     bits: tuple[int, ...]
     loss_aware: bool
     summary: str
+    uniform: bool = True
+    warm_start: bool = False
+    capped_exact: CappedTest = never
 
     @property
     def default_bits(self) -> int:
         return self.bits[0]
 
+    def level_spacing(self, bits: int) -> float:
+        """Δ_w: the largest gap between adjacent levels at `bits` bits, in units of α.
+
+        ±1: 2; evenly spaced levels: 1/k (ternary: 1); powers of two: ½ (between ½ and 1)
+        once there are at least two magnitudes, else 1. A weight within [−α, α] is at most
+        α·Δ_w/2 from its nearest level, which is what the theory's weight error floor uses.
+        """
+        k = levels_per_sign(bits)
+        if k == 0:
+            return 2.0
+        if self.uniform:
+            return 1.0 / k
+        return 0.5 if k >= 2 else 1.0
+
 
 _REGISTRY: dict[str, Scheme] = {}
 
 
-def register(name: str, *, bits: tuple[int, ...], loss_aware: bool, summary: str):
-    """Class the decorated solver under `name`; `bits` lists the widths it supports."""
+def register(
+    name: str,
+    *,
+    bits: tuple[int, ...],
+    loss_aware: bool,
+    summary: str,
+    uniform: bool = True,
+    capped_exact: CappedTest = never,
+) -> Callable[[Solver], Solver]:
+    """Class the decorated solver under `name`; `bits` lists the widths it supports, the
+    other arguments are the record's facts (`Scheme`)."""
 
     def wrap(solver: Solver) -> Solver:
-        _REGISTRY[name] = Scheme(name, solver, bits, loss_aware, summary)
+        warm_start = "alpha_init" in inspect.signature(solver).parameters
+        _REGISTRY[name] = Scheme(
+            name, solver, bits, loss_aware, summary, uniform, warm_start, capped_exact
+        )
         return solver
 
     return wrap

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distq.quant.base import register, safe_ratio
+from distq.quant.base import always, register, safe_ratio
 
 
 def signs(w: Tensor) -> Tensor:
@@ -17,13 +17,25 @@ def signs(w: Tensor) -> Tensor:
     return torch.where(w < 0, -1.0, 1.0).to(w.dtype)
 
 
-@register("binary", bits=(1,), loss_aware=True, summary="LAB: α·{±1}, α = ‖d⊙w‖₁/‖d‖₁")
+@register(
+    "binary",
+    bits=(1,),
+    loss_aware=True,
+    summary="LAB: α·{±1}, α = ‖d⊙w‖₁/‖d‖₁",
+    capped_exact=always,
+)
 def binary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     alpha = safe_ratio((d * w.abs()).sum(1), d.sum(1))
     return alpha[:, None] * signs(w), alpha
 
 
-@register("bwn", bits=(1,), loss_aware=False, summary="BWN baseline: α·{±1}, α = mean|w|")
+@register(
+    "bwn",
+    bits=(1,),
+    loss_aware=False,
+    summary="BWN baseline: α·{±1}, α = mean|w|",
+    capped_exact=always,
+)
 def bwn(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return binary(w, torch.ones_like(w), bits)
 

@@ -5,13 +5,14 @@ fraction of zeros, add ‖ŵ‖₀ ≤ K = ⌈(1−κ)n⌉ per scale group to th
 
     ŵ = argmin_{ŵ ∈ α·S, ‖ŵ‖₀ ≤ K} ‖ŵ − w‖²_D.
 
-Ternary and binary (a binary code with zeros is ternary) use the exact ternary solver with its
-support size limited to k ≤ K, then alternate the two exact half-steps (α for the support; the
-best support of size ≤ K for α, the top-K entries by the gain d·(2|w| − α)) until nothing
-changes. With a uniform curvature (d constant in the group: BWN, TWN-exact, SGD) the gain orders
-entries by |w|, so the top-k scan is the global optimum. With a varying d the capped optimum is
-not a top-k set by |w| in general (tests show a case), and the alternation is a descent method
-that starts from the best such set and never ends worse than it.
+Ternary and binary (a binary code with zeros is ternary: the schemes whose record says
+`capped_exact`) use the exact ternary solver with its support size limited to k ≤ K, then
+alternate the two exact half-steps (α for the support; the best support of size ≤ K for α, the
+top-K entries by the gain d·(2|w| − α)) until nothing changes. With a uniform curvature (d
+constant in the group: BWN, TWN-exact, SGD) the gain orders entries by |w|, so the top-k scan is
+the global optimum. With a varying d the capped optimum is not a top-k set by |w| in general
+(tests show a case), and the alternation is a descent method that starts from the best such set
+and never ends worse than it.
 
 Other schemes (m-bit, ternary-approx, ternary2, TWN's 0.7 threshold, BinaryConnect): project
 without the cap, zero the non-zeros whose zeroing raises the D-weighted error least
@@ -52,15 +53,13 @@ def check_sparsity(sparsity: float) -> None:
         raise ValueError(f"sparsity={sparsity!r}; allowed: 0 <= sparsity < 1 (the share of zeros)")
 
 
-CAPPED_TERNARY = ("ternary", "binary", "bwn")  # a binary code with zeros is a ternary one
-
-
 def solve_capped(
     spec: Scheme, w: Tensor, d: Tensor, bits: int, sparsity: float, **opts
 ) -> tuple[Tensor, Tensor]:
-    """The scheme's projection of each row of w with at most ⌈(1−κ)n⌉ non-zeros."""
+    """The scheme's projection of each row of w with at most ⌈(1−κ)n⌉ non-zeros: the capped
+    ternary solver where the scheme's record says it is exact (`Scheme.capped_exact`)."""
     caps = torch.full((w.shape[0],), max_nonzeros(w.shape[1], sparsity), device=w.device)
-    if spec.name in CAPPED_TERNARY or (spec.name == "twn" and opts.get("threshold") == "exact"):
+    if spec.capped_exact(opts):
         return capped_ternary(w, d, caps)
     return prune_then_solve(spec.solver, w, d, bits, caps, **opts)
 

@@ -9,10 +9,12 @@ reference code misses) finds the global optimum in O(n log n).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-from distq.quant.base import register, safe_ratio
+from distq.quant.base import always, register, safe_ratio
 
 APPROX_ROUNDS = 10
 APPROX_TOL = 1e-6
@@ -40,7 +42,13 @@ def exact_support(a: Tensor, d: Tensor, caps: Tensor | None = None) -> tuple[Ten
     return alpha, mask & (a > 0)
 
 
-@register("ternary", bits=(2,), loss_aware=True, summary="LATe: exact, sort-based over all k")
+@register(
+    "ternary",
+    bits=(2,),
+    loss_aware=True,
+    summary="LATe: exact, sort-based over all k",
+    capped_exact=always,
+)
 def ternary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     alpha, mask = exact_support(w.abs(), d)
     return alpha[:, None] * torch.sign(w) * mask, alpha
@@ -92,7 +100,18 @@ def ternary2(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return q, torch.stack([alpha_pos, alpha_neg], dim=1)
 
 
-@register("twn", bits=(2,), loss_aware=False, summary="TWN baseline: Δ = 0.7·mean|w|")
+def _threshold_is_exact(opts: Mapping[str, object]) -> bool:
+    """TWN's exact threshold is the ternary solver with d ≡ 1, so its capped form is too."""
+    return opts.get("threshold") == "exact"
+
+
+@register(
+    "twn",
+    bits=(2,),
+    loss_aware=False,
+    summary="TWN baseline: Δ = 0.7·mean|w|",
+    capped_exact=_threshold_is_exact,
+)
 def twn(w: Tensor, d: Tensor, bits: int, threshold: str = "approx") -> tuple[Tensor, Tensor]:
     """Ternary weight networks (Li & Liu 2016): support |w| > Δ, α = mean|w| over it.
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from distq.quant import project
+from distq.quant import levels_per_sign, project
 from distq.quant.mbit import log_levels
 
 SEEDS = range(40)
@@ -86,7 +86,7 @@ def test_ternary2_is_optimal_over_two_scales(seed):
 def test_linear_alpha_is_weighted_least_squares_for_its_codes(bits, seed):
     w, d = sample(seed, n=50)
     p = project(w, d, "linear", bits)
-    k = 2 ** (bits - 1) - 1
+    k = levels_per_sign(bits)
     b = p.q / p.alpha
     assert torch.allclose(b * k, torch.round(b * k), atol=1e-9)
     assert b.abs().max() <= 1 + 1e-12
@@ -105,7 +105,7 @@ def test_every_in_range_weight_sits_at_its_nearest_level(scheme, bits, seed):
     d = torch.rand(4096, generator=g, dtype=torch.float64) + 0.05
     p = project(w, d, scheme, bits)
     alpha = p.alpha.item()
-    k = 2 ** (bits - 1) - 1
+    k = levels_per_sign(bits)
     linear = torch.arange(-k, k + 1, dtype=torch.float64) / k
     levels = alpha * (linear if scheme == "linear" else log_levels(bits))
     inside = w.abs() <= alpha

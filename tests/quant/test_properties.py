@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distq.quant import SCHEMES, get_scheme, project
+from distq.quant import SCHEMES, get_scheme, levels_per_sign, project
 
 BITS = {"linear": 3, "log": 3}
 LOSS_AWARE = [s for s in SCHEMES if get_scheme(s).loss_aware]
@@ -25,7 +25,7 @@ def allowed_values(scheme, alpha, bits):
         return torch.stack([-alpha[1], torch.zeros(()), alpha[0]])
     if scheme in ("ternary", "ternary-approx", "twn"):
         return torch.stack([-alpha, torch.zeros(()), alpha])
-    k = 2 ** (bits - 1) - 1
+    k = levels_per_sign(bits)
     if scheme == "linear":
         return alpha * (torch.arange(-k, k + 1) / k)
     mags = torch.exp2(-torch.arange(k, dtype=torch.float32))
