@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,13 +28,14 @@ from distq.selection import (
     summarize,
     unwrap,
 )
+from distq.wrapping import OptimizerWrapper, closure_loss
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "raise")
 
 
-class QuantizedOptimizer(torch.optim.Optimizer):
+class QuantizedOptimizer(OptimizerWrapper):
     """Wraps `base_optimizer` so the selected weights of `model` are binary/ternary/m-bit.
 
     Args:
@@ -109,16 +109,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.loss_aware = loss_aware
         self.sync_latent = sync_latent
         self._synced = False
-        self.base_optimizer = base_optimizer
-        for hooks in (
-            "_optimizer_step_pre_hooks",
-            "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks",
-            "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks",
-            "_optimizer_load_state_dict_post_hooks",
-        ):
-            setattr(self, hooks, OrderedDict())
+        super().__init__(base_optimizer)
 
         module = unwrap(model)
         quantize_modules = tuple(quantize_modules)
@@ -164,19 +155,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    # The wrapped optimizer's groups and state, looked up on every use: its load_state_dict
-    # replaces the group dicts, and LR schedulers must keep acting on the live ones.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.base_optimizer.param_groups
-
-    @property
-    def state(self) -> dict:
-        return self.base_optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.base_optimizer.defaults
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer, by the name of the constructor's argument."""
+        return self.optimizer
 
     def _groups_by_parameter(self) -> dict[Tensor, dict[str, Any]]:
         return {p: g for g in self.param_groups for p in g["params"]}
@@ -185,17 +167,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Latent update by the wrapped optimizer, then the proximal projection onto α·S."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if not self._synced:
             self._take_rank0_latent()
         if not self._gradients_finite():
             return loss
         for name, p in self._params.items():
             p.copy_(self.latent[name])
-        self.base_optimizer.step()
+        self.optimizer.step()
         for name, p in self._params.items():
             latent = self.latent[name]
             latent.copy_(p)
@@ -273,7 +252,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         or loss_aware is off."""
         if not self.loss_aware:
             return None
-        state = self.base_optimizer.state.get(p, {})
+        state = self.optimizer.state.get(p, {})
         group = self._group[p]
         eps = group.get("eps", 1e-8)
         if "exp_avg_sq" in state:  # Adam, AdamW, NAdam, RAdam
@@ -309,7 +288,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus latent weights, scales and the quantization setup."""
         return {
-            "base": self.base_optimizer.state_dict(),
+            "base": self.optimizer.state_dict(),
             "latent": {n: t.clone() for n, t in self.latent.items()},
             "alpha": {n: t.clone() for n, t in self.alpha.items()},
             "quantization": self.config(),
@@ -331,7 +310,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different
             )
             raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.optimizer.load_state_dict(state_dict["base"])
         self._group = self._groups_by_parameter()  # the load made new group dicts
         with torch.no_grad():
             for name, latent in self.latent.items():
@@ -357,6 +336,6 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"QuantizedOptimizer({type(self.base_optimizer).__name__}, scheme={self.scheme!r}, "
+            f"QuantizedOptimizer({type(self.optimizer).__name__}, scheme={self.scheme!r}, "
             f"bits={self.bits}, quantized={len(self.names)} tensors)"
         )
