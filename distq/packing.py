@@ -57,19 +57,14 @@ def packed_nbytes(numel: int, bits: int) -> int:
 def pack(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes in [0, 2**bits) (any shape, flattened) into a 1-D uint8 tensor."""
     _check_bits(bits)
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
+    _check_integers(codes, "codes")
     flat = codes.detach().reshape(-1)
     numel = flat.numel()
     if numel == 0:
         return torch.empty(0, dtype=torch.uint8, device=codes.device)
     if flat.dtype in _WIDE_UNSIGNED:  # no min/max kernels for these: widen (uint64 > 2**63 wraps)
         flat = flat.to(torch.int64)
-    lo, hi = (int(v) for v in torch.aminmax(flat))
-    if lo < 0 or hi >= 1 << bits:
-        raise ValueError(
-            f"codes must lie in [0, {1 << bits}) for bits={bits}; found min {lo}, max {hi}"
-        )
+    _check_range(flat, bits, "codes")
     group, group_bytes, word_dtype = _grouping(bits)
     padded = _pad_to(flat.to(word_dtype), group).view(-1, group)
     shifts = torch.arange(0, bits * group, bits, dtype=word_dtype, device=flat.device)
@@ -84,15 +79,7 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Unpack `numel` codes of `bits` bits from a 1-D uint8 tensor made by `pack`; 1-D uint8."""
     _check_bits(bits)
     _check_numel(numel)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(
-            f"packed must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
-        )
-    expected = packed_nbytes(numel, bits)
-    if packed.numel() != expected:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need {expected}"
-        )
+    _check_packed(packed, packed_nbytes(numel, bits), f"{numel} codes of {bits} bits")
     if numel == 0:
         return torch.empty(0, dtype=torch.uint8, device=packed.device)
     group, group_bytes, word_dtype = _grouping(bits)
@@ -120,16 +107,11 @@ def pack_uint(values: Tensor, bits: int) -> Tensor:
     _check_uint_bits(bits)
     if bits <= 8:
         return pack(values, bits)
-    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-        raise ValueError(f"values must have an integer dtype, got {values.dtype}")
+    _check_integers(values, "values")
     flat = values.detach().reshape(-1).to(torch.int64)  # uint64 > 2**63 wraps: rejected below
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=values.device)
-    lo, hi = (int(v) for v in torch.aminmax(flat))
-    if lo < 0 or hi >= 1 << bits:
-        raise ValueError(
-            f"values must lie in [0, {1 << bits}) for bits={bits}; found min {lo}, max {hi}"
-        )
+    _check_range(flat, bits, "values")
     shifts = torch.arange(0, bits, 8, dtype=torch.int64, device=flat.device)
     return ((flat.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
@@ -140,15 +122,7 @@ def unpack_uint(packed: Tensor, bits: int, numel: int) -> Tensor:
     if bits <= 8:
         return unpack(packed, bits, numel).to(torch.int64)
     _check_numel(numel)
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(
-            f"packed must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
-        )
-    expected = uint_nbytes(numel, bits)
-    if packed.numel() != expected:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes but {numel} values of {bits} bits need {expected}"
-        )
+    _check_packed(packed, uint_nbytes(numel, bits), f"{numel} values of {bits} bits")
     shifts = torch.arange(0, bits, 8, dtype=torch.int64, device=packed.device)
     return (packed.to(torch.int64).view(numel, bits // 8) << shifts).sum(dim=1)
 
@@ -244,6 +218,31 @@ def _check_numel(numel: int) -> None:
     """Reject a negative or non-integer code count."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative integer, got {numel!r}")
+
+
+def _check_integers(t: Tensor, what: str) -> None:
+    """Reject a floating, complex or bool tensor where integers are packed."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{what} must have an integer dtype, got {t.dtype}")
+
+
+def _check_range(flat: Tensor, bits: int, what: str) -> None:
+    """Reject a non-empty tensor with a value outside [0, 2**bits), naming its min and max."""
+    lo, hi = (int(v) for v in torch.aminmax(flat))
+    if lo < 0 or hi >= 1 << bits:
+        raise ValueError(
+            f"{what} must lie in [0, {1 << bits}) for bits={bits}; found min {lo}, max {hi}"
+        )
+
+
+def _check_packed(packed: Tensor, expected: int, holds: str) -> None:
+    """Reject a packed stream that is not 1-D uint8 of `expected` bytes (what `holds` needs)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(
+            f"packed must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    if packed.numel() != expected:
+        raise ValueError(f"packed has {packed.numel()} bytes but {holds} need {expected}")
 
 
 def _check_uint_bits(bits: int) -> None:
