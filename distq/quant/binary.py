@@ -17,25 +17,15 @@ def signs(w: Tensor) -> Tensor:
     return torch.where(w < 0, -1.0, 1.0).to(w.dtype)
 
 
-@register(
-    "binary",
-    bits=(1,),
-    loss_aware=True,
-    summary="LAB: α·{±1}, α = ‖d⊙w‖₁/‖d‖₁",
-    capped_exact=always,
-)
+@register("binary", bits=(1,), loss_aware=True, capped_exact=always,
+          summary="LAB: α·{±1}, α = ‖d⊙w‖₁/‖d‖₁")  # fmt: skip
 def binary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     alpha = safe_ratio((d * w.abs()).sum(1), d.sum(1))
     return alpha[:, None] * signs(w), alpha
 
 
-@register(
-    "bwn",
-    bits=(1,),
-    loss_aware=False,
-    summary="BWN baseline: α·{±1}, α = mean|w|",
-    capped_exact=always,
-)
+@register("bwn", bits=(1,), loss_aware=False, capped_exact=always,
+          summary="BWN baseline: α·{±1}, α = mean|w|")  # fmt: skip
 def bwn(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return binary(w, torch.ones_like(w), bits)
 

@@ -77,13 +77,8 @@ def linear(
     return alternate(w, d, levels_per_sign(bits), linear_codes, alpha_rule, alpha_init)
 
 
-@register(
-    "log",
-    bits=tuple(range(2, 9)),
-    loss_aware=True,
-    summary="α·{0, ±2^−(k−1), …, ±1}",
-    uniform=False,
-)
+@register("log", bits=tuple(range(2, 9)), loss_aware=True, uniform=False,
+          summary="α·{0, ±2^−(k−1), …, ±1}")  # fmt: skip
 def log(
     w: Tensor, d: Tensor, bits: int, alpha_rule: str = "lsq", alpha_init: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -42,13 +42,8 @@ def exact_support(a: Tensor, d: Tensor, caps: Tensor | None = None) -> tuple[Ten
     return alpha, mask & (a > 0)
 
 
-@register(
-    "ternary",
-    bits=(2,),
-    loss_aware=True,
-    summary="LATe: exact, sort-based over all k",
-    capped_exact=always,
-)
+@register("ternary", bits=(2,), loss_aware=True, capped_exact=always,
+          summary="LATe: exact, sort-based over all k")  # fmt: skip
 def ternary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     alpha, mask = exact_support(w.abs(), d)
     return alpha[:, None] * torch.sign(w) * mask, alpha
@@ -105,13 +100,8 @@ def _threshold_is_exact(opts: Mapping[str, object]) -> bool:
     return opts.get("threshold") == "exact"
 
 
-@register(
-    "twn",
-    bits=(2,),
-    loss_aware=False,
-    summary="TWN baseline: Δ = 0.7·mean|w|",
-    capped_exact=_threshold_is_exact,
-)
+@register("twn", bits=(2,), loss_aware=False, capped_exact=_threshold_is_exact,
+          summary="TWN baseline: Δ = 0.7·mean|w|")  # fmt: skip
 def twn(w: Tensor, d: Tensor, bits: int, threshold: str = "approx") -> tuple[Tensor, Tensor]:
     """Ternary weight networks (Li & Liu 2016): support |w| > Δ, α = mean|w| over it.
 
