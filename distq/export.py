@@ -210,6 +210,36 @@ def export_packed(
     `state`, a quantized tensor is not float32/float16/bfloat16 or holds NaN, a row has more
     distinct values than 2**bits, or `layouts` names no layout or an unknown one.
     """
+    user_meta = _check_export(state, quantized, metadata)
+    allowed = _check_layouts(layouts)
+    tensors: dict[str, Tensor] = {}
+    header: dict[str, dict] = {}
+    sizes: list[TensorSize] = []
+    for name, t in state.items():
+        spec = quantized.get(name)
+        t = t.detach().cpu()
+        if spec is None:
+            tensors[name] = t.clone(memory_format=torch.contiguous_format)  # unshares storage
+            sizes.append(_raw_size(name, t))
+            continue
+        codes, codebook, header[name], size = _pack_tensor(name, t, spec, allowed)
+        tensors[name + ".codes"], tensors[name + ".codebook"] = codes, codebook
+        sizes.append(size)
+
+    digests = {name: _digest(t) for name, t in tensors.items()}
+    doc = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "tensors": header}
+    doc[DIGESTS_KEY] = digests
+    meta = json.dumps(doc, separators=(",", ":"))
+    save_file(tensors, os.fspath(path), metadata={**user_meta, META_KEY: meta})
+    return ExportReport(os.fspath(path), tuple(sizes), os.path.getsize(path))
+
+
+def _check_export(
+    state: Mapping[str, Tensor],
+    quantized: Mapping[str, QuantSpec],
+    metadata: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """The user's metadata as a dict, once the quantized names and the metadata are valid."""
     unknown = [n for n in quantized if n not in state]
     if unknown:
         raise ValueError(f"quantized names {unknown} are not in state; available: {list(state)}")
@@ -221,46 +251,37 @@ def export_packed(
     clashes = [n for n in quantized if {n + ".codes", n + ".codebook"} & set(state)]
     if clashes:
         raise ValueError(f"state names collide with the stored codes/codebook of {clashes}")
-    allowed = _check_layouts(layouts)
+    return user_meta
 
-    tensors: dict[str, Tensor] = {}
-    header: dict[str, dict] = {}
-    sizes: list[TensorSize] = []
-    for name, t in state.items():
-        spec = quantized.get(name)
-        t = t.detach().cpu()
-        if spec is None:
-            tensors[name] = t.clone(memory_format=torch.contiguous_format)  # unshares storage
-            nbytes = t.numel() * t.element_size()
-            fp32 = t.numel() * 4 if t.is_floating_point() else nbytes
-            nnz = int(torch.count_nonzero(t))
-            bits = t.element_size() * 8
-            sizes.append(TensorSize(name, t.numel(), bits, fp32, nbytes, False, "raw", nnz))
-            continue
-        q = _analyze(name, t, spec)
-        layout, nbytes, index_bits = _choose(q, allowed)
-        codes, codebook, entry = _write(q, layout, index_bits)
-        assert codes.numel() + 4 * codebook.numel() == nbytes, (name, layout)  # sizes are exact
-        tensors[name + ".codes"], tensors[name + ".codebook"] = codes, codebook
-        header[name] = {
-            "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."),
-            "scheme": spec.scheme,
-            "bits": spec.bits,
-            "per_channel": spec.per_channel,
-            **({"blocks": spec.blocks} if spec.blocks > 1 else {}),
-            **entry,
-        }
-        sizes.append(
-            TensorSize(name, t.numel(), spec.bits, t.numel() * 4, nbytes, True, layout, q.nnz)
-        )
 
-    digests = {name: _digest(t) for name, t in tensors.items()}
-    doc = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "tensors": header}
-    doc[DIGESTS_KEY] = digests
-    meta = json.dumps(doc, separators=(",", ":"))
-    save_file(tensors, os.fspath(path), metadata={**user_meta, META_KEY: meta})
-    return ExportReport(os.fspath(path), tuple(sizes), os.path.getsize(path))
+def _raw_size(name: str, t: Tensor) -> TensorSize:
+    """The size entry of a tensor stored as it is."""
+    nbytes = t.numel() * t.element_size()
+    fp32 = t.numel() * 4 if t.is_floating_point() else nbytes
+    nnz = int(torch.count_nonzero(t))
+    return TensorSize(name, t.numel(), t.element_size() * 8, fp32, nbytes, False, "raw", nnz)
+
+
+def _pack_tensor(
+    name: str, t: Tensor, spec: QuantSpec, allowed: tuple[str, ...]
+) -> tuple[Tensor, Tensor, dict, TensorSize]:
+    """Codes, codebook, header entry and size entry of a quantized tensor in the smallest of
+    the `allowed` layouts."""
+    q = _analyze(name, t, spec)
+    layout, nbytes, index_bits = _choose(q, allowed)
+    codes, codebook, entry = _write(q, layout, index_bits)
+    assert codes.numel() + 4 * codebook.numel() == nbytes, (name, layout)  # sizes are exact
+    header = {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "scheme": spec.scheme,
+        "bits": spec.bits,
+        "per_channel": spec.per_channel,
+        **({"blocks": spec.blocks} if spec.blocks > 1 else {}),
+        **entry,
+    }
+    size = TensorSize(name, t.numel(), spec.bits, t.numel() * 4, nbytes, True, layout, q.nnz)
+    return codes, codebook, header, size
 
 
 def layout_sizes(t: Tensor, spec: QuantSpec, name: str = "tensor") -> dict[str, int]:

@@ -110,8 +110,8 @@ class BatchSharedNorm(GainNorm):
             var, mean = torch.var_mean(a, dim=0, unbiased=False)
             with torch.no_grad():  # per-step statistics averaged into one shared running set
                 flat_mean = mean.reshape(-1, self.features).mean(0)
-                flat_var = var.reshape(-1, self.features).mean(0) * a.shape[0] / max(
-                    a.shape[0] - 1, 1
+                flat_var = (
+                    var.reshape(-1, self.features).mean(0) * a.shape[0] / max(a.shape[0] - 1, 1)
                 )
                 self.running_mean.lerp_(flat_mean, step)
                 self.running_var.lerp_(flat_var, step)

@@ -85,17 +85,7 @@ class QuantizedOptimizer(OptimizerWrapper):
         quantize_modules: Iterable[ModuleType] = (),
         sync_latent: bool = True,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                "base_optimizer must be a torch.optim.Optimizer, "
-                f"got {type(base_optimizer).__name__}"
-            )
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}")
-        if clip_latent is not None and not clip_latent > 0:
-            raise ValueError(f"clip_latent={clip_latent!r}; allowed: a positive float or None")
-        if sparsity_scope not in SCOPES:
-            raise ValueError(f"sparsity_scope={sparsity_scope!r}; allowed: {', '.join(SCOPES)}")
+        _check_options(base_optimizer, nonfinite, clip_latent, sparsity_scope)
         self.sparsity = (
             sparsity if isinstance(sparsity, SparsitySchedule) else SparsitySchedule(sparsity)
         )
@@ -110,15 +100,24 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.sync_latent = sync_latent
         self._synced = False
         super().__init__(base_optimizer)
+        self._take_weights(unwrap(model), keep_full_precision, tuple(quantize_modules))
+        self._group = self._groups_by_parameter()
+        self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
+        self.alpha: dict[str, Tensor] = {}
+        self.skipped_steps = 0
+        self._project_all()
 
-        module = unwrap(model)
-        quantize_modules = tuple(quantize_modules)
+    def _take_weights(
+        self, module: nn.Module, keep: Iterable[str], quantize_modules: tuple[ModuleType, ...]
+    ) -> None:
+        """Choose the weights to quantize (distq.selection's policy), check that the wrapped
+        optimizer steps each of them, and note each one's scale blocks."""
         params = dict(module.named_parameters())
-        chosen = select(module, keep_full_precision, quantize_modules)
+        chosen = select(module, keep, quantize_modules)
         self.names = [c.name for c in chosen]
         if not self.names:
-            self._warn_nothing_quantized(module, keep_full_precision, quantize_modules)
-        self.summary: QuantizationSummary = summarize(module, self.names, scheme, self.bits)
+            self._warn_nothing_quantized(module, keep, quantize_modules)
+        self.summary: QuantizationSummary = summarize(module, self.names, self.scheme, self.bits)
         self._param_names = {p: n for n, p in params.items()}
         in_optimizer = {p for g in self.param_groups for p in g["params"]}
         missing = [n for n in self.names if params[n] not in in_optimizer]
@@ -130,11 +129,6 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.blocks: dict[str, int] = {
             c.name: marked[c.name] if marked[c.name] > 1 else c.blocks for c in chosen
         }
-        self._group = self._groups_by_parameter()
-        self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
-        self.alpha: dict[str, Tensor] = {}
-        self.skipped_steps = 0
-        self._project_all()
 
     @staticmethod
     def _warn_nothing_quantized(
@@ -152,7 +146,7 @@ class QuantizedOptimizer(OptimizerWrapper):
         )
         warnings.warn(
             f"QuantizedOptimizer quantizes no tensor of {type(module).__name__}: {reason}",
-            stacklevel=3,
+            stacklevel=4,  # the caller of QuantizedOptimizer(...)
         )
 
     @property
@@ -339,3 +333,19 @@ class QuantizedOptimizer(OptimizerWrapper):
             f"QuantizedOptimizer({type(self.optimizer).__name__}, scheme={self.scheme!r}, "
             f"bits={self.bits}, quantized={len(self.names)} tensors)"
         )
+
+
+def _check_options(
+    base_optimizer: object, nonfinite: str, clip_latent: float | None, sparsity_scope: str
+) -> None:
+    """Reject constructor arguments QuantizedOptimizer cannot work with, naming what is allowed."""
+    if not isinstance(base_optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+        )
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}")
+    if clip_latent is not None and not clip_latent > 0:
+        raise ValueError(f"clip_latent={clip_latent!r}; allowed: a positive float or None")
+    if sparsity_scope not in SCOPES:
+        raise ValueError(f"sparsity_scope={sparsity_scope!r}; allowed: {', '.join(SCOPES)}")
