@@ -86,9 +86,9 @@ def test_ternary2_is_optimal_over_two_scales(seed):
 def test_linear_alpha_is_weighted_least_squares_for_its_codes(bits, seed):
     w, d = sample(seed, n=50)
     p = project(w, d, "linear", bits)
-    k = levels_per_sign(bits)
     b = p.q / p.alpha
-    assert torch.allclose(b * k, torch.round(b * k), atol=1e-9)
+    steps = b * levels_per_sign(bits)  # whole numbers of level steps, −k..k
+    assert torch.allclose(steps, torch.round(steps), atol=1e-9)
     assert b.abs().max() <= 1 + 1e-12
     lsq = (d * b * w).sum() / (d * b * b).sum()
     assert p.alpha.item() == pytest.approx(lsq.item(), rel=1e-12)
