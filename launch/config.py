@@ -1,8 +1,11 @@
-"""The typed, validated training configuration: defaults, YAML file, then command-line overrides.
+"""The training configuration: five sections, each feeding one part of the run, built from
+defaults, a YAML file, then command-line flags.
 
-Every field documents itself (help text, allowed values, bounds); the CLI flags are generated
-from the fields, so a new option is one field here. A bad key or value raises ConfigError
-naming it and what is allowed.
+`weights` and `sparsity` are QuantizedOptimizer's keyword arguments, `gradients` the gradient
+hook's (QuantizedCommState), `monitor` the convergence monitor's and its exporter's, `run` the
+run's own (recipe, base optimizer, epochs, out_dir, ...). A YAML file gives a section as a
+mapping (`gradients: {bits: 4}`) or its fields by their flat names (`grad_bits: 4`), the names
+the flags have; a bad key or value raises ConfigError naming it and what is allowed.
 """
 
 from __future__ import annotations
@@ -10,62 +13,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
-import re
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distq.comm import COLLECTIVES, COMPRESSORS
+from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
+from distq.launch.yaml_config import load_yaml
 from distq.lstm import NORMS
 from distq.quant import SCHEMES, get_scheme
-from distq.quant.sparse import SCHEDULES, SCOPES
+from distq.quant.sparse import SCHEDULES, SCOPES, SparsitySchedule
 
 FULL_PRECISION = "none"
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that is not allowed."""
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-) -> Any:
-    """A config field with its help text, allowed values and numeric bounds (`above`: an
-    exclusive lower bound)."""
-    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "above": above}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+SHARE = {"minimum": 0, "maximum": 0.99}  # a share of a tensor's weights that may be zero
+FRACTION = {"minimum": 0, "maximum": 1}  # a point in the run, as a fraction of its steps
 
 
 @dataclass
-class TrainConfig:
-    """Everything `distq train` needs; see README.md for a tour."""
+class Weights(Options):
+    """Weight quantization: QuantizedOptimizer's keyword arguments (distq/optim.py)."""
 
-    recipe: str = option("digits", "task: model + data", choices=RECIPES)
-    data_dir: str | None = option(
-        None,
-        "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set); "
-        "charlm: a text file or folder as corpus (null: the Python standard library's sources)",
-    )
-    lstm_norm: str = option(
-        "none", "charlm: normalization of each W·x and W·h term of the LSTM", choices=NORMS
-    )
-    bptt: int = option(
-        100, "charlm: characters per truncated-BPTT window (after bptt/2 burn-in)", minimum=2
-    )
     scheme: str = option(
         "ternary",
         f"weight quantization scheme ('{FULL_PRECISION}' = full precision)",
@@ -82,36 +52,144 @@ class TrainConfig:
     loss_aware: bool = option(
         True, "weight the projection by the optimizer's curvature (off: d = 1, an ablation)"
     )
-    sparsity: float = option(
-        0.0,
-        "share of zeros per quantized tensor at the end of the schedule",
-        minimum=0,
-        maximum=0.99,
-    )
-    sparsity_schedule: str = option(
-        "constant", "constant, or a cubic ramp (Zhu & Gupta 2017)", choices=SCHEDULES
-    )
-    sparsity_initial: float = option(
-        0.0, "sparsity where a cubic ramp starts", minimum=0, maximum=0.99
-    )
-    sparsity_begin: float = option(
-        0.0, "where the cubic ramp starts, as a fraction of the run's steps", minimum=0, maximum=1
-    )
-    sparsity_end: float = option(
-        0.75,
-        "where the cubic ramp reaches `sparsity`, as a fraction of the steps",
-        minimum=0,
-        maximum=1,
-    )
-    sparsity_scope: str = option(
-        "tensor", "each tensor loses `sparsity`, or all quantized tensors together", choices=SCOPES
-    )
-    sparse_gradients: bool = option(
-        False, "leave pruned weights' gradient entries off the wire (they freeze while pruned)"
-    )
     nonfinite: str = option(
         "skip", "on a NaN/Inf gradient: skip the step or raise", choices=("skip", "raise")
     )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != FULL_PRECISION
+
+    def check(self) -> None:
+        if not self.quantized:
+            return
+        allowed = get_scheme(self.scheme).bits
+        if self.bits is None and len(allowed) > 1:
+            raise ConfigError(f"scheme {self.scheme!r} needs bits: {allowed[0]}..{allowed[-1]}")
+        if self.bits is not None and self.bits not in allowed:
+            raise ConfigError(
+                f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
+                f"{', '.join(map(str, allowed))}"
+            )
+
+
+@dataclass
+class Sparsity(Options):
+    """Joint quantization + sparsification: QuantizedOptimizer's `sparsity` (a schedule) and
+    `sparsity_scope`, and whether pruned weights' gradients stay off the wire."""
+
+    final: float = option(
+        0.0, "share of zeros per quantized tensor at the end of the schedule", **SHARE,
+        flat="sparsity",
+    )  # fmt: skip
+    schedule: str = option(
+        "constant", "constant, or a cubic ramp (Zhu & Gupta 2017)", choices=SCHEDULES,
+        flat="sparsity_schedule",
+    )  # fmt: skip
+    initial: float = option(
+        0.0, "sparsity where a cubic ramp starts", **SHARE, flat="sparsity_initial"
+    )
+    begin: float = option(
+        0.0, "where the cubic ramp starts, as a fraction of the run's steps", **FRACTION,
+        flat="sparsity_begin",
+    )  # fmt: skip
+    end: float = option(
+        0.75, "where the cubic ramp reaches `sparsity`, as a fraction of the steps", **FRACTION,
+        flat="sparsity_end",
+    )  # fmt: skip
+    scope: str = option(
+        "tensor", "each tensor loses `sparsity`, or all quantized tensors together",
+        choices=SCOPES, flat="sparsity_scope",
+    )  # fmt: skip
+    gradients: bool = option(
+        False, "leave pruned weights' gradient entries off the wire (they freeze while pruned)",
+        flat="sparse_gradients",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.schedule == "cubic" and not self.begin < self.end:
+            raise ConfigError(
+                f"sparsity_begin={self.begin} must be below sparsity_end={self.end} for the "
+                "cubic schedule"
+            )
+
+    def optimizer_kwargs(self, total_steps: int) -> dict[str, Any]:
+        """QuantizedOptimizer's `sparsity` (the schedule, its ramp placed in a run of
+        `total_steps`) and `sparsity_scope`."""
+        begin = round(self.begin * total_steps)
+        end = max(round(self.end * total_steps), begin + 1)
+        schedule = SparsitySchedule(self.final, self.schedule, self.initial, begin, end)
+        return {"sparsity": schedule, "sparsity_scope": self.scope}
+
+
+@dataclass
+class Gradients(Options):
+    """Gradient exchange: QuantizedCommState's keyword arguments (comm/hook.py)."""
+
+    bits: int | None = option(
+        2, "bits per gradient element on the wire (null: fp32 all-reduce)", minimum=1, maximum=8,
+        flat="grad_bits",
+    )  # fmt: skip
+    collective: str = option(
+        "scatter", "how quantized gradients are exchanged", choices=COLLECTIVES
+    )
+    clip: float | None = option(2.5, "clip gradients at clip·σ per tensor (null: off)", above=0)
+    bucket_size: int | None = option(
+        512, "gradient elements per scale (null: one per bucket)", minimum=1
+    )
+    compressor: str = option(
+        "quantize", "gradient code: stochastic m-bit, TernGrad, or 1-bit sign",
+        choices=COMPRESSORS, flat="grad_compressor",
+    )  # fmt: skip
+    error_feedback: bool = option(False, "add each step's compression error to the next")
+
+    def check(self) -> None:
+        sends = {"sign": 1, "terngrad": 2}.get(self.compressor)
+        if sends is not None and self.bits not in (None, sends):
+            raise ConfigError(
+                f"grad_compressor {self.compressor!r} sends {sends} bit{'s' * (sends > 1)}; "
+                f"got grad_bits={self.bits}"
+            )
+
+
+@dataclass
+class Monitor(Options):
+    """The convergence monitor (its `every`) and its Prometheus exporter (port, address)."""
+
+    enabled: bool = option(
+        True, "log quantization errors and theory bounds (JSONL in out_dir)", flat="monitor"
+    )
+    every: int = option(10, "steps between error measurements", minimum=1, flat="monitor_every")
+    metrics_port: int | None = option(
+        9400,
+        "Prometheus /metrics on this port + local rank (0: any free port; null: no exporter)",
+        minimum=0,
+        maximum=65535,
+    )
+    metrics_address: str = option(
+        "127.0.0.1",
+        "address the exporter listens on (0.0.0.0: all interfaces, for a Prometheus elsewhere)",
+    )
+
+
+@dataclass
+class Run(Options):
+    """The run's own settings: task, base optimizer, length, checkpoints, processes."""
+
+    recipe: str = option("digits", "task: model + data", choices=RECIPES)
+    data_dir: str | None = option(
+        None,
+        "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set); "
+        "charlm: a text file or folder as corpus (null: the Python standard library's sources)",
+    )
+    lstm_norm: str = option(
+        "none", "charlm: normalization of each W·x and W·h term of the LSTM", choices=NORMS
+    )
+    bptt: int = option(
+        100, "charlm: characters per truncated-BPTT window (after bptt/2 burn-in)", minimum=2
+    )
+    hidden: int = option(256, "width of the hidden layers", minimum=1)
+    depth: int = option(3, "number of hidden layers", minimum=1)
     optimizer: str = option(
         "adam",
         "base optimizer (adam/adamw: loss-aware d; sgd: d = 1)",
@@ -124,8 +202,6 @@ class TrainConfig:
     weight_decay: float = option(0.0, "weight decay", minimum=0)
     epochs: int = option(15, "passes over the training set", minimum=1)
     batch_size: int = option(32, "examples per worker per step", minimum=1)
-    hidden: int = option(256, "width of the hidden layers", minimum=1)
-    depth: int = option(3, "number of hidden layers", minimum=1)
     test_fraction: float = option(
         0.2, "share of the data held out for testing", minimum=0.01, maximum=0.9
     )
@@ -152,39 +228,8 @@ class TrainConfig:
         above=0,
     )
     progress: bool = option(True, "show a progress bar on rank 0")
-    grad_bits: int | None = option(
-        2, "bits per gradient element on the wire (null: fp32 all-reduce)", minimum=1, maximum=8
-    )
-    collective: str = option(
-        "scatter", "how quantized gradients are exchanged", choices=COLLECTIVES
-    )
-    clip: float | None = option(2.5, "clip gradients at clip·σ per tensor (null: off)", above=0)
-    bucket_size: int | None = option(
-        512, "gradient elements per scale (null: one per bucket)", minimum=1
-    )
-    grad_compressor: str = option(
-        "quantize",
-        "gradient code: stochastic m-bit, TernGrad, or 1-bit sign",
-        choices=COMPRESSORS,
-    )
-    error_feedback: bool = option(False, "add each step's compression error to the next")
-    monitor: bool = option(True, "log quantization errors and theory bounds (JSONL in out_dir)")
-    monitor_every: int = option(10, "steps between error measurements", minimum=1)
-    metrics_port: int | None = option(
-        9400,
-        "Prometheus /metrics on this port + local rank (0: any free port; null: no exporter)",
-        minimum=0,
-        maximum=65535,
-    )
-    metrics_address: str = option(
-        "127.0.0.1",
-        "address the exporter listens on (0.0.0.0: all interfaces, for a Prometheus elsewhere)",
-    )
 
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check(f.name, getattr(self, f.name), hints[f.name], f.metadata)
+    def check(self) -> None:
         if self.data_dir is not None and self.recipe not in DATA_DIR_RECIPES:
             raise ConfigError(
                 f"data_dir is read by the {' and '.join(DATA_DIR_RECIPES)} recipes only; "
@@ -196,191 +241,135 @@ class TrainConfig:
                 f"data_dir={self.data_dir!r} does not exist (charlm: a text file or a folder of "
                 "them; null: the Python standard library's sources)"
             )
-        if self.scheme != FULL_PRECISION:
-            spec = get_scheme(self.scheme)
-            if self.bits is None and len(spec.bits) > 1:
-                raise ConfigError(
-                    f"scheme {self.scheme!r} needs bits: {spec.bits[0]}..{spec.bits[-1]}"
-                )
-            if self.bits is not None and self.bits not in spec.bits:
-                raise ConfigError(
-                    f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
-                    f"{', '.join(map(str, spec.bits))}"
-                )
-        if self.sparsity_schedule == "cubic" and not self.sparsity_begin < self.sparsity_end:
-            raise ConfigError(
-                f"sparsity_begin={self.sparsity_begin} must be below sparsity_end="
-                f"{self.sparsity_end} for the cubic schedule"
-            )
-        if (self.sparsity or self.sparse_gradients) and self.scheme == FULL_PRECISION:
+
+
+@dataclass(init=False)
+class TrainConfig:
+    """Everything `distq train` needs, by section; see README.md for a tour.
+
+    Built from sections (`TrainConfig(run=Run(epochs=2))`, or a section as a mapping), from
+    settings by their flat names (`TrainConfig(epochs=2, grad_bits=4)`), or both; what is not
+    given takes its default."""
+
+    weights: Weights
+    sparsity: Sparsity
+    gradients: Gradients
+    monitor: Monitor
+    run: Run
+
+    def __init__(self, **settings: Any) -> None:
+        by_section = _by_section(_settings(settings, "TrainConfig()"))
+        for name, section in SECTIONS.items():
+            setattr(self, name, section(**by_section[name]))
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError where sections disagree."""
+        sparsity, grads = self.sparsity, self.gradients
+        if (sparsity.final or sparsity.gradients) and not self.weights.quantized:
             raise ConfigError("sparsity needs a quantization scheme; scheme is 'none'")
-        if self.sparse_gradients and not (self.sparsity and self.grad_bits):
+        if sparsity.gradients and not (sparsity.final and grads.bits):
             raise ConfigError(
                 "sparse_gradients needs sparsity > 0 and quantized gradients (grad_bits); got "
-                f"sparsity={self.sparsity}, grad_bits={self.grad_bits}"
+                f"sparsity={sparsity.final}, grad_bits={grads.bits}"
             )
-        if self.sparse_gradients and self.error_feedback:
+        if sparsity.gradients and grads.error_feedback:
             raise ConfigError("sparse_gradients cannot be combined with error_feedback")
-        if self.grad_compressor == "sign" and self.grad_bits not in (None, 1):
-            raise ConfigError(f"grad_compressor 'sign' sends 1 bit; got grad_bits={self.grad_bits}")
-        if self.grad_compressor == "terngrad" and self.grad_bits not in (None, 2):
-            raise ConfigError(
-                f"grad_compressor 'terngrad' sends 2 bits; got grad_bits={self.grad_bits}"
-            )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The sections as mappings: what a checkpoint records, and a YAML file may hold."""
         return dataclasses.asdict(self)
 
-
-def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> None:
-    """Raise ConfigError unless `value` has the field's type, is among its choices and in bounds."""
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in (
-        typing.get_args(hint)
-    )
-    if value is None:
-        if optional:
-            return
-        raise ConfigError(f"{name} must not be null")
-    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-    if typing.get_origin(base) is list:
-        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{name}={value!r}: expected a list of strings")
-        return
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[base]
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: expected {base.__name__}")
-    if base is float and not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {_bounds(meta)}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
-    if meta.get("min") is not None and value < meta["min"]:
-        raise ConfigError(f"{name}={value!r} is below the minimum {meta['min']}")
-    if meta.get("max") is not None and value > meta["max"]:
-        raise ConfigError(f"{name}={value!r} is above the maximum {meta['max']}")
-    if meta.get("above") is not None and value <= meta["above"]:
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: above {meta['above']}")
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (as flags and errors name it)."""
+        return flatten(self.to_dict())
 
 
-def _bounds(meta: typing.Mapping[str, Any]) -> str:
-    """A float field's allowed values in words: "a finite number in [0, 0.99]"."""
-    low, high = meta.get("min"), meta.get("max")
-    if meta.get("above") is not None:
-        return f"a finite number above {meta['above']}"
-    if low is not None and high is not None:
-        return f"a finite number in [{low}, {high}]"
-    if low is not None:
-        return f"a finite number >= {low}"
-    return "a finite number" if high is None else f"a finite number <= {high}"
+SECTIONS: dict[str, type[Options]] = typing.get_type_hints(TrainConfig)
+FLAT: dict[str, tuple[str, str]] = {  # flat name -> (section, field)
+    flat_name(f): (section, f.name)
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+}
+_FLAT_NAME = {place: name for name, place in FLAT.items()}
+_TOP_KEYS = [*FLAT, *(name for name in SECTIONS if name not in FLAT)]
 
 
-def from_mapping(values: typing.Mapping[str, Any], source: str = "config") -> TrainConfig:
-    """Build a config from a dict, rejecting unknown keys with a suggestion."""
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} in {source}{hint} allowed: {', '.join(known)}")
-    return TrainConfig(**values)
+def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded config by flat names: sections (what checkpoints hold since configs have them)
+    or flat keys (before that), which stay as they are."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in SECTIONS and isinstance(value, Mapping):
+            flat.update({_FLAT_NAME.get((key, k), k): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML with 1.2's floats (`1e-3` is a number, as users write it, not the string 1.1 makes
-    it) that refuses a key given twice instead of keeping the last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(
-                    f"key {key!r} is given twice (line {key_node.start_mark.line + 1})"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML config file (empty file: no settings)."""
-    try:
-        data = yaml.load(Path(path).read_text(), Loader=_ConfigLoader) or {}  # a SafeLoader
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
-    return data
+def from_mapping(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """Build a config from sections and/or flat keys, rejecting unknown keys with a suggestion."""
+    return _build(_settings(values, source))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per config field (underscores become dashes), plus a positional YAML file."""
+    """A positional YAML file, then one --flag per field (its flat name), grouped by section."""
     parser.add_argument("config", nargs="?", help="YAML config file (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {_default(f)})"
-        kind = hints[f.name]
-        if kind is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
-        else:
-            optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
-            base = (
-                next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
-            )
-            choices = f.metadata["choices"]
-            metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()
-            parser.add_argument(
-                flag,
-                type=_parser_for(base, optional),
-                default=argparse.SUPPRESS,
-                metavar=metavar,
-                help=help_text,
-            )
+    for name, section in SECTIONS.items():
+        add_flags(parser.add_argument_group(name, section.__doc__.splitlines()[0]), section)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
     """YAML file values, then the flags given on the command line."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return from_mapping(values, source=args.config or "command line")
+    settings = _settings(values, args.config or "command line")
+    flags = {k: v for k, v in vars(args).items() if k in FLAT}
+    settings.update(_settings(flags, "command line"))
+    return _build(settings)
 
 
-def _parser_for(kind: type, optional: bool) -> typing.Callable[[str], Any]:
-    """Parse a flag's text as `kind`; 'none'/'null' mean None for optional fields."""
+def _settings(values: Mapping[str, Any], source: str) -> dict[tuple[str, str], Any]:
+    """Each value by its (section, field), whether given in a section (a mapping or an Options
+    instance) or by its flat name; ConfigError for an unknown key and for a setting given twice."""
+    settings: dict[tuple[str, str], Any] = {}
+    given_as: dict[tuple[str, str], str] = {}
+    for key, value in values.items():
+        if isinstance(value, Options):
+            value = value.as_kwargs()
+        if key in SECTIONS and (isinstance(value, Mapping) or key not in FLAT):
+            fields = [f.name for f in dataclasses.fields(SECTIONS[key])]
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} in {source} must be a mapping of {', '.join(fields)}")
+            where = f"section {key!r} of {source}"
+            entries = [((key, _known(k, fields, where)), f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            entries = [(FLAT[_known(key, _TOP_KEYS, source)], key, value)]
+        for place, name, v in entries:
+            if place in given_as:
+                raise ConfigError(
+                    f"{given_as[place]} and {name} in {source} set one option; give one"
+                )
+            given_as[place], settings[place] = name, v
+    return settings
 
-    def parse(text: str) -> Any:
-        if optional and text.lower() in ("none", "null"):
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
 
-    return parse
+def _known(key: Any, allowed: list[str], where: str) -> str:
+    """`key` if it is allowed, else ConfigError naming it, the closest allowed key and all."""
+    if key in allowed:
+        return key
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown key {key!r} in {where}{hint} allowed: {', '.join(allowed)}")
 
 
-def _default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+def _by_section(settings: Mapping[tuple[str, str], Any]) -> dict[str, dict[str, Any]]:
+    """(section, field) -> value settings as one mapping per section."""
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for (section, name), value in settings.items():
+        sections[section][name] = value
+    return sections
+
+
+def _build(settings: Mapping[tuple[str, str], Any]) -> TrainConfig:
+    """The config of (section, field) -> value settings, defaults elsewhere."""
+    return TrainConfig(**_by_section(settings))

@@ -116,10 +116,10 @@ class RunState:
 
     def _apply_lr_and_weight_decay(self) -> None:
         factor = self.schedule.lr_lambdas[0](self.schedule.last_epoch)
-        self.schedule.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        self.schedule.base_lrs = [self.cfg.run.lr for _ in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"] = self.cfg.lr, self.cfg.lr * factor
-            group["weight_decay"] = self.cfg.weight_decay
+            group["initial_lr"], group["lr"] = self.cfg.run.lr, self.cfg.run.lr * factor
+            group["weight_decay"] = self.cfg.run.weight_decay
         self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
@@ -143,13 +143,14 @@ def find_newest(env: DistEnv, store: checkpoint.CheckpointStore) -> tuple[dict, 
 
 
 def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Path) -> None:
-    """A checkpoint resumes only a run with the same model, data, quantization and world size."""
+    """A checkpoint resumes only a run with the same model, data, quantization and world size
+    (its config as it was recorded: in sections, or by flat keys before configs had them)."""
     if state.get("format") != FORMAT:
         raise config.ConfigError(
             f"cannot resume from {path}: checkpoint format {state.get('format')!r}, this distq "
             f"reads format {FORMAT}; start a new out_dir"
         )
-    fixed = (
+    fixed = (  # by flat name
         "recipe",
         "data_dir",
         "lstm_norm",
@@ -172,7 +173,7 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "sparsity_scope",
         "loss_aware",
     )
-    saved, now = state["config"], cfg.to_dict()
+    saved, now = config.flatten(state["config"]), cfg.flat()
     different = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
         for k in fixed

@@ -3,6 +3,10 @@
 Every rank builds the same model from the seed, DDP averages the gradients, and the
 QuantizedOptimizer projects the weights after each step; rank 0 shows progress, prints the test
 accuracy per epoch and a final summary, and writes the checkpoint that `distq export` packs.
+
+A run goes through these steps, each a function below: claim out_dir (`run`), build data,
+model, gradient exchange and optimizer (`_build`), resume (`_resume`), announce (`_announce`),
+train epoch by epoch (`_train_epochs`), report (`_finish`) and close (`_close`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import signal
 import sys
@@ -24,8 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from distq.comm import QuantizedCommState, quantized_hook
+from distq.comm import QuantizedCommState
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
+from distq.launch.build import attach_comm_hook, build_monitor, build_optimizer, lr_schedule
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
@@ -37,12 +41,9 @@ from distq.launch.environment import (
     shutdown,
 )
 from distq.launch.resume import Position, RunState, find_newest
-from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, RecurrentProbe
+from distq.monitor import ConvergenceMonitor
 from distq.optim import QuantizedOptimizer
-from distq.quant.sparse import SparsitySchedule
-from distq.selection import summarize
-
-log = logging.getLogger(__name__)
+from distq.selection import QuantizationSummary, summarize
 
 SUMMARY_NAME = "summary.json"
 
@@ -62,101 +63,40 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # recipe scores (charlm: test_bpc)
 
 
-def sparsity_schedule(cfg: config.TrainConfig, total_steps: int) -> SparsitySchedule:
-    """The config's sparsity schedule, its ramp placed in steps of this run."""
-    return SparsitySchedule(
-        cfg.sparsity,
-        cfg.sparsity_schedule,
-        cfg.sparsity_initial,
-        round(cfg.sparsity_begin * total_steps),
-        max(round(cfg.sparsity_end * total_steps), round(cfg.sparsity_begin * total_steps) + 1),
-    )
+@dataclass
+class Job:
+    """One rank's run, built: the data on its device, the batches, the checkpoint found to
+    resume from, and the training state a checkpoint saves (model, optimizer, hook, store)."""
+
+    cfg: config.TrainConfig
+    env: DistEnv
+    device: torch.device
+    data: recipes.Split
+    batches: ShardedBatches
+    state: RunState
+    found: tuple[dict, Path] | None
+
+    def say(self, text: str) -> None:
+        """Print on rank 0 only."""
+        if self.env.is_main:
+            print(text)
 
 
-def build_optimizer(
-    cfg: config.TrainConfig, model: nn.Module, total_steps: int
-) -> torch.optim.Optimizer:
-    """The base optimizer, wrapped in a QuantizedOptimizer unless the scheme is 'none'."""
-    params = model.parameters()
-    if cfg.optimizer == "adam":
-        base = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        base = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        base = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    if cfg.scheme == config.FULL_PRECISION:
-        return base
-    return QuantizedOptimizer(
-        base,
-        model,
-        scheme=cfg.scheme,
-        bits=cfg.bits,
-        keep_full_precision=cfg.keep_full_precision,
-        clip_latent=cfg.clip_latent,
-        per_channel=cfg.per_channel,
-        nonfinite=cfg.nonfinite,
-        sparsity=sparsity_schedule(cfg, total_steps),
-        sparsity_scope=cfg.sparsity_scope,
-        loss_aware=cfg.loss_aware,
-    )
+@dataclass
+class Progress:
+    """How far training got: the position, the resumed epoch's loss so far, whether the run
+    was finished before it started, the steps this process ran, the signal that stopped it,
+    and the newest epoch's loss, test accuracy and recipe scores."""
 
-
-def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommState | None:
-    """Register distq's quantized-gradient hook on the DDP model (None: fp32 all-reduce)."""
-    if cfg.grad_bits is None:
-        return None
-    state = QuantizedCommState(
-        bits=cfg.grad_bits,
-        bucket_size=cfg.bucket_size,
-        clip=cfg.clip,
-        collective=cfg.collective,
-        error_feedback=cfg.error_feedback,
-        compressor=cfg.grad_compressor,
-        seed=cfg.seed,
-        nonfinite="propagate" if cfg.nonfinite == "skip" else "raise",
-        error_every=cfg.monitor_every,
-    )
-    ddp.register_comm_hook(state, quantized_hook)
-    return state
-
-
-def build_monitor(
-    cfg: config.TrainConfig,
-    env: DistEnv,
-    optimizer: torch.optim.Optimizer,
-    comm,
-    model: nn.Module | None = None,
-) -> ConvergenceMonitor:
-    """The convergence monitor for this rank, with its Prometheus exporter if a port is set."""
-    exporter = None
-    if cfg.metrics_port is not None:
-        exporter = MetricsExporter(env.rank)
-        try:
-            port = cfg.metrics_port + env.local_rank if cfg.metrics_port else 0
-            exporter.start(port, cfg.metrics_address)
-        except (OSError, OverflowError) as exc:  # a busy or impossible port or address: train on
-            log.warning("rank %d: no metrics exporter (%s)", env.rank, exc)
-            exporter = None
-    gradient = None
-    if comm is not None:
-        gradient = GradientSetup(
-            bits=comm.bits,
-            clip=cfg.clip,
-            bucket_numel=cfg.bucket_size or 25 * 2**20 // 4,  # else: a default 25 MiB DDP bucket
-            quantizations=comm.quantizations(),
-            compressor=cfg.grad_compressor,
-        )
-    quantizer = optimizer if isinstance(optimizer, QuantizedOptimizer) else None
-    return ConvergenceMonitor(
-        Path(cfg.out_dir),
-        env.rank,
-        quantizer,
-        comm,
-        gradient,
-        exporter,
-        cfg.monitor_every,
-        recurrent=RecurrentProbe.of(model) if model is not None else None,
-    )
+    position: Position = field(default_factory=Position)
+    epoch_loss_sum: float = 0.0
+    finished_before: bool = False
+    steps_run: int = 0
+    stopped_by: str | None = None
+    loss: float = math.nan
+    accuracy: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
@@ -167,226 +107,307 @@ def run(cfg: config.TrainConfig, env: DistEnv | None = None) -> TrainResult:
     """
     env = env or DistEnv.from_environ()
     preemption.stop_when_launcher_dies()
-    backend = choose_backend(cfg.backend)
+    backend = choose_backend(cfg.run.backend)
     # A group that exists already (a caller's, or a test's) is the caller's to destroy: a second
     # run() then reuses it instead of a fresh env:// rendezvous on a port the first one holds.
     owns_group = not dist.is_initialized()
-    init_process_group(env, backend, cfg.dist_timeout)
+    init_process_group(env, backend, cfg.run.dist_timeout)
     if env.distributed:
         check_same_config(cfg, env)
-    lock = run_dir.RunDirLock(cfg.out_dir)
+    lock = run_dir.RunDirLock(cfg.run.out_dir)
     try:
-        on_main(env, lambda: _claim(lock, cfg), (run_dir.RunDirError,))
+        on_main(env, lambda: _claim(lock, cfg.run), (run_dir.RunDirError,))
         return _train(cfg, env, backend, owns_group)
     finally:
         lock.release()
 
 
-def _claim(lock: run_dir.RunDirLock, cfg: config.TrainConfig) -> None:
+def _claim(lock: run_dir.RunDirLock, run: config.Run) -> None:
+    """Lock out_dir and make it this run's (moving an earlier run aside if asked to)."""
     lock.acquire()
-    previous = run_dir.claim(cfg.out_dir, cfg.resume, cfg.move_aside)
+    previous = run_dir.claim(run.out_dir, run.resume, run.move_aside)
     if previous is not None:
-        print(f"the earlier run in {cfg.out_dir} was moved to {previous}")
+        print(f"the earlier run in {run.out_dir} was moved to {previous}")
 
 
 def _train(cfg: config.TrainConfig, env: DistEnv, backend: str, owns_group: bool) -> TrainResult:
-    """The training itself, once out_dir is this run's."""
-    device = device_for(env, backend)
-    say = print if env.is_main else (lambda *a, **k: None)
+    """The training itself, once out_dir is this run's: the steps in the module docstring."""
+    job = _build(cfg, env, device_for(env, backend))
+    progress = _resume(job)
+    summary = _announce(job, backend)
+    state = job.state
+    monitor = (
+        build_monitor(cfg, env, state.optimizer, state.comm, state.model)
+        if cfg.monitor.enabled
+        else None
+    )
+    _train_epochs(job, monitor, progress)
+    result = _finish(job, progress, summary)
+    _close(job, monitor, progress)
+    shutdown(state.net, destroy_group=owns_group)
+    return result
 
-    torch.manual_seed(cfg.seed)
-    data = recipes.load(cfg.recipe, cfg.test_fraction, cfg.seed, cfg.data_dir, cfg.bptt)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+
+def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
+    """Data, model, DDP with the gradient hook, batches, the checkpoint to resume from, then the
+    optimizer and LR schedule: the same on every rank, collectives in the same order."""
+    run = cfg.run
+    torch.manual_seed(run.seed)
+    data = recipes.load(run.recipe, run.test_fraction, run.seed, run.data_dir, run.bptt).to(device)
     model = recipes.build_model(
-        cfg.recipe,
-        cfg.hidden,
-        cfg.depth,
+        run.recipe,
+        run.hidden,
+        run.depth,
         classes=data.classes,
-        lstm_norm=cfg.lstm_norm,
-        bptt=cfg.bptt,
+        lstm_norm=run.lstm_norm,
+        bptt=run.bptt,
     ).to(device)
     net: nn.Module = DistributedDataParallel(model) if env.distributed else model
     comm = attach_comm_hook(cfg, net) if env.distributed else None
-    batches = ShardedBatches(len(train_y), cfg.batch_size, env.rank, env.world_size, cfg.seed)
-    total_steps = cfg.epochs * batches.steps_per_epoch
-    out_dir = Path(cfg.out_dir)
-    store = checkpoint.CheckpointStore(out_dir, cfg.keep_checkpoints)
-    found = find_newest(env, store) if cfg.resume else None
+    batches = ShardedBatches(len(data.train_y), run.batch_size, env.rank, env.world_size, run.seed)
+    store = checkpoint.CheckpointStore(run.out_dir, run.keep_checkpoints)
+    found = find_newest(env, store) if run.resume else None
     # The sparsity ramp stays where the run placed it: a resume with more epochs extends the
     # run at its final sparsity, while the LR schedule spans the new total.
-    ramp_epochs = found[0]["config"].get("epochs", cfg.epochs) if found else cfg.epochs
+    ramp_epochs = (
+        config.flatten(found[0]["config"]).get("epochs", run.epochs) if found else run.epochs
+    )
     try:
         optimizer = build_optimizer(cfg, net, ramp_epochs * batches.steps_per_epoch)
     except ValueError as exc:  # e.g. keep_full_precision naming no layer of the model
         raise config.ConfigError(str(exc)) from None
-    if comm is not None and cfg.sparse_gradients:
+    if comm is not None and cfg.sparsity.gradients:
         comm.set_keep_mask(optimizer.mask_of)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_factor(cfg.lr_schedule, total_steps)
-    )
-    run_state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
+    schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
+    state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
+    return Job(cfg, env, device, data, batches, state, found)
 
-    position, resumed_loss_sum = Position(), 0.0
-    if cfg.resume and found is None:
-        say(f"no checkpoint in {store.directory}: starting from scratch")
-    elif found is not None:
-        position, resumed_loss_sum, path = run_state.restore(found, train_x[: cfg.batch_size])
-        say(
+
+def _resume(job: Job) -> Progress:
+    """Restore the checkpoint found (if any) and say where training continues."""
+    run = job.cfg.run
+    progress = Progress()
+    if run.resume and job.found is None:
+        job.say(f"no checkpoint in {job.state.store.directory}: starting from scratch")
+    elif job.found is not None:
+        position, loss_sum, path = job.state.restore(job.found, job.data.train_x[: run.batch_size])
+        progress = Progress(position, loss_sum)
+        total_steps = run.epochs * job.batches.steps_per_epoch
+        job.say(
             f"resumed from {path} at step {position.step} "
             f"(epoch {position.epoch + 1}, step {position.step_in_epoch} of it)"
-            + _changes_applied(found[0]["config"], cfg, total_steps)
+            + _changes_applied(config.flatten(job.found[0]["config"]), job.cfg, total_steps)
         )
-    finished = position.epoch >= cfg.epochs
-    if finished:  # a resumed finished run: report it, change nothing
-        say(
-            f"the run in {out_dir} is finished (epoch {position.epoch}, step {position.step}); "
-            f"nothing to train, {out_dir / SUMMARY_NAME} is left as it is"
+    if progress.position.epoch >= run.epochs:  # a resumed finished run: report it, change nothing
+        progress.finished_before = True
+        job.say(
+            f"the run in {run.out_dir} is finished (epoch {progress.position.epoch}, step "
+            f"{progress.position.step}); nothing to train, "
+            f"{Path(run.out_dir) / SUMMARY_NAME} is left as it is"
         )
+    return progress
 
-    scheme = cfg.scheme if cfg.scheme != config.FULL_PRECISION else "fp32"
+
+def _announce(job: Job, backend: str) -> QuantizationSummary:
+    """Say what trains how (recipe, workers, weights, gradients) and which tensors are
+    quantized; returns that summary of the model."""
+    cfg, optimizer = job.cfg, job.state.optimizer
+    scheme = cfg.weights.scheme if cfg.weights.quantized else "fp32"
     summary = (
         optimizer.summary
         if isinstance(optimizer, QuantizedOptimizer)
-        else summarize(model, [], scheme, 32)
+        else summarize(job.state.model, [], scheme, 32)
     )
-    one_node_fallback = comm is not None and comm.quantizations() == 0
-    if one_node_fallback:
-        wire = "fp32 gradients (hierarchical on one node: a full-precision all-reduce)"
-    elif comm is not None:
-        code = f"{cfg.grad_bits}-bit {cfg.grad_compressor}"
-        wire = f"{code} gradients, {cfg.collective}, clip {cfg.clip}"
-    else:
-        wire = "fp32 gradients"
-    say(
-        f"distq train: {cfg.recipe}, {env.world_size} worker(s) on {backend}, "
-        f"weights {scheme}, {wire}"
+    job.say(
+        f"distq train: {cfg.run.recipe}, {job.env.world_size} worker(s) on {backend}, "
+        f"weights {scheme}, {_wire(cfg.gradients, job.state.comm)}"
     )
-    say(summary.to_str())
+    job.say(summary.to_str())
+    return summary
 
-    monitor = build_monitor(cfg, env, optimizer, comm, model) if cfg.monitor else None
+
+def _wire(gradients: config.Gradients, comm: QuantizedCommState | None) -> str:
+    """How gradients travel, for the banner."""
+    if comm is None:
+        return "fp32 gradients"
+    if comm.quantizations() == 0:
+        return "fp32 gradients (hierarchical on one node: a full-precision all-reduce)"
+    code = f"{gradients.bits}-bit {gradients.compressor}"
+    return f"{code} gradients, {gradients.collective}, clip {gradients.clip}"
+
+
+def _train_epochs(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> None:
+    """Train from progress.position to the last epoch or to an agreed stop signal, recording
+    in `progress` what happened (and the seconds it took)."""
     started = time.perf_counter()
-    steps_run = 0
-    stopped_by: str | None = None
-    loss_value, accuracy = math.nan, recipes.accuracy(model, test_x, test_y)
-    metrics: dict[str, float] = {}
+    data = job.data
+    progress.accuracy = recipes.accuracy(job.state.model, data.test_x, data.test_y)
     with preemption.StopRequest() as stop:
-        for epoch in range(position.epoch, cfg.epochs):
-            steps = batches.epoch(epoch, start=position.step_in_epoch)
-            bar = tqdm(
-                steps,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                initial=position.step_in_epoch,
-                total=batches.steps_per_epoch,
-                disable=not (cfg.progress and env.is_main),
-                leave=False,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            )
-            loss_sum = torch.full((), resumed_loss_sum, device=device)
-            resumed_loss_sum = 0.0
-            for idx in bar:
-                step_started = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
-                loss.backward()
-                optimizer.step()
-                check_finite(model, optimizer, position.step + 1, cfg.lr)
-                schedule.step()
-                loss_sum += loss.detach()
-                steps_run += 1
-                position = Position(epoch, position.step_in_epoch + 1, position.step + 1)
-                if monitor is not None:
-                    monitor.step(position.step, loss.item(), time.perf_counter() - step_started)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                signum = stop.agreed(device)
-                end_of_epoch = position.step_in_epoch == batches.steps_per_epoch
-                if signum:
-                    stopped_by = signal.Signals(signum).name
-                    path = run_state.save(position, loss_sum.item())
-                    say(
-                        f"{stopped_by} received: stopped after step {position.step}, "
-                        f"checkpoint {path}; continue with --resume"
-                    )
-                    break
-                every = cfg.checkpoint_every
-                if every is not None and position.step % every == 0 and not end_of_epoch:
-                    run_state.save(position, loss_sum.item())
-            bar.close()
-            if stopped_by is not None:
+        for epoch in range(progress.position.epoch, job.cfg.run.epochs):
+            loss_sum = _train_epoch(job, monitor, stop, epoch, progress)
+            if progress.stopped_by is not None:
                 break
-            loss_value = _mean_over_ranks(loss_sum / batches.steps_per_epoch, env)
-            if not math.isfinite(loss_value):  # every rank sees the same mean
-                raise DivergedError(
-                    f"training diverged: the mean loss of epoch {epoch + 1} is {loss_value} "
-                    f"(lr {cfg.lr}); its end was not saved; lower --lr"
-                )
-            accuracy = recipes.accuracy(model, test_x, test_y)
-            metrics = recipes.extra_metrics(cfg.recipe, model, test_x, test_y)
-            say(
-                f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {loss_value:.4f}  "
-                f"test accuracy {accuracy:.2%}{_format_scores(metrics)}"
-            )
-            position = Position(epoch + 1, 0, position.step)
-            run_state.save(position, 0.0)
-    seconds = time.perf_counter() - started
-    ckpt_path = store.latest
+            _end_epoch(job, epoch, loss_sum, progress)
+    progress.seconds = time.perf_counter() - started
+
+
+def _train_epoch(
+    job: Job,
+    monitor: ConvergenceMonitor | None,
+    stop: preemption.StopRequest,
+    epoch: int,
+    progress: Progress,
+) -> torch.Tensor:
+    """The steps of `epoch` from progress.position on, behind a progress bar; returns this
+    rank's loss sum over the epoch (the resumed part included)."""
+    start, per_epoch = progress.position.step_in_epoch, job.batches.steps_per_epoch
+    bar = tqdm(
+        job.batches.epoch(epoch, start=start),
+        desc=f"epoch {epoch + 1}/{job.cfg.run.epochs}",
+        initial=start,
+        total=per_epoch,
+        disable=not (job.cfg.run.progress and job.env.is_main),
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    loss_sum = torch.full((), progress.epoch_loss_sum, device=job.device)
+    progress.epoch_loss_sum = 0.0
+    for idx in bar:
+        step_started = time.perf_counter()
+        step = progress.position.step + 1
+        loss = _step(job, idx, step)
+        loss_sum += loss.detach()
+        progress.steps_run += 1
+        progress.position = Position(epoch, progress.position.step_in_epoch + 1, step)
+        if monitor is not None:
+            monitor.step(step, loss.item(), time.perf_counter() - step_started)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if _save_or_stop(job, stop, progress, loss_sum):
+            break
+    bar.close()
+    return loss_sum
+
+
+def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
+    """One optimizer step on the examples `idx` (DivergedError if it makes a weight
+    non-finite); returns the batch's loss."""
+    state, data = job.state, job.data
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(state.net(data.train_x[idx]), data.train_y[idx])
+    loss.backward()
+    state.optimizer.step()
+    check_finite(state.model, state.optimizer, step, job.cfg.run.lr)
+    state.schedule.step()
+    return loss
+
+
+def _save_or_stop(
+    job: Job, stop: preemption.StopRequest, progress: Progress, loss_sum: torch.Tensor
+) -> bool:
+    """After a step: checkpoint and return True (stop) when a rank got a stop signal, else
+    checkpoint every checkpoint_every steps (an epoch's end saves anyway) and return False."""
+    position, every = progress.position, job.cfg.run.checkpoint_every
+    signum = stop.agreed(job.device)
+    if signum:
+        progress.stopped_by = signal.Signals(signum).name
+        path = job.state.save(position, loss_sum.item())
+        job.say(
+            f"{progress.stopped_by} received: stopped after step {position.step}, "
+            f"checkpoint {path}; continue with --resume"
+        )
+        return True
+    end_of_epoch = position.step_in_epoch == job.batches.steps_per_epoch
+    if every is not None and position.step % every == 0 and not end_of_epoch:
+        job.state.save(position, loss_sum.item())
+    return False
+
+
+def _end_epoch(job: Job, epoch: int, loss_sum: torch.Tensor, progress: Progress) -> None:
+    """The epoch's mean loss over ranks (DivergedError if it is not finite), its test scores
+    and line, and its checkpoint."""
+    run, model, data = job.cfg.run, job.state.model, job.data
+    progress.loss = _mean_over_ranks(loss_sum / job.batches.steps_per_epoch, job.env)
+    if not math.isfinite(progress.loss):  # every rank sees the same mean
+        raise DivergedError(
+            f"training diverged: the mean loss of epoch {epoch + 1} is {progress.loss} "
+            f"(lr {run.lr}); its end was not saved; lower --lr"
+        )
+    progress.accuracy = recipes.accuracy(model, data.test_x, data.test_y)
+    progress.metrics = recipes.extra_metrics(run.recipe, model, data.test_x, data.test_y)
+    job.say(
+        f"epoch {epoch + 1:>3}/{run.epochs}  loss {progress.loss:.4f}  "
+        f"test accuracy {progress.accuracy:.2%}{_format_scores(progress.metrics)}"
+    )
+    progress.position = Position(epoch + 1, 0, progress.position.step)
+    job.state.save(progress.position, 0.0)
+
+
+def _finish(job: Job, progress: Progress, summary: QuantizationSummary) -> TrainResult:
+    """The run's result; rank 0 writes it to summary.json and prints it when the run has just
+    finished. A run that was finished before reports its recorded result."""
+    out_dir, ckpt_path = Path(job.cfg.run.out_dir), job.state.store.latest
+    if progress.finished_before and (out_dir / SUMMARY_NAME).is_file():
+        record = json.loads((out_dir / SUMMARY_NAME).read_text())
+        return TrainResult(**{**record, "checkpoint": Path(record["checkpoint"])})
     result = TrainResult(
-        accuracy,
-        loss_value,
+        progress.accuracy,
+        progress.loss,
         summary.fp32_bytes,
         summary.packed_bytes,
-        steps_run,
-        seconds,
+        progress.steps_run,
+        progress.seconds,
         ckpt_path,
-        stopped_by,
-        metrics,
+        progress.stopped_by,
+        progress.metrics,
     )
-    if finished and (out_dir / SUMMARY_NAME).is_file():
-        record = json.loads((out_dir / SUMMARY_NAME).read_text())
-        result = TrainResult(**{**record, "checkpoint": Path(record["checkpoint"])})
-    if env.is_main and stopped_by is None and not finished:
-        summary_record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
-        (out_dir / SUMMARY_NAME).write_text(json.dumps(summary_record, indent=2) + "\n")
-        say(
-            f"done: test accuracy {accuracy:.2%}{_format_scores(metrics, ',')}, "
-            f"final loss {loss_value:.4f}, {steps_run} steps "
-            f"in {seconds:.1f} s\nmodel size: {summary.fp32_bytes / 1024:.1f} KiB fp32 -> "
-            f"{summary.packed_bytes / 1024:.1f} KiB packed "
-            f"({summary.fp32_bytes / summary.packed_bytes:.1f}x)"
-            f"\ncheckpoint: {ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
+    if job.env.is_main and progress.stopped_by is None and not progress.finished_before:
+        record = {**dataclasses.asdict(result), "checkpoint": str(ckpt_path)}
+        (out_dir / SUMMARY_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        job.say(
+            f"done: test accuracy {result.test_accuracy:.2%}"
+            f"{_format_scores(result.metrics, ',')}, final loss {result.final_loss:.4f}, "
+            f"{result.steps} steps in {result.seconds:.1f} s\nmodel size: "
+            f"{summary.fp32_bytes / 1024:.1f} KiB fp32 -> {summary.packed_bytes / 1024:.1f} KiB "
+            f"packed ({summary.fp32_bytes / summary.packed_bytes:.1f}x)\ncheckpoint: "
+            f"{ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
         )
+    return result
+
+
+def _close(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> None:
+    """Close the monitor (saying its alarms) and the gradient hook (saying its traffic)."""
+    comm = job.state.comm
     if monitor is not None:
         monitor.close()
         if monitor.alarms:
-            say(f"monitor alarms (rank 0): {monitor.alarms}")
-    if one_node_fallback and steps_run:
-        say("gradient traffic (rank 0): full-precision all-reduce, nothing quantized on one node")
-    elif comm is not None and steps_run:
+            job.say(f"monitor alarms (rank 0): {monitor.alarms}")
+    if comm is None:
+        return
+    if progress.steps_run and comm.quantizations() == 0:
+        job.say(
+            "gradient traffic (rank 0): full-precision all-reduce, nothing quantized on one node"
+        )
+    elif progress.steps_run:
         stats = comm.compression_stats()
-        say(
+        job.say(
             f"gradient traffic (rank 0): {stats.bytes_sent / 1e6:.2f} MB sent vs "
             f"{stats.fp32_allreduce_bytes / 1e6:.2f} MB an fp32 all-reduce sends "
             f"({stats.compression_ratio:.1f}x less)"
         )
-    if comm is not None:
-        comm.close()
-    shutdown(net, destroy_group=owns_group)
-    return result
+    comm.close()
 
 
 def _changes_applied(saved: dict, cfg: config.TrainConfig, total_steps: int) -> str:
-    """The options a resume applies that differ from the checkpoint's, for the resume line."""
+    """The options a resume applies that differ from the checkpoint's (`saved`: its config by
+    flat names), for the resume line."""
+    now = cfg.flat()
     keys = ("lr", "weight_decay", "epochs", "lr_schedule")
-    changed = [
-        f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-        for k in keys
-        if saved.get(k) != getattr(cfg, k)
-    ]
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in keys if saved.get(k) != now[k]]
     if not changed:
         return ""
     return (
-        f"; applied: {', '.join(changed)} (the {cfg.lr_schedule} LR schedule now spans "
+        f"; applied: {', '.join(changed)} (the {cfg.run.lr_schedule} LR schedule now spans "
         f"{total_steps} steps and continues from this step)"
     )
 
@@ -420,12 +441,6 @@ def _format_scores(metrics: dict[str, float], sep: str = " ") -> str:
     return "".join(f"{sep} {k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
 
 
-def _lr_factor(schedule: str, total_steps: int):
-    if schedule == "constant":
-        return lambda step: 1.0
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
 def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
     if env.distributed:
         value = value.clone()
@@ -443,7 +458,7 @@ def check_same_config(cfg: config.TrainConfig, env: DistEnv) -> None:
 
     A collective (all_gather_object), so every rank learns the same verdict and raises alike.
     """
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in PER_RANK_SETTINGS}
+    mine = {k: v for k, v in cfg.flat().items() if k not in PER_RANK_SETTINGS}
     everyone: list[dict | None] = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     problems = [

@@ -17,6 +17,16 @@ class Split:
     test_y: Tensor
     classes: int | None = None  # set where the model's output size depends on the data
 
+    def to(self, device: torch.device) -> Split:
+        """The split with its tensors on `device`."""
+        return Split(
+            self.train_x.to(device),
+            self.train_y.to(device),
+            self.test_x.to(device),
+            self.test_y.to(device),
+            self.classes,
+        )
+
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float:
     """Top-1 accuracy of `model` in eval mode, in batches (bounded memory); for sequence

@@ -84,7 +84,7 @@ def test_bits_per_char_of_a_uniform_model_is_log2_of_the_vocabulary():
 def test_config_knows_the_lstm_options(tmp_path):
     (tmp_path / "x.txt").write_text("abc")
     cfg = config.TrainConfig(recipe="charlm", data_dir=str(tmp_path / "x.txt"), lstm_norm="layer")
-    assert cfg.bptt == 100
+    assert cfg.run.bptt == 100
     with pytest.raises(config.ConfigError, match=r"missing\.txt' does not exist"):
         config.TrainConfig(recipe="charlm", data_dir=str(tmp_path / "missing.txt"))
     with pytest.raises(config.ConfigError, match="lstm_norm='group'"):

@@ -1,5 +1,6 @@
 """The checkpoint store keeps the newest K, links the latest, survives a bad newest file; RNG
-states round-trip; a resume with other settings is refused naming the field."""
+states round-trip; a resume with other settings is refused naming the field; a checkpoint that
+records its config by flat keys (as distq did before the config had sections) still resumes."""
 
 import random
 
@@ -125,6 +126,26 @@ def test_resume_applies_a_new_lr_and_more_epochs_and_records_what_ran(tmp_path, 
     train.run(tiny(tmp_path, depth=2, lr_schedule=schedule, epochs=3, lr=0.5))
     state = CheckpointStore(tmp_path, keep=3).load_newest()[0]
     assert state["epoch"] == 3 and state["step"] == 3 * first["step"]
-    assert state["config"]["lr"] == 0.5 and state["schedule"]["base_lrs"] == [0.5]
+    assert state["config"]["run"]["lr"] == 0.5 and state["schedule"]["base_lrs"] == [0.5]
     lrs = [g["lr"] for g in state["optimizer"]["base"]["param_groups"]]
     assert lrs == ([0.5] if schedule == "constant" else [0.0])  # cosine over 3 epochs ends at 0
+
+
+def test_a_checkpoint_recording_its_config_flat_resumes_like_one_recording_sections(tmp_path):
+    settings = {"sparsity": 0.3, "sparsity_schedule": "cubic", "depth": 2}
+    finals = {}
+    for form in ("sections", "flat"):
+        out = tmp_path / form
+        train.run(tiny(out, resume=False, **settings))
+        store = CheckpointStore(out, keep=3)
+        if form == "flat":
+            state, path = store.load_newest()
+            state["config"] = config.TrainConfig(**state["config"]).flat()
+            checkpoint.save_atomic(state, path)
+            with pytest.raises(config.ConfigError, match=r"sparsity: checkpoint 0\.3 vs now 0\.4"):
+                train.run(tiny(out, **{**settings, "sparsity": 0.4}, epochs=2))
+        train.run(tiny(out, **settings, epochs=2, lr=0.005))
+        finals[form] = store.load_newest()[0]
+    assert finals["flat"]["step"] == finals["sections"]["step"]
+    for name, tensor in finals["sections"]["model"].items():
+        assert torch.equal(finals["flat"]["model"][name], tensor), name

@@ -1,7 +1,6 @@
 """The config schema: defaults, YAML, CLI overrides, and errors that name the bad key or value."""
 
 import argparse
-import dataclasses
 import re
 import subprocess
 import sys
@@ -23,9 +22,9 @@ def test_yaml_then_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("scheme: linear\nbits: 3\nepochs: 4\nkeep_full_precision: [first]\n")
     cfg = parse([str(path), "--epochs", "2", "--no-progress"])
-    assert (cfg.scheme, cfg.bits, cfg.epochs, cfg.progress) == ("linear", 3, 2, False)
-    assert cfg.keep_full_precision == ["first"]
-    assert cfg.lr == config.TrainConfig().lr
+    assert (cfg.weights.scheme, cfg.weights.bits, cfg.run.epochs) == ("linear", 3, 2)
+    assert cfg.run.progress is False and cfg.weights.keep_full_precision == ["first"]
+    assert cfg.run.lr == config.Run().lr
 
 
 def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
@@ -71,7 +70,7 @@ def test_missing_config_file_is_named():
 
 def test_flags_parse_none_only_where_null_is_allowed():
     cfg = parse(["--scheme", "none", "--clip-latent", "none"])
-    assert cfg.scheme == "none" and cfg.clip_latent is None
+    assert cfg.weights.scheme == "none" and cfg.weights.clip_latent is None
 
 
 def mismatched_worker(rank, world, out):
@@ -102,8 +101,8 @@ def test_ranks_with_different_settings_stop_before_training(tmp_path):
         )
 
 
-FLOAT_FIELDS = [f.name for f in dataclasses.fields(config.TrainConfig)
-                if typing.get_type_hints(config.TrainConfig)[f.name] in (float, float | None)]
+FLOAT_FIELDS = [name for name, (section, field) in config.FLAT.items()
+                if typing.get_type_hints(config.SECTIONS[section])[field] in (float, float | None)]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -135,7 +134,7 @@ def test_yaml_takes_exponent_floats_and_refuses_a_key_given_twice(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1e-3\nweight_decay: 5E-4\n")
     cfg = parse([str(path)])
-    assert (cfg.lr, cfg.weight_decay) == (1e-3, 5e-4)
+    assert (cfg.run.lr, cfg.run.weight_decay) == (1e-3, 5e-4)
     path.write_text("lr: 0.1\nepochs: 2\nlr: 0.01\n")
     with pytest.raises(config.ConfigError, match=r"key 'lr' is given twice \(line 3\)"):
         parse([str(path)])
@@ -205,3 +204,55 @@ def test_an_impossible_metrics_port_keeps_training_and_another_grad_bits_is_one_
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("cannot resume from "), message
         assert "bits" in message
+
+
+def test_yaml_sections_and_flat_keys_set_the_same_fields_and_flags_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("gradients: {bits: 4, collective: allgather}\nsparsity: {final: 0.5}\n"
+                    "monitor: false\nlr: 0.05\n")
+    cfg = parse([str(path), "--grad-bits", "3"])
+    assert (cfg.gradients.bits, cfg.gradients.collective) == (3, "allgather")
+    assert (cfg.sparsity.final, cfg.monitor.enabled, cfg.run.lr) == (0.5, False, 0.05)
+    assert cfg == config.TrainConfig(grad_bits=3, collective="allgather", sparsity=0.5,
+                                     monitor=False, lr=0.05)
+    assert cfg == config.from_mapping(cfg.to_dict()) == config.from_mapping(cfg.flat())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("gradients: {bitz: 4}\n", "unknown key 'bitz' in section 'gradients' of {path}; did you mean "
+                               "'bits'? allowed: bits, collective"),
+    ("grad_bits: 4\ngradients: {bits: 3}\n", "grad_bits and gradients.bits in {path} set one "
+                                            "option; give one"),
+    ("weights: ternary\n", "weights in {path} must be a mapping of scheme, bits"),
+    ("sparsity: {begin: 0.5, end: 0.4, schedule: cubic}\n",
+     "sparsity_begin=0.5 must be below sparsity_end=0.4 for the cubic schedule"),
+    ("gradients: {bits: 9}\n", "grad_bits=9 is above the maximum 8"),
+])
+def test_section_errors_name_the_key_and_what_is_allowed(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=re.escape(message.format(path=path))):
+        parse([str(path)])
+
+
+def test_sections_feed_their_constructors_keyword_arguments():
+    import inspect
+
+    from distq.comm import QuantizedCommState
+    from distq.optim import QuantizedOptimizer
+
+    cfg = config.TrainConfig(sparsity=0.5, sparsity_schedule="cubic")
+    hook = inspect.signature(QuantizedCommState).parameters
+    optimizer = inspect.signature(QuantizedOptimizer).parameters
+    assert set(cfg.gradients.as_kwargs()) <= set(hook)
+    assert set(cfg.weights.as_kwargs()) | set(cfg.sparsity.optimizer_kwargs(100)) <= set(optimizer)
+    schedule = cfg.sparsity.optimizer_kwargs(100)["sparsity"]
+    assert (schedule.final, schedule.kind, schedule.begin, schedule.end) == (0.5, "cubic", 0, 75)
+
+
+def test_a_config_recorded_flat_reads_as_the_same_settings():
+    """Checkpoints written before the config had sections record it by flat keys."""
+    cfg = config.TrainConfig(grad_bits=4, sparsity=0.3, monitor=False)
+    flat = cfg.flat()
+    assert flat["grad_bits"] == 4 and flat["sparsity"] == 0.3 and flat["monitor"] is False
+    assert config.flatten(flat) == flat == config.flatten(cfg.to_dict())

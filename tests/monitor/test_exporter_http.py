@@ -27,7 +27,7 @@ def exporter():
 
 
 def test_it_binds_loopback_by_default_and_serves_only_metrics_and_health(exporter):
-    assert TrainConfig().metrics_address == "127.0.0.1"
+    assert TrainConfig().monitor.metrics_address == "127.0.0.1"
     exporter.start(0)
     assert exporter._server.server_address[0] == "127.0.0.1"
     status, body = get(exporter.port, "/metrics")
