@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict per-step bytes, time and gradient variance of a quantized "
         "gradient exchange against the fp32 ring all-reduce.",
     )
-    add = parser.add_argument
+    _add_exchange_arguments(parser.add_argument)
+    _add_time_arguments(parser.add_argument)
+    parser.add_argument("--all", action="store_true", help="show all three collectives")
+    return parser
+
+
+def _add_exchange_arguments(add: Callable[..., object]) -> None:
+    """What is exchanged, and between how many: elements, bits, scales, clip, collective."""
     add("--params", type=_count, required=True, help="gradient elements (6300000 or 6.3e6)")
     add(
         "--bits",
@@ -87,18 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantized exchange (default scatter)",
     )
     add(
-        "--bandwidth",
-        type=_bandwidth,
-        required=True,
-        help="slow-link bandwidth per rank: 200mbit, 1gbit, 25MB/s, or a number of bit/s",
-    )
-    add(
-        "--compute-ms",
-        type=_nonnegative,
-        default=0.0,
-        help="forward + backward time per step in ms (default 0)",
-    )
-    add(
         "--nodes",
         type=_count,
         default=None,
@@ -111,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="bytes per scale: 4 fp32, 2 fp16 (default 4)",
     )
+
+
+def _add_time_arguments(add: Callable[..., object]) -> None:
+    """What a step's time is made of: the link's bandwidth, compute, the codec."""
+    add(
+        "--bandwidth",
+        type=_bandwidth,
+        required=True,
+        help="slow-link bandwidth per rank: 200mbit, 1gbit, 25MB/s, or a number of bit/s",
+    )
+    add(
+        "--compute-ms",
+        type=_nonnegative,
+        default=0.0,
+        help="forward + backward time per step in ms (default 0)",
+    )
     add(
         "--codec-ns",
         type=_nonnegative,
@@ -119,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/README.md has measured values): adds codec time and prints the bandwidth "
         "above which fp32 all-reduce is faster (default 0: not counted)",
     )
-    add("--all", action="store_true", help="show all three collectives")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
