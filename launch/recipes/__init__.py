@@ -29,8 +29,9 @@ def load(
     if recipe == "charlm":
         return charlm.load(test_fraction, seed, data_dir, bptt)
     if data_dir is not None:
-        raise ValueError(f"data_dir is read by the {'/'.join(DATA_DIR_RECIPES)} recipes only, "
-                         f"not by {recipe!r}")
+        raise ValueError(
+            f"data_dir is read by the {'/'.join(DATA_DIR_RECIPES)} recipes only, not by {recipe!r}"
+        )
     return digits.load(test_fraction, seed)
 
 

@@ -96,9 +96,21 @@ def test_short_run_reports_bpc_and_exports_one_bit_gate_blocks(tmp_path):
     corpus.write_text(TEXT)
     out = tmp_path / "run"
     cfg = config.TrainConfig(
-        recipe="charlm", data_dir=str(corpus), scheme="binary", lstm_norm="layer", hidden=16,
-        depth=1, bptt=20, batch_size=8, epochs=2, lr=0.02, out_dir=str(out), progress=False,
-        metrics_port=None, grad_bits=None, monitor_every=5,
+        recipe="charlm",
+        data_dir=str(corpus),
+        scheme="binary",
+        lstm_norm="layer",
+        hidden=16,
+        depth=1,
+        bptt=20,
+        batch_size=8,
+        epochs=2,
+        lr=0.02,
+        out_dir=str(out),
+        progress=False,
+        metrics_port=None,
+        grad_bits=None,
+        monitor_every=5,
     )
     result = train.run(cfg)
     vocab = len(set(TEXT))
@@ -107,8 +119,12 @@ def test_short_run_reports_bpc_and_exports_one_bit_gate_blocks(tmp_path):
     assert summary["metrics"]["test_bpc"] == pytest.approx(result.metrics["test_bpc"])
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["quantized"] == {
-        f"lstm.layers.0.{m}.weight": {"scheme": "binary", "bits": 1, "per_channel": False,
-                                      "blocks": 4}
+        f"lstm.layers.0.{m}.weight": {
+            "scheme": "binary",
+            "bits": 1,
+            "per_channel": False,
+            "blocks": 4,
+        }
         for m in ("ih", "hh")
     }
     specs = {n: QuantSpec(**s) for n, s in state["quantized"].items()}
@@ -127,31 +143,61 @@ def test_torchrun_two_workers_quantized_gradients_identical_replicas(tmp_path):
     corpus.write_text(TEXT)
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "distq.launch.train", "--recipe", "charlm", "--data-dir", str(corpus),
-        "--scheme", "binary", "--lstm-norm", "weight", "--hidden", "16", "--depth", "1",
-        "--bptt", "20", "--batch-size", "8", "--epochs", "1", "--grad-bits", "2",
-        "--monitor-every", "3", "--metrics-port", "null", "--out-dir", str(out), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distq.launch.train",
+        "--recipe",
+        "charlm",
+        "--data-dir",
+        str(corpus),
+        "--scheme",
+        "binary",
+        "--lstm-norm",
+        "weight",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--bptt",
+        "20",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--grad-bits",
+        "2",
+        "--monitor-every",
+        "3",
+        "--metrics-port",
+        "null",
+        "--out-dir",
+        str(out),
+        "--no-progress",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 worker(s) on gloo, weights binary, 2-bit quantize gradients" in done.stdout
     assert "test bpc" in done.stdout
-    logs = [
-        [json.loads(line) for line in (out / f"monitor-rank{r}.jsonl").open()] for r in (0, 1)
-    ]
+    logs = [[json.loads(line) for line in (out / f"monitor-rank{r}.jsonl").open()] for r in (0, 1)]
     checks = [[r for r in log if "recurrent" in r] for log in logs]
     assert len(checks[0]) >= 2 and len(checks[0]) == len(checks[1])
     for mine, theirs in zip(*checks, strict=True):  # same ŵ on both ranks, step after step
-        assert mine["recurrent"]["lstm.layers.0"]["spectral_norm_blocks"] == (
-            theirs["recurrent"]["lstm.layers.0"]["spectral_norm_blocks"]
+        assert (
+            mine["recurrent"]["lstm.layers.0"]["spectral_norm_blocks"]
+            == (theirs["recurrent"]["lstm.layers.0"]["spectral_norm_blocks"])
         )
         assert mine["weights"] == theirs["weights"]
         assert "grad_norms" in mine["recurrent"]["lstm.layers.0"]
     assert logs[0][-1]["loss"] != logs[1][-1]["loss"]  # each rank saw its own data
     report = subprocess.run(
         [sys.executable, "-m", "distq.launch.cli", "report", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert report.returncode == 0, report.stderr
     assert (out / "lstm_gradients.png").stat().st_size > 10_000

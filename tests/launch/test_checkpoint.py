@@ -26,8 +26,9 @@ while True:
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "1"  # one complete save exists
         time.sleep(0.15)  # now inside a later save
@@ -54,10 +55,26 @@ def test_twenty_two_process_runs_all_exit_zero(tmp_path):
     codes = []
     for i in range(20):
         done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "distq.launch.train", "--epochs", "1", "--no-progress", "--no-monitor",
-             "--metrics-port", "none", "--out-dir", str(tmp_path / str(i))],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "distq.launch.train",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--no-monitor",
+                "--metrics-port",
+                "none",
+                "--out-dir",
+                str(tmp_path / str(i)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         codes.append(done.returncode)
         assert "terminate called" not in done.stderr, done.stderr[-2000:]

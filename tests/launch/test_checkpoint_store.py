@@ -66,8 +66,17 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 
 def tiny(out, **changes):
-    values = {"epochs": 1, "hidden": 16, "depth": 1, "out_dir": str(out), "progress": False,
-              "monitor": False, "metrics_port": None, "resume": True, **changes}
+    values = {
+        "epochs": 1,
+        "hidden": 16,
+        "depth": 1,
+        "out_dir": str(out),
+        "progress": False,
+        "monitor": False,
+        "metrics_port": None,
+        "resume": True,
+        **changes,
+    }
     return config.TrainConfig(**values)
 
 

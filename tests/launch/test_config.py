@@ -77,8 +77,13 @@ def mismatched_worker(rank, world, out):
     from distq.launch import train
     from distq.launch.environment import DistEnv
 
-    cfg = config.TrainConfig(grad_bits=2 if rank == 0 else 4, out_dir=str(out / f"r{rank}"),
-                             progress=False, metrics_port=None, epochs=1)
+    cfg = config.TrainConfig(
+        grad_bits=2 if rank == 0 else 4,
+        out_dir=str(out / f"r{rank}"),
+        progress=False,
+        metrics_port=None,
+        epochs=1,
+    )
     try:
         train.run(cfg, DistEnv(rank, rank, world))
         message = "trained"
@@ -96,13 +101,15 @@ def test_ranks_with_different_settings_stop_before_training(tmp_path):
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message == (
-            "ranks disagree on the configuration: rank 1 has grad_bits=4 but rank 0 has "
-            "grad_bits=2"
+            "ranks disagree on the configuration: rank 1 has grad_bits=4 but rank 0 has grad_bits=2"
         )
 
 
-FLOAT_FIELDS = [name for name, (section, field) in config.FLAT.items()
-                if typing.get_type_hints(config.SECTIONS[section])[field] in (float, float | None)]
+FLOAT_FIELDS = [
+    name
+    for name, (section, field) in config.FLAT.items()
+    if typing.get_type_hints(config.SECTIONS[section])[field] in (float, float | None)
+]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
@@ -116,10 +123,30 @@ def test_every_float_option_refuses_nan_and_inf(name, value):
 @pytest.mark.slow
 def test_a_diverging_run_exits_non_zero_with_one_line_and_saves_no_nan(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "distq.launch.train", "--lr", "1e30", "--epochs", "1",
-         "--hidden", "16", "--depth", "2", "--no-progress", "--no-monitor", "--metrics-port",
-         "none", "--checkpoint-every", "5", "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distq.launch.train",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+            "--hidden",
+            "16",
+            "--depth",
+            "2",
+            "--no-progress",
+            "--no-monitor",
+            "--metrics-port",
+            "none",
+            "--checkpoint-every",
+            "5",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "distq train: error: training diverged: " in done.stderr
@@ -140,11 +167,14 @@ def test_yaml_takes_exponent_floats_and_refuses_a_key_given_twice(tmp_path):
         parse([str(path)])
 
 
-@pytest.mark.parametrize(("flag", "message"), [
-    ("--clip=0", "clip=0.0 is not allowed; allowed: above 0"),
-    ("--clip-latent=0", "clip_latent=0.0 is not allowed; allowed: above 0"),
-    ("--metrics-port=70000", "metrics_port=70000 is above the maximum 65535"),
-])
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--clip=0", "clip=0.0 is not allowed; allowed: above 0"),
+        ("--clip-latent=0", "clip_latent=0.0 is not allowed; allowed: above 0"),
+        ("--metrics-port=70000", "metrics_port=70000 is above the maximum 65535"),
+    ],
+)
 def test_bounds_are_the_ones_the_code_needs(flag, message):
     with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}$"):
         parse([flag])
@@ -153,9 +183,16 @@ def test_bounds_are_the_ones_the_code_needs(flag, message):
 def test_a_layer_name_that_matches_nothing_is_a_config_error(tmp_path):
     from distq.launch import train
 
-    cfg = config.TrainConfig(epochs=1, hidden=16, depth=2, out_dir=str(tmp_path), progress=False,
-                             monitor=False, metrics_port=None,
-                             keep_full_precision=["nosuchlayer"])
+    cfg = config.TrainConfig(
+        epochs=1,
+        hidden=16,
+        depth=2,
+        out_dir=str(tmp_path),
+        progress=False,
+        monitor=False,
+        metrics_port=None,
+        keep_full_precision=["nosuchlayer"],
+    )
     with pytest.raises(config.ConfigError, match="nosuchlayer"):
         train.run(cfg)
 
@@ -163,9 +200,21 @@ def test_a_layer_name_that_matches_nothing_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_an_out_dir_that_cannot_be_a_directory_stops_before_training():
     done = subprocess.run(
-        [sys.executable, "-m", "distq.launch.train", "--epochs", "1", "--no-progress",
-         "--metrics-port", "none", "--out-dir", "/dev/null"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "distq.launch.train",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--metrics-port",
+            "none",
+            "--out-dir",
+            "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip().splitlines() == [
@@ -180,15 +229,23 @@ def exporter_and_resume_worker(rank, world, out):
     from distq.launch.environment import DistEnv
 
     def cfg(**changes):
-        return config.TrainConfig(**{"epochs": 1, "hidden": 16, "depth": 2, "out_dir": str(out),
-                                     "progress": False, "monitor_every": 5,
-                                     "metrics_port": 65535, **changes})
+        return config.TrainConfig(
+            **{
+                "epochs": 1,
+                "hidden": 16,
+                "depth": 2,
+                "out_dir": str(out),
+                "progress": False,
+                "monitor_every": 5,
+                "metrics_port": 65535,
+                **changes,
+            }
+        )
 
     result = train.run(cfg(), DistEnv(rank, rank, world))  # rank 1's port would be 65536
     assert result.steps == 22
     try:
-        train.run(cfg(resume=True, grad_bits=4, metrics_port=None),
-                  DistEnv(rank, rank, world))
+        train.run(cfg(resume=True, grad_bits=4, metrics_port=None), DistEnv(rank, rank, world))
         message = "resumed"
     except config.ConfigError as exc:
         message = str(exc)
@@ -208,26 +265,39 @@ def test_an_impossible_metrics_port_keeps_training_and_another_grad_bits_is_one_
 
 def test_yaml_sections_and_flat_keys_set_the_same_fields_and_flags_win(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("gradients: {bits: 4, collective: allgather}\nsparsity: {final: 0.5}\n"
-                    "monitor: false\nlr: 0.05\n")
+    path.write_text(
+        "gradients: {bits: 4, collective: allgather}\nsparsity: {final: 0.5}\n"
+        "monitor: false\nlr: 0.05\n"
+    )
     cfg = parse([str(path), "--grad-bits", "3"])
     assert (cfg.gradients.bits, cfg.gradients.collective) == (3, "allgather")
     assert (cfg.sparsity.final, cfg.monitor.enabled, cfg.run.lr) == (0.5, False, 0.05)
-    assert cfg == config.TrainConfig(grad_bits=3, collective="allgather", sparsity=0.5,
-                                     monitor=False, lr=0.05)
+    assert cfg == config.TrainConfig(
+        grad_bits=3, collective="allgather", sparsity=0.5, monitor=False, lr=0.05
+    )
     assert cfg == config.from_mapping(cfg.to_dict()) == config.from_mapping(cfg.flat())
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("gradients: {bitz: 4}\n", "unknown key 'bitz' in section 'gradients' of {path}; did you mean "
-                               "'bits'? allowed: bits, collective"),
-    ("grad_bits: 4\ngradients: {bits: 3}\n", "grad_bits and gradients.bits in {path} set one "
-                                            "option; give one"),
-    ("weights: ternary\n", "weights in {path} must be a mapping of scheme, bits"),
-    ("sparsity: {begin: 0.5, end: 0.4, schedule: cubic}\n",
-     "sparsity_begin=0.5 must be below sparsity_end=0.4 for the cubic schedule"),
-    ("gradients: {bits: 9}\n", "grad_bits=9 is above the maximum 8"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "gradients: {bitz: 4}\n",
+            "unknown key 'bitz' in section 'gradients' of {path}; did you mean "
+            "'bits'? allowed: bits, collective",
+        ),
+        (
+            "grad_bits: 4\ngradients: {bits: 3}\n",
+            "grad_bits and gradients.bits in {path} set one option; give one",
+        ),
+        ("weights: ternary\n", "weights in {path} must be a mapping of scheme, bits"),
+        (
+            "sparsity: {begin: 0.5, end: 0.4, schedule: cubic}\n",
+            "sparsity_begin=0.5 must be below sparsity_end=0.4 for the cubic schedule",
+        ),
+        ("gradients: {bits: 9}\n", "grad_bits=9 is above the maximum 8"),
+    ],
+)
 def test_section_errors_name_the_key_and_what_is_allowed(tmp_path, text, message):
     path = tmp_path / "run.yaml"
     path.write_text(text)

@@ -14,14 +14,28 @@ from distq.launch import config, train
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train.run(config.TrainConfig(epochs=1, hidden=16, depth=2, out_dir=str(out), progress=False,
-                                 monitor=False, metrics_port=None, checkpoint_every=None))
+    train.run(
+        config.TrainConfig(
+            epochs=1,
+            hidden=16,
+            depth=2,
+            out_dir=str(out),
+            progress=False,
+            monitor=False,
+            metrics_port=None,
+            checkpoint_every=None,
+        )
+    )
     return out
 
 
 def export(*args):
-    return subprocess.run([sys.executable, "-m", "distq.launch.cli", "export", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "distq.launch.cli", "export", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def refused(done, message):
@@ -54,6 +68,8 @@ def test_an_existing_output_needs_force_and_a_checkpoint_is_never_overwritten(ru
     checkpoint_bytes = (run_dir / "checkpoint.pt").read_bytes()
     [step] = (run_dir / "checkpoints").glob("step-*.pt")
     for target in (run_dir / "checkpoint.pt", step, step.with_name(step.name + ".sha256")):
-        refused(export(run_dir / "checkpoint.pt", target, "--force"),
-                f"{target} is a checkpoint; distq export never writes over one")
+        refused(
+            export(run_dir / "checkpoint.pt", target, "--force"),
+            f"{target} is a checkpoint; distq export never writes over one",
+        )
     assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint_bytes

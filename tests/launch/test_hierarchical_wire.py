@@ -74,19 +74,44 @@ def launch(cluster, out, epochs, port):
     started = time.monotonic()
     procs = []
     for i in range(HOSTS):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={HOSTS}",
-               f"--nproc_per_node={NPROC}", "--rdzv_backend=c10d",
-               f"--rdzv_endpoint={cluster.address(0)}:{port}", f"--rdzv_id=wire-{epochs}",
-               f"--local_addr={cluster.address(i)}",
-               *(["--rdzv_conf=is_host=1"] if i == 0 else []),
-               "-m", "distq.launch.train", "--grad-bits", str(GRAD_BITS),
-               "--collective", "hierarchical", "--bucket-size", str(BUCKET),
-               "--hidden", str(HIDDEN), "--depth", str(DEPTH), "--epochs", str(epochs),
-               "--no-progress", "--metrics-port", "none", "--out-dir", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={HOSTS}",
+            f"--nproc_per_node={NPROC}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={cluster.address(0)}:{port}",
+            f"--rdzv_id=wire-{epochs}",
+            f"--local_addr={cluster.address(i)}",
+            *(["--rdzv_conf=is_host=1"] if i == 0 else []),
+            "-m",
+            "distq.launch.train",
+            "--grad-bits",
+            str(GRAD_BITS),
+            "--collective",
+            "hierarchical",
+            "--bucket-size",
+            str(BUCKET),
+            "--hidden",
+            str(HIDDEN),
+            "--depth",
+            str(DEPTH),
+            "--epochs",
+            str(epochs),
+            "--no-progress",
+            "--metrics-port",
+            "none",
+            "--out-dir",
+            str(out),
+        ]
         # The monitor (on by default) writes the counters. Not `--monitor`: after `-m`, torchrun's
         # own parser still reads it, as an ambiguous abbreviation of --monitor-interval.
-        procs.append(cluster.popen(i, cmd, THREADS, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            cluster.popen(
+                i, cmd, THREADS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = []
     for p in procs:
         try:
@@ -157,14 +182,20 @@ def test_hierarchical_sends_only_quantized_bytes_between_hosts(tmp_path):
     for host in range(HOSTS):
         tx = long[1][host] - short[1][host]
         quantized = delta(host_ranks[host][0], "bytes_sent")
-        upper = ((1 + HEADER) * payload(host) + ACK * payload(1 - host)
-                 + steps * MESSAGES_PER_STEP * PER_MESSAGE
-                 + (LONG - SHORT) * PER_EPOCH + AGENT_BYTES_PER_SECOND * long[0])
+        upper = (
+            (1 + HEADER) * payload(host)
+            + ACK * payload(1 - host)
+            + steps * MESSAGES_PER_STEP * PER_MESSAGE
+            + (LONG - SHORT) * PER_EPOCH
+            + AGENT_BYTES_PER_SECOND * long[0]
+        )
         intra = sum(delta(rank, "intra_node_bytes_sent") for rank in host_ranks[host])
         fp32 = steps * fp32_leader_exchange
-        report.append(f"host {host}: tx {tx} B in {steps} steps; leader's quantized {quantized} B "
-                      f"(tx {tx / quantized:.3f}x it, bound {upper / quantized:.3f}x); intra-node "
-                      f"fp32 {intra} B; fp32 leader exchange {fp32} B ({fp32 / tx:.1f}x tx)")
+        report.append(
+            f"host {host}: tx {tx} B in {steps} steps; leader's quantized {quantized} B "
+            f"(tx {tx / quantized:.3f}x it, bound {upper / quantized:.3f}x); intra-node "
+            f"fp32 {intra} B; fp32 leader exchange {fp32} B ({fp32 / tx:.1f}x tx)"
+        )
         # (a) What crosses is the quantized payload, plus at most the derived overhead ...
         assert quantized <= tx <= upper, report[-1]
         # ... far below what the same exchange in fp32 sends (15.5x more than 2-bit codes with

@@ -21,10 +21,20 @@ THREADS = {"OMP_NUM_THREADS": "1"}
 
 
 def single_host(out, nproc, extra=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", *TRAIN, *extra, "--out-dir", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **THREADS})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *TRAIN,
+        *extra,
+        "--out-dir",
+        str(out),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **THREADS}
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
@@ -34,14 +44,27 @@ def multi_host(out, hosts, nproc, extra=()):
         endpoint = f"{cluster.address(0)}:29533"
         procs = []
         for i in range(hosts):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={hosts}",
-                   f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-                   f"--rdzv_endpoint={endpoint}", "--rdzv_id=distq-test",
-                   f"--local_addr={cluster.address(i)}",
-                   *(["--rdzv_conf=is_host=1"] if i == 0 else []),
-                   *TRAIN, *extra, "--out-dir", str(out)]
-            procs.append(cluster.popen(i, cmd, THREADS, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True))
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={hosts}",
+                f"--nproc_per_node={nproc}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                "--rdzv_id=distq-test",
+                f"--local_addr={cluster.address(i)}",
+                *(["--rdzv_conf=is_host=1"] if i == 0 else []),
+                *TRAIN,
+                *extra,
+                "--out-dir",
+                str(out),
+            ]
+            procs.append(
+                cluster.popen(
+                    i, cmd, THREADS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            )
         outputs = []
         for p in procs:
             try:
@@ -57,8 +80,9 @@ SPARSE = ("--sparsity", "0.75", "--sparsity-schedule", "cubic", "--sparse-gradie
 
 
 @pytest.mark.parametrize(
-    ("hosts", "nproc", "extra"), [(2, 1, ()), (2, 2, ()), (2, 2, SPARSE)], ids=["2x1", "2x2",
-                                                                            "2x2-sparse"]
+    ("hosts", "nproc", "extra"),
+    [(2, 1, ()), (2, 2, ()), (2, 2, SPARSE)],
+    ids=["2x1", "2x2", "2x2-sparse"],
 )
 def test_multi_host_equals_single_host(tmp_path, hosts, nproc, extra):
     world = hosts * nproc

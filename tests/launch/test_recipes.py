@@ -57,8 +57,15 @@ def test_bad_data_gives_clear_errors(tmp_path):
 
 
 def test_cnn_trains_with_ternary_weights(tmp_path):
-    cfg = config.TrainConfig(recipe="cifar", hidden=32, epochs=1, out_dir=str(tmp_path),
-                             progress=False, monitor=False, metrics_port=None)
+    cfg = config.TrainConfig(
+        recipe="cifar",
+        hidden=32,
+        epochs=1,
+        out_dir=str(tmp_path),
+        progress=False,
+        monitor=False,
+        metrics_port=None,
+    )
     result = train.run(cfg)
     assert result.test_accuracy > 0.13  # chance is 0.10 (± 0.009 on 1200 test images)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -78,10 +85,14 @@ class RunsCode:
 def test_a_malicious_batch_is_refused_without_running_its_code(tmp_path):
     marker = tmp_path / "pwned"
     write_batch(tmp_path / "data_batch_1", np.zeros((1, 3, 32, 32), np.uint8), [0])
-    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": RunsCode(marker),
-                                                        b"labels": [0]}, protocol=2))
-    with pytest.raises(ValueError, match=r"test_batch is not a CIFAR-10 python batch: refused "
-                                         r"(posix|os)\.system"):
+    (tmp_path / "test_batch").write_bytes(
+        pickle.dumps({b"data": RunsCode(marker), b"labels": [0]}, protocol=2)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"test_batch is not a CIFAR-10 python batch: refused "
+        r"(posix|os)\.system",
+    ):
         cifar.read_python_batches(tmp_path)
     assert not marker.exists()
 

@@ -17,13 +17,37 @@ def test_ranks_with_different_world_sizes_stop_with_a_clear_error(tmp_path):
     port = str(free_port())
     procs = []
     for rank, world in ((0, 2), (1, 3)):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "distq.launch.train", "--dist-timeout", "10", "--epochs", "1",
-             "--no-progress", "--metrics-port", "none", "--out-dir", str(tmp_path / str(rank))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distq.launch.train",
+                    "--dist-timeout",
+                    "10",
+                    "--epochs",
+                    "1",
+                    "--no-progress",
+                    "--metrics-port",
+                    "none",
+                    "--out-dir",
+                    str(tmp_path / str(rank)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     started = time.monotonic()
     try:
         outputs = [p.communicate(timeout=120) for p in procs]

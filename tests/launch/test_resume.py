@@ -21,15 +21,32 @@ from distq.launch.checkpoint import CheckpointStore
 pytestmark = pytest.mark.slow
 
 # Every run shares these settings, so their final weights must agree bit for bit.
-TRAIN = ["-m", "distq.launch.train", "--epochs", "2", "--no-progress", "--metrics-port", "none",
-         "--grad-bits", "2", "--error-feedback", "--checkpoint-every", "5"]
+TRAIN = [
+    "-m",
+    "distq.launch.train",
+    "--epochs",
+    "2",
+    "--no-progress",
+    "--metrics-port",
+    "none",
+    "--grad-bits",
+    "2",
+    "--error-feedback",
+    "--checkpoint-every",
+    "5",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train(out: Path, *extra: str, torchrun: tuple[str, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*TORCHRUN, *torchrun, *TRAIN, "--out-dir", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    return subprocess.Popen(
+        [*TORCHRUN, *torchrun, *TRAIN, "--out-dir", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -64,9 +81,13 @@ def workers(launcher: subprocess.Popen) -> list[int]:
 
 def final_state(out: Path) -> dict:
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    return {"model": state["model"], "latent": state["optimizer"]["latent"],
-            "optimizer": state["optimizer"]["base"]["state"], "step": state["step"],
-            "loss": json.loads((out / "summary.json").read_text())["final_loss"]}
+    return {
+        "model": state["model"],
+        "latent": state["optimizer"]["latent"],
+        "optimizer": state["optimizer"]["base"]["state"],
+        "step": state["step"],
+        "loss": json.loads((out / "summary.json").read_text())["final_loss"],
+    }
 
 
 def assert_same(a: dict, b: dict) -> None:

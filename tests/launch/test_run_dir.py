@@ -17,14 +17,29 @@ from distq.launch.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--hidden", "16", "--depth", "1", "--no-progress", "--no-monitor", "--metrics-port",
-        "none", "--checkpoint-every", "5"]
+TINY = [
+    "--hidden",
+    "16",
+    "--depth",
+    "1",
+    "--no-progress",
+    "--no-monitor",
+    "--metrics-port",
+    "none",
+    "--checkpoint-every",
+    "5",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distq.launch.train", "--out-dir", str(out),
-                           *TINY, *extra], capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "distq.launch.train", "--out-dir", str(out), *TINY, *extra],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
 
 
 def snapshot(out: Path) -> dict[str, bytes]:
@@ -65,9 +80,22 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 
 
 def test_a_second_run_is_refused_naming_the_first_and_a_dead_runs_lock_is_taken_over(tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "distq.launch.train", "--out-dir",
-                              str(tmp_path), *TINY, "--epochs", "200"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distq.launch.train",
+            "--out-dir",
+            str(tmp_path),
+            *TINY,
+            "--epochs",
+            "200",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     try:
         deadline = time.monotonic() + 120
         while not CheckpointStore(tmp_path, keep=3).paths():

@@ -93,10 +93,29 @@ def test_monitor_logs_every_step_and_report_plots_it(trained):
 
 
 def test_hierarchical_on_one_node_says_it_sends_full_precision(tmp_path):
-    stdout = run(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node=2", "-m", "distq.launch.train", "--epochs", "1", "--hidden",
-                 "16", "--depth", "2", "--collective", "hierarchical", "--no-progress",
-                 "--no-monitor", "--metrics-port", "none", "--out-dir", str(tmp_path))
+    stdout = run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "distq.launch.train",
+        "--epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--depth",
+        "2",
+        "--collective",
+        "hierarchical",
+        "--no-progress",
+        "--no-monitor",
+        "--metrics-port",
+        "none",
+        "--out-dir",
+        str(tmp_path),
+    )
     assert "fp32 gradients (hierarchical on one node: a full-precision all-reduce)" in stdout
     assert "full-precision all-reduce, nothing quantized on one node" in stdout
     assert "2-bit" not in stdout and "nan" not in stdout.lower()
