@@ -14,6 +14,7 @@ from torch import nn
 from distq.export import QuantSpec, export_packed, load_packed
 from distq.launch import config, recipes, train
 from distq.launch.recipes import charlm
+from tests.launch.commands import torchrun
 
 TEXT = "def f(x):\n    return x * 2  # twice\n" * 150
 
@@ -96,22 +97,10 @@ def test_short_run_reports_bpc_and_exports_one_bit_gate_blocks(tmp_path):
     corpus.write_text(TEXT)
     out = tmp_path / "run"
     cfg = config.TrainConfig(
-        recipe="charlm",
-        data_dir=str(corpus),
-        scheme="binary",
-        lstm_norm="layer",
-        hidden=16,
-        depth=1,
-        bptt=20,
-        batch_size=8,
-        epochs=2,
-        lr=0.02,
-        out_dir=str(out),
-        progress=False,
-        metrics_port=None,
-        grad_bits=None,
-        monitor_every=5,
-    )
+        recipe="charlm", data_dir=str(corpus), scheme="binary", lstm_norm="layer", hidden=16,
+        depth=1, bptt=20, batch_size=8, epochs=2, lr=0.02, out_dir=str(out), progress=False,
+        metrics_port=None, grad_bits=None, monitor_every=5,
+    )  # fmt: skip
     result = train.run(cfg)
     vocab = len(set(TEXT))
     assert result.metrics["test_bpc"] < math.log2(vocab)  # learned something
@@ -142,42 +131,11 @@ def test_torchrun_two_workers_quantized_gradients_identical_replicas(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "distq.launch.train",
-        "--recipe",
-        "charlm",
-        "--data-dir",
-        str(corpus),
-        "--scheme",
-        "binary",
-        "--lstm-norm",
-        "weight",
-        "--hidden",
-        "16",
-        "--depth",
-        "1",
-        "--bptt",
-        "20",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--grad-bits",
-        "2",
-        "--monitor-every",
-        "3",
-        "--metrics-port",
-        "null",
-        "--out-dir",
-        str(out),
-        "--no-progress",
-    ]
+    cmd = torchrun(
+        recipe="charlm", data_dir=corpus, scheme="binary", lstm_norm="weight", hidden=16, depth=1,
+        bptt=20, batch_size=8, epochs=1, grad_bits=2, monitor_every=3, metrics_port=None,
+        out_dir=out, progress=False,
+    )  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 worker(s) on gloo, weights binary, 2-bit quantize gradients" in done.stdout

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from distq.launch import checkpoint
+from tests.launch.commands import QUIET, torchrun
 
 WRITER = """
 import sys, torch
 from distq.launch import checkpoint
+from tests.launch.commands import QUIET, torchrun
 path = sys.argv[1]
 big = torch.randn(25_000_000)  # 100 MB: each save takes long enough to be killed in the middle
 step = 1
@@ -55,23 +57,7 @@ def test_twenty_two_process_runs_all_exit_zero(tmp_path):
     codes = []
     for i in range(20):
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "distq.launch.train",
-                "--epochs",
-                "1",
-                "--no-progress",
-                "--no-monitor",
-                "--metrics-port",
-                "none",
-                "--out-dir",
-                str(tmp_path / str(i)),
-            ],
+            torchrun(epochs=1, **QUIET, out_dir=tmp_path / str(i)),
             capture_output=True,
             text=True,
             timeout=300,

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from distq.launch import config, train
+from tests.launch.commands import QUIET
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +17,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train.run(
         config.TrainConfig(
-            epochs=1,
-            hidden=16,
-            depth=2,
-            out_dir=str(out),
-            progress=False,
-            monitor=False,
-            metrics_port=None,
-            checkpoint_every=None,
+            epochs=1, hidden=16, depth=2, out_dir=str(out), **QUIET, checkpoint_every=None
         )
     )
     return out

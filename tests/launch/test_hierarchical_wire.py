@@ -21,14 +21,13 @@ and headers (bounded below).
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 from benchmarks.cluster import VirtualCluster
 from distq.launch.recipes import digits
+from tests.launch.commands import run_on_hosts, torchrun_on_host
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,55 +71,17 @@ def launch(cluster, out, epochs, port):
     """`distq train` on every host; returns (wall seconds, tx_bytes sent per host, outputs)."""
     before = [cluster.tx_bytes(i) for i in range(HOSTS)]
     started = time.monotonic()
-    procs = []
-    for i in range(HOSTS):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nnodes={HOSTS}",
-            f"--nproc_per_node={NPROC}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={cluster.address(0)}:{port}",
-            f"--rdzv_id=wire-{epochs}",
-            f"--local_addr={cluster.address(i)}",
-            *(["--rdzv_conf=is_host=1"] if i == 0 else []),
-            "-m",
-            "distq.launch.train",
-            "--grad-bits",
-            str(GRAD_BITS),
-            "--collective",
-            "hierarchical",
-            "--bucket-size",
-            str(BUCKET),
-            "--hidden",
-            str(HIDDEN),
-            "--depth",
-            str(DEPTH),
-            "--epochs",
-            str(epochs),
-            "--no-progress",
-            "--metrics-port",
-            "none",
-            "--out-dir",
-            str(out),
-        ]
-        # The monitor (on by default) writes the counters. Not `--monitor`: after `-m`, torchrun's
-        # own parser still reads it, as an ambiguous abbreviation of --monitor-interval.
-        procs.append(
-            cluster.popen(
-                i, cmd, THREADS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
+    # The monitor (on by default) writes the counters. Not `--monitor`: after `-m`, torchrun's
+    # own parser still reads it, as an ambiguous abbreviation of --monitor-interval.
+    options = {
+        "grad_bits": GRAD_BITS, "collective": "hierarchical", "bucket_size": BUCKET,
+        "hidden": HIDDEN, "depth": DEPTH, "epochs": epochs, "progress": False,
+        "metrics_port": None, "out_dir": out,
+    }  # fmt: skip
+    rdzv_id = f"wire-{epochs}"
+    commands = [torchrun_on_host(cluster, i, NPROC, port, rdzv_id, **options) for i in range(HOSTS)]
+    outputs = run_on_hosts(cluster, commands, THREADS, timeout=300)
     wall = time.monotonic() - started
-    for p, text in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, text
     sent = [cluster.tx_bytes(i) - before[i] for i in range(HOSTS)]
     return wall, sent, outputs
 

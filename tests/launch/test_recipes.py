@@ -10,6 +10,7 @@ import torch
 
 from distq.launch import config, recipes, train
 from distq.launch.recipes import cifar
+from tests.launch.commands import QUIET
 
 
 def test_synthetic_set_is_the_same_for_a_seed_and_another_for_another():
@@ -57,15 +58,7 @@ def test_bad_data_gives_clear_errors(tmp_path):
 
 
 def test_cnn_trains_with_ternary_weights(tmp_path):
-    cfg = config.TrainConfig(
-        recipe="cifar",
-        hidden=32,
-        epochs=1,
-        out_dir=str(tmp_path),
-        progress=False,
-        monitor=False,
-        metrics_port=None,
-    )
+    cfg = config.TrainConfig(recipe="cifar", hidden=32, epochs=1, out_dir=str(tmp_path), **QUIET)
     result = train.run(cfg)
     assert result.test_accuracy > 0.13  # chance is 0.10 (± 0.009 on 1200 test images)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

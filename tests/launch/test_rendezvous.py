@@ -3,12 +3,12 @@ of waiting forever (two real processes, env:// rendezvous as torchrun and srun s
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.distributed import free_port
+from tests.launch.commands import distq_train
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +28,13 @@ def test_ranks_with_different_world_sizes_stop_with_a_clear_error(tmp_path):
         }
         procs.append(
             subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "distq.launch.train",
-                    "--dist-timeout",
-                    "10",
-                    "--epochs",
-                    "1",
-                    "--no-progress",
-                    "--metrics-port",
-                    "none",
-                    "--out-dir",
-                    str(tmp_path / str(rank)),
-                ],
+                distq_train(
+                    dist_timeout=10,
+                    epochs=1,
+                    progress=False,
+                    metrics_port=None,
+                    out_dir=tmp_path / str(rank),
+                ),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -14,21 +14,11 @@ import pytest
 import torch
 
 from distq.launch.checkpoint import CheckpointStore
+from tests.launch.commands import QUIET, flags
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--hidden",
-    "16",
-    "--depth",
-    "1",
-    "--no-progress",
-    "--no-monitor",
-    "--metrics-port",
-    "none",
-    "--checkpoint-every",
-    "5",
-]
+TINY = flags(hidden=16, depth=1, **QUIET, checkpoint_every=5)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

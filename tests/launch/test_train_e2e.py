@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distq.export import load_packed
+from tests.launch.commands import QUIET, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -20,20 +21,7 @@ def run(*args, timeout=300):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    stdout = run(
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "distq.launch.train",
-        "--epochs",
-        "3",
-        "--out-dir",
-        str(out),
-        "--no-progress",
-    )
+    stdout = run(*torchrun(epochs=3, out_dir=out, progress=False))
     return out, stdout
 
 
@@ -94,27 +82,9 @@ def test_monitor_logs_every_step_and_report_plots_it(trained):
 
 def test_hierarchical_on_one_node_says_it_sends_full_precision(tmp_path):
     stdout = run(
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "distq.launch.train",
-        "--epochs",
-        "1",
-        "--hidden",
-        "16",
-        "--depth",
-        "2",
-        "--collective",
-        "hierarchical",
-        "--no-progress",
-        "--no-monitor",
-        "--metrics-port",
-        "none",
-        "--out-dir",
-        str(tmp_path),
+        *torchrun(
+            epochs=1, hidden=16, depth=2, collective="hierarchical", **QUIET, out_dir=tmp_path
+        )
     )
     assert "fp32 gradients (hierarchical on one node: a full-precision all-reduce)" in stdout
     assert "full-precision all-reduce, nothing quantized on one node" in stdout
