@@ -58,6 +58,7 @@ class Weights(Options):
 
     @property
     def quantized(self) -> bool:
+        """Whether any weight is quantized (scheme is not 'none')."""
         return self.scheme != FULL_PRECISION
 
     def check(self) -> None:

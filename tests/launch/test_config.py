@@ -3,13 +3,14 @@
 import argparse
 import re
 import subprocess
-import sys
 import typing
+from pathlib import Path
 
 import pytest
 import torch
 
 from distq.launch import config
+from tests.launch.commands import QUIET, distq_train
 
 
 def parse(argv):
@@ -123,27 +124,9 @@ def test_every_float_option_refuses_nan_and_inf(name, value):
 @pytest.mark.slow
 def test_a_diverging_run_exits_non_zero_with_one_line_and_saves_no_nan(tmp_path):
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distq.launch.train",
-            "--lr",
-            "1e30",
-            "--epochs",
-            "1",
-            "--hidden",
-            "16",
-            "--depth",
-            "2",
-            "--no-progress",
-            "--no-monitor",
-            "--metrics-port",
-            "none",
-            "--checkpoint-every",
-            "5",
-            "--out-dir",
-            str(tmp_path),
-        ],
+        distq_train(
+            lr=1e30, epochs=1, hidden=16, depth=2, **QUIET, checkpoint_every=5, out_dir=tmp_path
+        ),
         capture_output=True,
         text=True,
         timeout=300,
@@ -188,9 +171,7 @@ def test_a_layer_name_that_matches_nothing_is_a_config_error(tmp_path):
         hidden=16,
         depth=2,
         out_dir=str(tmp_path),
-        progress=False,
-        monitor=False,
-        metrics_port=None,
+        **QUIET,
         keep_full_precision=["nosuchlayer"],
     )
     with pytest.raises(config.ConfigError, match="nosuchlayer"):
@@ -200,18 +181,7 @@ def test_a_layer_name_that_matches_nothing_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_an_out_dir_that_cannot_be_a_directory_stops_before_training():
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distq.launch.train",
-            "--epochs",
-            "1",
-            "--no-progress",
-            "--metrics-port",
-            "none",
-            "--out-dir",
-            "/dev/null",
-        ],
+        distq_train(epochs=1, progress=False, metrics_port=None, out_dir="/dev/null"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -229,17 +199,9 @@ def exporter_and_resume_worker(rank, world, out):
     from distq.launch.environment import DistEnv
 
     def cfg(**changes):
+        settings = {"epochs": 1, "hidden": 16, "depth": 2, "monitor_every": 5, **changes}
         return config.TrainConfig(
-            **{
-                "epochs": 1,
-                "hidden": 16,
-                "depth": 2,
-                "out_dir": str(out),
-                "progress": False,
-                "monitor_every": 5,
-                "metrics_port": 65535,
-                **changes,
-            }
+            **{"out_dir": str(out), "progress": False, "metrics_port": 65535, **settings}
         )
 
     result = train.run(cfg(), DistEnv(rank, rank, world))  # rank 1's port would be 65536
@@ -326,3 +288,12 @@ def test_a_config_recorded_flat_reads_as_the_same_settings():
     flat = cfg.flat()
     assert flat["grad_bits"] == 4 and flat["sparsity"] == 0.3 and flat["monitor"] is False
     assert config.flatten(flat) == flat == config.flatten(cfg.to_dict())
+
+
+def test_the_readme_yaml_example_is_a_valid_config(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("```yaml\n# my_run.yaml", 1)[1].split("\n", 1)[1].split("```")[0]
+    path = tmp_path / "my_run.yaml"
+    path.write_text(example)
+    cfg = parse([str(path)])
+    assert cfg == config.TrainConfig(), "the example shows the defaults"
