@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from distq.comm import ErrorFeedback, QuantizedCommState, quantized_hook
+from distq.comm import QuantizedCommState, quantized_hook
 from distq.comm import compressors as dq_compressors
 from distq.comm import hook as dq_hook
 from distq.comm.collectives import SEGMENT_ELEMENTS
@@ -331,9 +331,7 @@ def forget_warmup(option: dict, state) -> None:
     if option["kind"] == "powersgd":
         state.error_dict.clear()
     elif option["kind"] == "distq":
-        compressor = state.compressor_for(option["bits"])
-        if isinstance(compressor, ErrorFeedback):
-            compressor.reset()
+        state.exchange.reset_residuals()
 
 
 def evaluate(

@@ -1,20 +1,17 @@
-"""distq.comm: gradients on the wire in 1–8 bits: compressors, collectives, the DDP hook."""
+"""distq.comm: gradients on the wire in 1–8 bits: compressors, collectives, the exchange they
+make up, and its adapters (the DDP hook here; DeepSpeed, Horovod, Lightning as extras)."""
 
 from distq._layout import require_package_name
 from distq.comm.api import allreduce
-from distq.comm.collectives import COLLECTIVES, Traffic, quantized_sum
-from distq.comm.compressors import (
-    COMPRESSORS,
-    Compressor,
-    ErrorFeedback,
-    SignCompressor,
-    StochasticQuantizer,
-    make_compressor,
-    terngrad,
-)
-from distq.comm.hook import CompressionStats, QuantizedCommState, prime_buckets, quantized_hook
+from distq.comm.collectives import Traffic, quantized_sum
+from distq.comm.compressors import Compressor, SignCompressor, StochasticQuantizer, terngrad
+from distq.comm.exchange import CompressionStats, ExchangeSettings, GradientExchange
+from distq.comm.feedback import ErrorFeedback, ResidualMemory
+from distq.comm.hook import QuantizedCommState, prime_buckets, quantized_hook
 from distq.comm.noise import Key
+from distq.comm.registry import COMPRESSORS, make_compressor
 from distq.comm.wire import WireFormat
+from distq.theory.exchange import COLLECTIVES
 
 require_package_name(__name__, "distq.comm")
 
@@ -24,8 +21,11 @@ __all__ = [
     "CompressionStats",
     "Compressor",
     "ErrorFeedback",
+    "ExchangeSettings",
+    "GradientExchange",
     "Key",
     "QuantizedCommState",
+    "ResidualMemory",
     "SignCompressor",
     "StochasticQuantizer",
     "Traffic",

@@ -26,8 +26,9 @@ from torch import Tensor
 from distq.comm.compressors import Compressor
 from distq.comm.noise import Key
 from distq.comm.topology import Topology
+from distq.comm.transport import Pending, TorchTransport, Transport
+from distq.theory.exchange import collective as collective_record
 
-COLLECTIVES = ("allgather", "scatter", "hierarchical")
 SEGMENT_ELEMENTS = 1 << 20  # the DDP hook's default pipeline segment (4 MiB of fp32)
 
 
@@ -45,31 +46,34 @@ class Traffic:
         self.received += other.received
         self.intra_node_sent += other.intra_node_sent
 
+    def both(self, nbytes: int) -> None:
+        """Count `nbytes` sent and as many received (every exchange here is symmetric)."""
+        self.sent += nbytes
+        self.received += nbytes
 
-def group_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group)
+
+def shared_scales(scales: Tensor, transport: Transport, name: str, traffic: Traffic) -> Tensor:
+    """Per-bucket scales max-reduced over the ranks (TernGrad's shared scale); a NaN on any rank
+    stays NaN."""
+    traffic.both(transport.max_(scales, f"{name}.scales"))
+    return scales
 
 
 def _compress(
-    x: Tensor, compressor: Compressor, key: Key, group, traffic: Traffic, start: int = 0
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    transport: Transport,
+    traffic: Traffic,
+    name: str,
+    start: int = 0,
 ) -> Tensor:
     """Compress x (element `start` of its tensor); with a shared-scale wire format the scales
-    are max-reduced across the group."""
+    are max-reduced across the ranks first."""
     if not compressor.wire.shared_scale:
         return compressor.compress(x, key, start=start)
-    scales = group_scales(compressor.scales(x, key), group)
-    n = group_size(group)
-    traffic.sent += 2 * (n - 1) * scales.numel() * 4 // n
-    traffic.received += 2 * (n - 1) * scales.numel() * 4 // n
+    scales = shared_scales(compressor.scales(x, key), transport, name, traffic)
     return compressor.compress(x, key, scales, start=start)
-
-
-def group_scales(scales: Tensor, group) -> Tensor:
-    """Per-bucket scales max-reduced over the group (TernGrad's shared scale); a NaN on any
-    rank stays NaN (MAX drops NaN, so it travels as inf)."""
-    scales = torch.where(torch.isnan(scales), torch.inf, scales)
-    dist.all_reduce(scales, op=dist.ReduceOp.MAX, group=group)
-    return torch.where(torch.isinf(scales), torch.nan, scales)
 
 
 def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor:
@@ -104,9 +108,10 @@ def allgather_sum(
     x: Tensor,
     compressor: Compressor,
     key: Key,
-    group=None,
+    transport: Transport,
     buffers: dict | None = None,
     segment: int | None = None,
+    name: str = "distq",
 ) -> tuple[Tensor, Traffic]:
     """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it.
 
@@ -114,25 +119,23 @@ def allgather_sum(
     while segment i is on the wire and decoded while segment i+2 is, with the same codes as
     in one piece (the noise is indexed by element)."""
     traffic = Traffic()
-    n = group_size(group)
+    n = transport.size
     if not pipelined(compressor):
         segment = None
-    in_flight: list = []
+    in_flight: list[tuple[Pending, Tensor, Tensor]] = []
 
-    def finish(gathered: Tensor, work, piece: Tensor, _payload: Tensor) -> None:
-        work.wait()
-        compressor.decode_sum_into(gathered.view(n, -1), piece)
+    def finish(pending: Pending, piece: Tensor, _payload: Tensor) -> None:
+        compressor.decode_sum_into(pending.wait().view(n, -1), piece)
 
     start = 0
     lengths = segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment)
     for i, piece in enumerate(x.split(lengths)):
-        payload = _compress(piece, compressor, key, group, traffic, start)
+        payload = _compress(piece, compressor, key, transport, traffic, f"{name}.{i}", start)
         start += piece.numel()
         gathered = _buffer(buffers, f"allgather-{i}", payload, n * payload.numel())
-        work = dist.all_gather_single(gathered, payload, group=group, async_op=True)
-        traffic.sent += (n - 1) * payload.numel()
-        traffic.received += (n - 1) * payload.numel()
-        in_flight.append((gathered, work, piece, payload))  # the payload lives until it is sent
+        pending = transport.all_gather(payload, gathered, f"{name}.{i}.allgather")
+        traffic.both((n - 1) * payload.numel())
+        in_flight.append((pending, piece, payload))  # the payload lives until it is sent
         if len(in_flight) > 1:
             finish(*in_flight.pop(0))
     for job in in_flight:
@@ -191,25 +194,103 @@ def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor)
 
 @dataclass
 class _ScatterSegment:
-    """One segment of a pipelined `scatter_sum` between its stages, with the tensors its
-    in-flight collective reads or writes (kept alive until that completes)."""
+    """One segment of a pipelined `scatter_sum` between its stages, with the payload its
+    in-flight data movement reads (kept alive until that completes)."""
 
     index: int
     start: int  # offset of the segment in the padded tensor
     piece: Tensor  # the segment: n chunks, the result is decoded into it
     sent: Tensor
-    received: Tensor
-    work: dist.Work
+    pending: Pending
+
+
+class _Scatter:
+    """One `scatter_sum` call: its three stages (all-to-all of chunk payloads; sum, re-quantize
+    and all-gather of this rank's chunk; decode of every chunk), run as a pipeline over
+    segments."""
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        key: Key,
+        transport: Transport,
+        buffers: dict | None,
+        errors: dict | None,
+        name: str,
+    ) -> None:
+        self.compressor, self.key, self.transport = compressor, key, transport
+        self.buffers, self.errors, self.name = buffers, errors, name
+        self.traffic = Traffic()
+        self.own_exact = keeps_own_chunk(compressor)
+        self.requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
+
+    def send_chunks(self, i: int, start: int, piece: Tensor) -> _ScatterSegment:
+        """Encode the segment's n chunks and start the all-to-all."""
+        n, rank, compressor = self.transport.size, self.transport.rank, self.compressor
+        chunk = piece.numel() // n
+        if self.own_exact:
+            send = first_stage_rows(piece, n, chunk, compressor, self.key, start, rank)
+        else:
+            payload = _compress(
+                piece, compressor, self.key, self.transport, self.traffic, f"{self.name}.{i}",
+                start,
+            )  # fmt: skip
+            send = _chunk_payloads(payload, n, chunk, compressor)
+        received = _buffer(self.buffers, f"scatter-received-{i}", send, send.numel())
+        pending = self.transport.all_to_all(send.reshape(-1), received, f"{self.name}.{i}.alltoall")
+        self.traffic.both((n - 1) * send.shape[1])
+        return _ScatterSegment(i, start, piece, send, pending)
+
+    def reduce_own_chunk(self, seg: _ScatterSegment) -> _ScatterSegment:
+        """Wait for the all-to-all, sum this rank's chunk, re-quantize it, start all-gather."""
+        n, rank, compressor = self.transport.size, self.transport.rank, self.compressor
+        received = seg.pending.wait().view(n, -1)
+        chunk = seg.piece.numel() // n
+        mine = seg.piece[rank * chunk : (rank + 1) * chunk]
+        compressor.decode_sum_into(
+            received, mine, skip=rank if self.own_exact else None, accumulate=self.own_exact
+        )
+        key = self.key
+        owner_payload = compressor.compress(
+            mine, Key(key.seed, key.step, rank, key.slot, phase=1), start=seg.start
+        )
+        if self.errors is not None:
+            self._measure_requantization(mine, owner_payload)
+        gathered = _buffer(
+            self.buffers, f"scatter-gathered-{seg.index}", owner_payload,
+            n * owner_payload.numel(),
+        )  # fmt: skip
+        pending = self.transport.all_gather(
+            owner_payload, gathered, f"{self.name}.{seg.index}.owners"
+        )
+        self.traffic.both((n - 1) * owner_payload.numel())
+        return _ScatterSegment(seg.index, seg.start, seg.piece, owner_payload, pending)
+
+    def _measure_requantization(self, mine: Tensor, owner_payload: Tensor) -> None:
+        """The second quantization's error on this rank's chunk (decoded by the kernel the
+        all-gather stage uses: nothing new to compile)."""
+        decoded = self.compressor.decode_rows_into(
+            owner_payload.view(1, -1), torch.empty_like(mine)
+        )
+        decoded.sub_(mine)
+        self.requant[0] += float(torch.dot(decoded, decoded))
+        self.requant[1] += float(torch.dot(mine, mine))
+
+    def decode_all_chunks(self, seg: _ScatterSegment) -> None:
+        self.compressor.decode_rows_into(
+            seg.pending.wait().view(self.transport.size, -1), seg.piece
+        )
 
 
 def scatter_sum(
     x: Tensor,
     compressor: Compressor,
     key: Key,
-    group=None,
+    transport: Transport,
     buffers: dict | None = None,
     errors: dict | None = None,
     segment: int | None = None,
+    name: str = "distq",
 ) -> tuple[Tensor, Traffic]:
     """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather; the
     owner's own chunk stays exact where `keeps_own_chunk` allows.
@@ -221,71 +302,29 @@ def scatter_sum(
     encodes the next one and decodes the one before, so the codec's time hides behind the
     network's. The first encode's codes are those of the unsegmented tensor.
     """
-    traffic = Traffic()
-    n, rank, numel = group_size(group), dist.get_rank(group), x.numel()
+    n, numel = transport.size, x.numel()
     total = working_length(numel, n, compressor, "scatter")
     work = x if numel == total else torch.cat([x, x.new_zeros(total - numel)])
     unit = n * compressor.wire.chunk_unit()
     lengths = segment_lengths(total, unit, segment if pipelined(compressor) else None)
-    requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
+    stages = _Scatter(compressor, key, transport, buffers, errors, name)
     exchanging: list[_ScatterSegment] = []
     gathering: list[_ScatterSegment] = []
-
-    def reduce_own_chunk(seg: _ScatterSegment) -> _ScatterSegment:
-        """Wait for the all-to-all, sum this rank's chunk, re-quantize it, start all-gather."""
-        seg.work.wait()
-        chunk = seg.piece.numel() // n
-        mine = seg.piece[rank * chunk : (rank + 1) * chunk]
-        compressor.decode_sum_into(
-            seg.received, mine, skip=rank if own_exact else None, accumulate=own_exact
-        )
-        owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
-        owner_payload = compressor.compress(mine, owner_key, start=seg.start)
-        if errors is not None:  # the second quantization's error, on this rank's chunks
-            # (decoded by the kernel the all-gather stage uses: nothing new to compile)
-            decoded = compressor.decode_rows_into(owner_payload.view(1, -1), torch.empty_like(mine))
-            decoded.sub_(mine)
-            requant[0] += float(torch.dot(decoded, decoded))
-            requant[1] += float(torch.dot(mine, mine))
-        gathered = _buffer(
-            buffers, f"scatter-gathered-{seg.index}", owner_payload, n * owner_payload.numel()
-        )
-        handle = dist.all_gather_single(gathered, owner_payload, group=group, async_op=True)
-        traffic.sent += (n - 1) * owner_payload.numel()
-        traffic.received += (n - 1) * owner_payload.numel()
-        return _ScatterSegment(seg.index, seg.start, seg.piece, owner_payload, gathered, handle)
-
-    def decode_all_chunks(seg: _ScatterSegment) -> None:
-        seg.work.wait()
-        compressor.decode_rows_into(seg.received.view(n, -1), seg.piece)
-
     start = 0
-    own_exact = keeps_own_chunk(compressor)
     for i, piece in enumerate(work.split(lengths)):
-        chunk = piece.numel() // n
-        if own_exact:
-            send = first_stage_rows(piece, n, chunk, compressor, key, start, rank)
-        else:
-            payload = _compress(piece, compressor, key, group, traffic, start)
-            send = _chunk_payloads(payload, n, chunk, compressor)
-        received = _buffer(buffers, f"scatter-received-{i}", send, send.numel()).view_as(send)
-        handle = dist.all_to_all_single(
-            received.view(-1), send.reshape(-1), group=group, async_op=True
-        )
-        traffic.sent += (n - 1) * send.shape[1]
-        traffic.received += (n - 1) * send.shape[1]
-        exchanging.append(_ScatterSegment(i, start, piece, send, received, handle))
+        exchanging.append(stages.send_chunks(i, start, piece))
         start += piece.numel()
         if len(exchanging) > 1:
-            gathering.append(reduce_own_chunk(exchanging.pop(0)))
+            gathering.append(stages.reduce_own_chunk(exchanging.pop(0)))
         if len(gathering) > 1:
-            decode_all_chunks(gathering.pop(0))
-    gathering.extend(reduce_own_chunk(seg) for seg in exchanging)
+            stages.decode_all_chunks(gathering.pop(0))
+    gathering.extend(stages.reduce_own_chunk(seg) for seg in exchanging)
     for seg in gathering:
-        decode_all_chunks(seg)
+        stages.decode_all_chunks(seg)
     if errors is not None:
-        errors["requant_relative_error"] = requant[0] / requant[1] if requant[1] else 0.0
-    return work[:numel], traffic
+        done, norm = stages.requant
+        errors["requant_relative_error"] = done / norm if norm else 0.0
+    return work[:numel], stages.traffic
 
 
 def hierarchical_sum(
@@ -298,7 +337,7 @@ def hierarchical_sum(
     segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
     """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
-    Overwrites x."""
+    Overwrites x. torch.distributed only (the node groups are torch process groups)."""
     traffic = Traffic()
     node_sum = x
     local = topology.local_size
@@ -307,9 +346,8 @@ def hierarchical_sum(
         fp_bytes = node_sum.numel() * node_sum.element_size()
         traffic.intra_node_sent += 2 * (local - 1) * fp_bytes // local
     if topology.is_leader and topology.num_nodes > 1:  # one node: nothing crosses a slow link
-        reduced, inter = scatter_sum(
-            node_sum, compressor, key, topology.leader_group, buffers, errors, segment
-        )
+        leaders = TorchTransport(topology.leader_group)
+        reduced, inter = scatter_sum(node_sum, compressor, key, leaders, buffers, errors, segment)
         node_sum.copy_(reduced)
         traffic.add(inter)
     if local > 1:
@@ -331,23 +369,30 @@ def quantized_sum(
     buffers: dict | None = None,
     errors: dict | None = None,
     segment: int | None = None,
+    transport: Transport | None = None,
+    name: str = "distq",
 ) -> tuple[Tensor, Traffic]:
     """The bit-identical Σ over ranks of (quantized) x by the named collective.
 
-    inplace=True lets the collective use x as its scratch space (x is overwritten and the
-    result may share its memory): with `working_length(...)` elements nothing else of the
-    gradient's size is allocated but one decoded row at a time. `buffers` caches the receive
-    buffers between calls. If `errors` is a dict, the relative error of the second
-    quantization (scatter's owner step) is stored in it as "requant_relative_error".
-    `segment` (elements) pipelines the exchange: see `scatter_sum`; None sends x in one piece.
+    The bytes move over `transport` (default: torch.distributed on `group`; `hierarchical` is
+    torch.distributed only, over `topology` or one discovered on `group`). inplace=True lets the
+    collective use x as its scratch space (x is overwritten and the result may share its
+    memory): with `working_length(...)` elements nothing else of the gradient's size is
+    allocated but one decoded row at a time. `buffers` caches the receive buffers between calls.
+    If `errors` is a dict, the relative error of the second quantization (scatter's owner step)
+    is stored in it as "requant_relative_error". `segment` (elements) pipelines the exchange:
+    see `scatter_sum`; None sends x in one piece. `name` prefixes the operations' names (unique
+    per call in flight, for engines that match operations by name).
     """
-    if collective not in COLLECTIVES:
-        raise ValueError(f"collective {collective!r}; allowed: {', '.join(COLLECTIVES)}")
+    collective_record(collective)  # refuses an unknown name
     if not inplace:
         x = x.clone()
+    if collective == "hierarchical":
+        if transport is not None and not isinstance(transport, TorchTransport):
+            raise ValueError("collective 'hierarchical' needs torch.distributed process groups")
+        topology = topology or Topology.discover(group)
+        return hierarchical_sum(x, compressor, key, topology, buffers, errors, segment)
+    transport = transport or TorchTransport(group)
     if collective == "allgather":
-        return allgather_sum(x, compressor, key, group, buffers, segment)
-    if collective == "scatter":
-        return scatter_sum(x, compressor, key, group, buffers, errors, segment)
-    topology = topology or Topology.discover(group)
-    return hierarchical_sum(x, compressor, key, topology, buffers, errors, segment)
+        return allgather_sum(x, compressor, key, transport, buffers, segment, name)
+    return scatter_sum(x, compressor, key, transport, buffers, errors, segment, name)

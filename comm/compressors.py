@@ -12,7 +12,7 @@ decode a payload get bit-identical values.
 - `terngrad`: the 2-bit case with the scale max-reduced across ranks (one per tensor by
   default; `make_compressor` and the hook give it their `bucket_size`, one per bucket).
 - `SignCompressor`: sign(g)·mean|g| per bucket (1 bit; biased, use with error feedback).
-- `ErrorFeedback`: wraps any compressor; adds last step's compression error before compressing.
+Error feedback is `distq.comm.feedback`; the compressors by name are `distq.comm.registry`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from distq.comm import kernels
 from distq.comm.noise import Key
 from distq.comm.wire import WireFormat, split
 from distq.packing import pack, unpack
+from distq.quant import levels_per_sign
 
 
 class Compressor(ABC):
@@ -40,9 +41,7 @@ class Compressor(ABC):
         """float32 scale per bucket of x; NaN for a bucket holding NaN/Inf."""
 
     @abstractmethod
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
+    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
         """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales).
 
         x[i] draws the noise of element start + i of `key`'s stream, so the pieces of a tensor
@@ -51,6 +50,16 @@ class Compressor(ABC):
     @abstractmethod
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         """float32 values encoded in `payload`."""
+
+    def with_bits(self, bits: int) -> Compressor:
+        """This compressor sending `bits` per element (for per-parameter widths); one that has
+        a single width refuses others."""
+        if bits != self.wire.bits:
+            raise ValueError(
+                f"bits={bits} with {type(self).__name__}, which sends {self.wire.bits} bit(s) "
+                f"per element; allowed: {self.wire.bits}"
+            )
+        return self
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         """Decode into `out` (out += decoded if `accumulate`); returns out."""
@@ -138,9 +147,7 @@ class BucketCodec(Compressor):
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
         return self._finish_scales(torch.cat(stats), x.numel())
 
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
+    def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
         numel = x.numel()
         if scales is None and numel and self._batched(numel):
             return self.compress_rows(x, 1, key, start).view(-1)
@@ -396,8 +403,14 @@ class StochasticQuantizer(BucketCodec):
         shared_scale: bool = False,
     ) -> None:
         super().__init__(
-            WireFormat(bits, bucket_size, scale_dtype, shared_scale), 2 ** (bits - 1) - 1
+            WireFormat(bits, bucket_size, scale_dtype, shared_scale), levels_per_sign(bits)
         )
+
+    def with_bits(self, bits: int) -> Compressor:
+        if bits == self.wire.bits or self.wire.shared_scale:  # TernGrad has one width
+            return super().with_bits(bits)
+        wire = self.wire
+        return StochasticQuantizer(bits, wire.bucket_size, wire.scale_dtype)
 
     @property
     def delta(self) -> float:
@@ -455,121 +468,3 @@ class SignCompressor(BucketCodec):
 
     def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
         return kernels.compiled(kernels.sign_packed)(xb)
-
-
-class ErrorFeedback(Compressor):
-    """Error feedback around any compressor (Seide et al. 2014; Karimireddy et al. 2019).
-
-    For a rank's own gradient (key.phase 0) it compresses g + e and keeps e ← (g + e) − Q(g + e)
-    per key.slot: one residual the size of the gradient per rank. Re-quantizations of reduced
-    data (phase ≥ 1, the `scatter` owner's step) pass through uncompensated. inplace=True adds
-    e into the caller's x (a scratch buffer) instead of allocating g + e.
-    """
-
-    stateful = True
-
-    def __init__(self, inner: Compressor, inplace: bool = False) -> None:
-        self.inner = inner
-        self.wire = inner.wire
-        self.inplace = inplace
-        self.residuals: dict[int, Tensor] = {}
-
-    def _residual(self, x: Tensor, key: Key) -> Tensor | None:
-        residual = self.residuals.get(key.slot)
-        if key.phase != 0 or residual is None:
-            return None
-        if residual.numel() != x.numel():
-            raise ValueError(
-                f"error-feedback slot {key.slot} holds {residual.numel()} elements, got "
-                f"{x.numel()}: the bucket layout changed; call discard_mismatched() or reset()"
-            )
-        return residual
-
-    def discard_mismatched(self, slot: int, numel: int) -> bool:
-        """Drop slot's residual if it has another size than `numel`; True if one was dropped."""
-        residual = self.residuals.get(slot)
-        if residual is not None and residual.numel() != numel:
-            del self.residuals[slot]
-            return True
-        return False
-
-    def scales(self, x: Tensor, key: Key) -> Tensor:
-        residual = self._residual(x, key)
-        return self.inner.scales(x if residual is None else x + residual, key)
-
-    def compress(
-        self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0
-    ) -> Tensor:
-        if key.phase != 0:
-            return self.inner.compress(x, key, scales, start)
-        residual = self._residual(x, key)
-        if residual is not None:
-            x = x.add_(residual) if self.inplace else x + residual
-        payload = self.inner.compress(x, key, scales, start)
-        if residual is None:
-            residual = self.residuals[key.slot] = torch.empty_like(x)
-        self.inner.decompress_into(payload, residual).neg_().add_(x)  # e = target − Q(target)
-        torch.nan_to_num_(residual, nan=0.0, posinf=0.0, neginf=0.0)
-        return payload
-
-    def decompress(self, payload: Tensor, numel: int) -> Tensor:
-        return self.inner.decompress(payload, numel)
-
-    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        return self.inner.decompress_into(payload, out, accumulate)
-
-    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
-        return self.inner.decode_rows_into(rows, out)
-
-    def decode_sum_into(
-        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
-    ) -> Tensor:
-        return self.inner.decode_sum_into(rows, out, skip, accumulate)
-
-    def reset(self) -> None:
-        """Forget all residuals (a new bucket layout or world size)."""
-        self.residuals.clear()
-
-
-FIXED_BITS = {"sign": 1, "terngrad": 2}  # compressors whose code has one width only
-
-
-def compressor_bits(kind: str, bits: int | None, name: str = "bits") -> int:
-    """The bit width compressor `kind` sends for a requested `bits` (None: its own, 2 for
-    'quantize'); a width it cannot send is refused (sign: 1 bit only, TernGrad: 2)."""
-    fixed = FIXED_BITS.get(kind)
-    if bits is None:
-        return fixed or 2
-    if fixed is not None and bits != fixed:
-        raise ValueError(
-            f"{name}={bits!r} with compressor {kind!r}, which sends {fixed} bit(s) per element; "
-            f"allowed: {name}={fixed} (or None), or compressor 'quantize' for {bits} bits"
-        )
-    return bits
-
-
-def make_compressor(
-    kind: str = "quantize",
-    bits: int | None = None,
-    bucket_size: int | None = 512,
-    error_feedback: bool = False,
-    scale_dtype: torch.dtype = torch.float32,
-    inplace_feedback: bool = False,
-) -> Compressor:
-    """A compressor by name: 'quantize' (m-bit stochastic), 'terngrad' (2-bit), 'sign' (1-bit);
-    error_feedback wraps it in `ErrorFeedback(…, inplace=inplace_feedback)`. bits=None: the
-    compressor's own width; one it cannot send is refused (`compressor_bits`)."""
-    if kind in COMPRESSORS:
-        bits = compressor_bits(kind, bits)
-    if kind == "quantize":
-        compressor: Compressor = StochasticQuantizer(bits, bucket_size, scale_dtype)
-    elif kind == "terngrad":
-        compressor = terngrad(bucket_size)
-    elif kind == "sign":
-        compressor = SignCompressor(bucket_size, scale_dtype)
-    else:
-        raise ValueError(f"compressor {kind!r}; allowed: {', '.join(COMPRESSORS)}")
-    return ErrorFeedback(compressor, inplace_feedback) if error_feedback else compressor
-
-
-COMPRESSORS = ("quantize", "terngrad", "sign")

@@ -9,7 +9,7 @@ gradient all-reduce after backward (`_backward_epilogue` and, with unmanaged acc
 `step()`); 1-bit Adam used the same flag. `quantize_engine` checks that the engine has it,
 turns it off, and registers a post-accumulate-grad hook on every parameter: on the backward
 that ends a gradient-accumulation window (`engine.is_gradient_accumulation_boundary()`) the
-accumulated gradients are averaged over ranks with `QuantizedCommState.reduce` (the DDP hook's
+accumulated gradients are averaged over ranks by the state's `GradientExchange` (the DDP hook's
 own clipping, codec and collectives) before backward returns. DeepSpeed then clips the averaged
 gradient (`gradient_clipping`; every rank sees the same norm) and steps, so replicas stay
 bit-identical. Supported: ZeRO stage 0 in fp32; other configurations are refused by name.
@@ -21,8 +21,7 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
 from distq.comm.extras import require
@@ -71,16 +70,16 @@ class DeepSpeedExchange:
     def exchange(self) -> None:
         """Average every parameter's gradient over ranks now (all ranks must call it)."""
         state, step = self.state, self.state.iter
+        exchange = state.exchange
         for index, params in enumerate(self.buckets):
             flat = flatten_grads(params)
             if step < state.start_iter:
-                dist.all_reduce(flat, group=state.process_group)
-                flat.div_(dist.get_world_size(state.process_group))
+                exchange.average_fp32(flat, f"distq.{index}.warmup")
             else:
                 lengths = [p.numel() for p in params]
-                widths = [state._widths.get(p, state.bits) for p in params]
-                flat = state.reduce(flat, lengths, widths, index, step, _keep(state, params))
-                if state.nonfinite == "raise" and not torch.isfinite(flat.sum()):
+                widths = state.widths_of(params)
+                flat = exchange.average(flat, lengths, widths, index, step, state.keep_of(params))
+                if state.settings.nonfinite == "raise" and not exchange.is_finite(flat):
                     raise FloatingPointError(
                         f"non-finite gradient in bucket {index} at step {step} on some rank"
                     )
@@ -129,18 +128,3 @@ def quantize_engine(
         raise ValueError("managed_gradient_accumulation=false is not supported; allowed: true")
     setattr(engine, FLAG, False)
     return DeepSpeedExchange(engine, state, bucket_cap_mb)
-
-
-def _keep(state: QuantizedCommState, params: list[nn.Parameter]) -> Tensor | None:
-    """The bucket's flat mask of entries to exchange from `state.set_keep_mask` (None: all)."""
-    if state._keep_mask is None:
-        return None
-    masks = [state._keep_mask(p) for p in params]
-    if all(m is None for m in masks):
-        return None
-    return torch.cat(
-        [
-            (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
-            for m, p in zip(masks, params, strict=True)
-        ]
-    )

@@ -1,18 +1,18 @@
-"""Horovod with distq's quantized gradients: packed 1–8-bit payloads over `hvd.allgather` and
-`hvd.alltoall`.
+"""Horovod with distq's quantized gradients: the DDP hook's exchange (`GradientExchange`) over
+Horovod's asynchronous all-gather and all-to-all.
 
     opt = distq.comm.horovod.DistributedOptimizer(opt, model.named_parameters(), bits=2)
 
 Horovod's own `compression=` hands the compressed tensor to a summing all-reduce: that refuses
 uint8 and cannot add packed codes. This optimizer instead encodes each bucket of gradients with
-distq's codec and moves the payloads with Horovod's all-gather / all-to-all
-(`distq.comm.transport`), so every rank decodes the same sum and replicas stay bit-identical.
+distq's codec and moves the payloads with Horovod's all-gather / all-to-all (`HorovodTransport`),
+so every rank decodes the same sum and replicas stay bit-identical. As in Horovod's own
+optimizer, a bucket's exchange starts during backward as soon as its last gradient is ready.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -20,154 +20,144 @@ import torch
 from torch import Tensor, nn
 
 from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
-from distq.comm.clipping import clip_by_rms_
-from distq.comm.compressors import COMPRESSORS, Compressor, make_compressor
+from distq.comm.exchange import (
+    CompressionStats,
+    ExchangeSettings,
+    GradientExchange,
+    keep_mask,
+    parameter_widths,
+)
 from distq.comm.extras import require
-from distq.comm.hook import SLOTS_PER_BUCKET, CompressionStats
-from distq.comm.noise import Key
-from distq.comm.transport import TRANSPORT_COLLECTIVES, Transport, transport_sum
+from distq.comm.transport import Pending, Transport
+from distq.comm.worker import ExchangeWorker
+from distq.wrapping import OptimizerWrapper, closure_loss
 
 hvd = require("horovod.torch")
 
-_OPTIMIZER_HOOKS = (
-    "_optimizer_step_pre_hooks",
-    "_optimizer_step_post_hooks",
-    "_optimizer_state_dict_pre_hooks",
-    "_optimizer_state_dict_post_hooks",
-    "_optimizer_load_state_dict_pre_hooks",
-    "_optimizer_load_state_dict_post_hooks",
-)
+
+class HorovodTransport(Transport):
+    """Horovod's asynchronous collectives over all its ranks (operations matched by name)."""
+
+    def __init__(self) -> None:
+        self.rank, self.size = hvd.rank(), hvd.size()
+
+    def all_gather(self, payload: Tensor, out: Tensor, name: str) -> Pending:
+        handle = hvd.allgather_async(payload, name=name)
+        return Pending(lambda: hvd.synchronize(handle).view(-1))
+
+    def all_to_all(self, send: Tensor, out: Tensor, name: str) -> Pending:
+        handle = hvd.alltoall_async(send, name=name)
+        return Pending(lambda: hvd.synchronize(handle)[0].view(-1))
+
+    def max_(self, values: Tensor, name: str) -> int:
+        gathered = hvd.allgather(values, name=name).view(self.size, -1)
+        values.copy_(gathered.amax(dim=0))  # amax keeps a NaN: every rank sees it
+        return (self.size - 1) * values.numel() * values.element_size()
+
+    def sum_(self, values: Tensor, name: str) -> None:
+        values.copy_(hvd.allreduce(values, op=hvd.Sum, name=name))
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(OptimizerWrapper):
     """Wraps `optimizer`: `step()` first averages the gradients over Horovod ranks through
-    `bits`-bit stochastic codes, then steps the wrapped optimizer.
+    distq's quantized exchange, then steps the wrapped optimizer.
 
     Args:
         optimizer: any torch optimizer (also distq's QuantizedOptimizer, for low-bit weights).
         named_parameters: the model's (name, parameter) pairs; they fix the bucket order, which
-            must be the same on every rank. None: the optimizer's parameters in group order.
-        bits, bucket_size, clip, compressor, error_feedback, seed: as in QuantizedCommState.
-        collective: 'scatter' (all-to-all, re-quantize, all-gather; bandwidth-optimal) or
-            'allgather' (one quantization; traffic grows with the number of ranks).
+            must be the same on every rank, and the names `bits_by_name` matches. None: the
+            optimizer's parameters in group order.
+        start_iter: steps averaged in fp32 first (not counted in `compression_stats()`), as the
+            DDP hook's warm-up; 0: every step is quantized.
         bucket_cap_mb: gradient megabytes per exchange.
-        min_numel: buckets smaller than this go as fp32 through `hvd.allreduce`.
-        start_iter: steps averaged in fp32 through `hvd.allreduce` first (not counted in
-            `compression_stats()`), as the DDP hook's warm-up; 0: every step is quantized.
+        overlap: start a bucket's exchange on a worker thread during backward, as soon as each
+            of its gradients has arrived `backward_passes_per_step` times (False: all of them
+            in `step()`).
+        backward_passes_per_step: backward passes accumulated per `step()` (Horovod's name).
+        **exchange: QuantizedCommState's exchange options (bits, bucket_size, clip, collective
+            'scatter' or 'allgather', compressor, error_feedback, min_numel, seed, nonfinite,
+            error_every, segment, bits_by_name), with the same defaults and checks.
 
-    As with Horovod's own DistributedOptimizer, accumulate gradients over several backward
-    passes by calling `step()` once after them; to clip the averaged gradient, call
-    `synchronize()`, clip, then `step()` inside `with opt.skip_synchronize():`.
-    Broadcast the initial weights first (`hvd.broadcast_parameters`), or seed every rank alike.
+    To clip the averaged gradient, call `synchronize()`, clip, then `step()` inside
+    `with opt.skip_synchronize():`. `set_keep_mask(fn)` leaves entries off the wire as in the
+    DDP hook. Broadcast the initial weights first (`hvd.broadcast_parameters`), or seed every
+    rank alike.
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         named_parameters: Iterable[tuple[str, nn.Parameter]] | None = None,
-        bits: int | None = None,
-        collective: str = "scatter",
-        bucket_size: int | None = 512,
-        clip: float | None = 2.5,
-        compressor: str = "quantize",
-        error_feedback: bool = False,
-        seed: int = 0,
-        bucket_cap_mb: float = DEFAULT_CAP_MB,
-        min_numel: int = 1024,
         start_iter: int = 0,
+        bucket_cap_mb: float = DEFAULT_CAP_MB,
+        overlap: bool = True,
+        backward_passes_per_step: int = 1,
+        **exchange: Any,
     ) -> None:
-        if collective not in TRANSPORT_COLLECTIVES:
+        settings = ExchangeSettings(**exchange)
+        if settings.collective == "hierarchical":
             raise ValueError(
-                f"collective={collective!r}; allowed: {', '.join(TRANSPORT_COLLECTIVES)} "
-                "(hierarchical needs torch.distributed: use the DDP hook)"
+                "collective='hierarchical'; allowed: scatter, allgather (hierarchical needs "
+                "torch.distributed process groups: use the DDP hook)"
             )
-        if compressor not in COMPRESSORS:
-            raise ValueError(f"compressor={compressor!r}; allowed: {', '.join(COMPRESSORS)}")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip={clip!r}; allowed: a positive float or None")
         if start_iter < 0:
             raise ValueError(f"start_iter={start_iter}; allowed: a number of steps >= 0")
-        self.optimizer = optimizer
-        self.start_iter = start_iter
-        for hooks in _OPTIMIZER_HOOKS:  # what torch.optim.Optimizer.__init__ would set up
-            setattr(self, hooks, OrderedDict())
-        params = (
-            [p for _, p in named_parameters]
+        if backward_passes_per_step < 1:
+            raise ValueError(
+                f"backward_passes_per_step={backward_passes_per_step}; allowed: an int >= 1"
+            )
+        super().__init__(optimizer)
+        named = (
+            list(named_parameters)
             if named_parameters is not None
-            else [p for g in optimizer.param_groups for p in g["params"]]
+            else [(str(i), p) for i, p in enumerate(_group_params(optimizer))]
         )
-        self.buckets = plan_buckets(params, bucket_cap_mb)
-        self.collective, self.clip, self.seed, self.min_numel = collective, clip, seed, min_numel
-        self.compressor: Compressor = make_compressor(
-            compressor, bits, bucket_size, error_feedback, inplace_feedback=True
-        )
+        self.buckets = plan_buckets([p for _, p in named], bucket_cap_mb)
+        self._widths = parameter_widths(named, settings.bits_by_name)
+        self.start_iter, self.passes = start_iter, backward_passes_per_step
+        self.exchange = GradientExchange(settings, HorovodTransport())
+        self.stats: CompressionStats = self.exchange.stats
         self.iter = 0
-        self.stats = CompressionStats()
+        self._keep_mask: Callable[[nn.Parameter], Tensor | None] | None = None
         self._synchronized = False
         self._skip = False
-        self._transport = Transport(
-            rank=hvd.rank(),
-            size=hvd.size(),
-            all_gather=lambda t, name: hvd.allgather(t, name=name),
-            all_to_all=lambda t, name: hvd.alltoall(t, name=name),
-        )
+        self._scheduler = _BucketScheduler(self, overlap)
 
-    # The wrapped optimizer's groups, state and defaults, so schedulers and distq's
-    # QuantizedOptimizer see the live ones.
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
+    def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
+        """Exchange only the entries fn(parameter) marks (as `QuantizedCommState`'s)."""
+        if fn is not None and self.exchange.settings.error_feedback:
+            raise ValueError("a keep mask cannot be combined with error_feedback=True")
+        self._keep_mask = fn
 
-    @property
-    def state(self) -> dict:
-        return self.optimizer.state
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
+    def average_bucket(self, index: int) -> Tensor:
+        """Bucket `index`'s gradients averaged over ranks (every rank calls it in index order;
+        on the worker thread when overlapping)."""
+        params = self.buckets[index]
+        flat = flatten_grads(params)
+        if self.iter < self.start_iter:
+            return self.exchange.average_fp32(flat, f"distq.{index}.warmup")
+        lengths = [p.numel() for p in params]
+        widths = [self._widths.get(p, self.exchange.settings.bits) for p in params]
+        keep = keep_mask(params, self._keep_mask)
+        return self.exchange.average(flat, lengths, widths, index, self.iter, keep)
 
     @torch.no_grad()
     def synchronize(self) -> None:
         """Average every gradient over ranks now (every rank must call it, in the same order)."""
-        n, warm_up = self._transport.size, self.iter < self.start_iter
-        for index, params in enumerate(self.buckets):
-            flat = flatten_grads(params)
-            if warm_up:
-                flat = hvd.allreduce(flat, op=hvd.Sum, name=f"distq.{index}").div_(n)
-            else:
-                self.stats.fp32_allreduce_bytes += 2 * (n - 1) * flat.numel() * 4 // n
-                flat = self._average(flat, params, index)
+        averages = self._scheduler.finish()
+        finite = True
+        for params, flat in zip(self.buckets, averages, strict=True):
             write_grads(flat, params)
-        if not warm_up:
+            finite = finite and self.exchange.is_finite(flat)
+        if self.iter >= self.start_iter:
             self.stats.steps += 1
-        self.iter += 1
+        step, self.iter = self.iter, self.iter + 1
         self._synchronized = True
-
-    def _average(self, flat: Tensor, params: list[nn.Parameter], index: int) -> Tensor:
-        n, name = self._transport.size, f"distq.{index}"
-        if flat.numel() < self.min_numel:
-            self.stats.uncompressed_bytes_sent += 2 * (n - 1) * flat.numel() * 4 // n
-            return hvd.allreduce(flat, op=hvd.Sum, name=name).div_(n)
-        if self.clip is not None:
-            clip_by_rms_(flat, self.clip, [p.numel() for p in params])
-        key = Key(self.seed, self.iter, self._transport.rank, slot=index * SLOTS_PER_BUCKET)
-        total, traffic = transport_sum(
-            flat, self.compressor, key, self.collective, self._transport, name
-        )
-        self.stats.bytes_sent += traffic.sent
-        self.stats.bytes_received += traffic.received
-        if not torch.isfinite(total.sum()):
-            raise FloatingPointError(f"non-finite gradient in bucket {index} on some rank")
-        return total.div_(n)
+        if not finite and self.exchange.settings.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient at step {step} on some rank (every rank raises alike; "
+                "nonfinite='propagate' hands the NaN to the optimizer)"
+            )
 
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -180,10 +170,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Average the gradients (unless already synchronized), then step the wrapped optimizer."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if not self._skip:
             self.synchronize()
         elif not self._synchronized:
@@ -193,5 +180,63 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return loss
 
     def compression_stats(self) -> CompressionStats:
-        """Bytes sent and received by this rank, and the ratio to an fp32 all-reduce."""
+        """Bytes sent and received by this rank, the ratio to an fp32 all-reduce, and the
+        measured quantization errors (as the DDP hook's)."""
         return self.stats
+
+    def close(self) -> None:
+        """Remove the gradient hooks and stop the worker thread."""
+        self._scheduler.close()
+
+
+class _BucketScheduler:
+    """Starts bucket exchanges in bucket order as their gradients become ready (overlap), or
+    all at once in `finish()`; `finish()` returns every bucket's average."""
+
+    def __init__(self, owner: DistributedOptimizer, overlap: bool) -> None:
+        self.owner = owner
+        self.worker = ExchangeWorker() if overlap else None
+        self.arrived: dict[nn.Parameter, int] = {}
+        self.futures: list[torch.futures.Future] = []
+        self.handles = []
+        if self.worker is not None:
+            self.handles = [
+                p.register_post_accumulate_grad_hook(self._on_grad)
+                for bucket in owner.buckets
+                for p in bucket
+            ]
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        """Count the gradient; start every bucket that is now complete, in order."""
+        self.arrived[param] = self.arrived.get(param, 0) + 1
+        buckets, passes = self.owner.buckets, self.owner.passes
+        while len(self.futures) < len(buckets) and all(
+            self.arrived.get(p, 0) >= passes for p in buckets[len(self.futures)]
+        ):
+            self._start(len(self.futures))
+
+    def _start(self, index: int) -> None:
+        if self.worker is None:
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(self.owner.average_bucket(index))
+        else:
+            future = self.worker.submit(lambda: self.owner.average_bucket(index))
+        self.futures.append(future)
+
+    def finish(self) -> list[Tensor]:
+        """Start the buckets not started yet (unused parameters), wait for all, reset."""
+        for index in range(len(self.futures), len(self.owner.buckets)):
+            self._start(index)
+        averages = [f.wait() for f in self.futures]
+        self.futures, self.arrived = [], {}
+        return averages
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.worker is not None:
+            self.worker.close()
+
+
+def _group_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]

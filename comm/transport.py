@@ -1,94 +1,83 @@
-"""distq's `allgather` and `scatter` sums over any engine that can all-gather and all-to-all
-uint8 tensors (Horovod), not only torch.distributed.
+"""How payload bytes move between ranks: the four operations distq's collectives are built of,
+for torch.distributed here and for Horovod in `distq.comm.horovod`.
 
-Same codec, same chunking and the same rank-order decoding as `distq.comm.collectives`, so the
-result is bit-identical on every rank and equals what the torch.distributed path computes for
-the same keys; only the two data movements are the engine's. A shared-scale wire format
-(TernGrad) agrees on its scales by all-gathering them and taking the maximum locally.
+A collective (`distq.comm.collectives`) is written once against `Transport`; each engine only
+says how it all-gathers, exchanges all-to-all, max-reduces scales and sums full-precision
+tensors. The data movements are asynchronous (`Pending`), so the pipelined exchange overlaps
+one segment's transfer with the next one's encoding on every engine.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from distq.comm.collectives import (
-    Traffic,
-    _chunk_payloads,
-    chunk_length,
-    first_stage_rows,
-    keeps_own_chunk,
-)
-from distq.comm.compressors import Compressor
-from distq.comm.noise import Key
 
-TRANSPORT_COLLECTIVES = ("allgather", "scatter")
+class Pending:
+    """A data movement in flight; `wait()` blocks until it is done and returns what arrived."""
+
+    def __init__(self, wait: Callable[[], Tensor]) -> None:
+        self._wait = wait
+
+    def wait(self) -> Tensor:
+        return self._wait()
 
 
-@dataclass(frozen=True)
-class Transport:
-    """How bytes move: `all_gather(t, name)` concatenates every rank's equal-sized 1-D `t` in
-    rank order; `all_to_all(t, name)` sends the j-th of `size` equal slices of 1-D `t` to rank j
-    and returns what it received in rank order. `name` identifies the operation (Horovod
-    matches operations across ranks by name)."""
+class Transport(ABC):
+    """Moves 1-D tensors among `size` ranks; this process is `rank`. Every rank issues the same
+    operations in the same order; `name` identifies one (Horovod matches operations across
+    ranks by name; it must be unique among those in flight)."""
 
     rank: int
     size: int
-    all_gather: Callable[[Tensor, str], Tensor]
-    all_to_all: Callable[[Tensor, str], Tensor]
+
+    @abstractmethod
+    def all_gather(self, payload: Tensor, out: Tensor, name: str) -> Pending:
+        """Every rank's equal-sized `payload` concatenated in rank order (into `out`, size·len,
+        where the engine writes in place)."""
+
+    @abstractmethod
+    def all_to_all(self, send: Tensor, out: Tensor, name: str) -> Pending:
+        """The j-th of `size` equal slices of `send` goes to rank j; what arrives, in rank
+        order (into `out` where the engine writes in place)."""
+
+    @abstractmethod
+    def max_(self, values: Tensor, name: str) -> int:
+        """`values` ← their element-wise maximum over ranks, in place (a NaN anywhere stays
+        NaN); returns the bytes this rank sent for it (as many arrive)."""
+
+    @abstractmethod
+    def sum_(self, values: Tensor, name: str) -> None:
+        """`values` ← their sum over ranks, in place, in full precision."""
 
 
-def _compress(
-    x: Tensor, compressor: Compressor, key: Key, transport: Transport, name: str, traffic: Traffic
-) -> Tensor:
-    if not compressor.wire.shared_scale:
-        return compressor.compress(x, key)
-    scales = compressor.scales(x, key)
-    gathered = transport.all_gather(scales, f"{name}.scales").view(transport.size, -1)
-    traffic.sent += (transport.size - 1) * scales.numel() * 4
-    traffic.received += (transport.size - 1) * scales.numel() * 4
-    return compressor.compress(x, key, gathered.amax(dim=0))  # amax keeps a NaN: all see it
+class TorchTransport(Transport):
+    """torch.distributed collectives on `group` (None: the default group)."""
 
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
 
-def transport_sum(
-    x: Tensor, compressor: Compressor, key: Key, collective: str, transport: Transport, name: str
-) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of the quantized 1-D float32 x by `collective` ('allgather' or 'scatter');
-    bit-identical on every rank. `name` must be the same on every rank and unique per call
-    in flight. x is left unchanged."""
-    if collective not in TRANSPORT_COLLECTIVES:
-        raise ValueError(f"collective {collective!r}; allowed: {', '.join(TRANSPORT_COLLECTIVES)}")
-    traffic = Traffic()
-    n, numel = transport.size, x.numel()
-    if collective == "allgather":
-        payload = _compress(x, compressor, key, transport, name, traffic)
-        gathered = transport.all_gather(payload, f"{name}.allgather").view(n, -1)
-        traffic.sent += (n - 1) * payload.numel()
-        traffic.received += (n - 1) * payload.numel()
-        return compressor.decode_sum_into(gathered, torch.empty_like(x)), traffic
+    def all_gather(self, payload: Tensor, out: Tensor, name: str) -> Pending:
+        work = dist.all_gather_single(out, payload, group=self.group, async_op=True)
+        return Pending(lambda: (work.wait(), out)[1])
 
-    rank, chunk = transport.rank, chunk_length(numel, n, compressor)
-    work = torch.cat([x, x.new_zeros(n * chunk - numel)])
-    own_exact = keeps_own_chunk(compressor)
-    if own_exact:
-        send = first_stage_rows(work, n, chunk, compressor, key, 0, rank)
-    else:
-        payload = _compress(work, compressor, key, transport, name, traffic)
-        send = _chunk_payloads(payload, n, chunk, compressor)
-    received = transport.all_to_all(send.reshape(-1), f"{name}.alltoall").view_as(send)
-    traffic.sent += (n - 1) * send.shape[1]
-    traffic.received += (n - 1) * send.shape[1]
+    def all_to_all(self, send: Tensor, out: Tensor, name: str) -> Pending:
+        work = dist.all_to_all_single(out, send, group=self.group, async_op=True)
+        return Pending(lambda: (work.wait(), out)[1])
 
-    mine = work[rank * chunk : (rank + 1) * chunk]
-    compressor.decode_sum_into(
-        received, mine, skip=rank if own_exact else None, accumulate=own_exact
-    )
-    owner = compressor.compress(mine, Key(key.seed, key.step, rank, key.slot, phase=1))
-    gathered = transport.all_gather(owner, f"{name}.owners").view(n, -1)
-    traffic.sent += (n - 1) * owner.numel()
-    traffic.received += (n - 1) * owner.numel()
-    compressor.decode_rows_into(gathered, work)
-    return work[:numel], traffic
+    def max_(self, values: Tensor, name: str) -> int:
+        # MAX drops NaN: it travels as inf (a scale is never inf otherwise) and comes back NaN
+        values.copy_(torch.where(torch.isnan(values), torch.inf, values))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        values.copy_(torch.where(torch.isinf(values), torch.nan, values))
+        n = self.size
+        return 2 * (n - 1) * values.numel() * values.element_size() // n
+
+    def sum_(self, values: Tensor, name: str) -> None:
+        dist.all_reduce(values, group=self.group)

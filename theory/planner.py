@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 
 from distq.theory.bounds import grad_blowup_clipped, grad_blowup_unclipped, level_spacing
+from distq.theory.exchange import COLLECTIVES, fp32_allreduce_bytes
+from distq.theory.exchange import collective as collective_record
 
-COLLECTIVES = ("allgather", "scatter", "hierarchical")
-QUANTIZATIONS = {"allgather": 1, "scatter": 2, "hierarchical": 2}
 NOTES = (
     "MB: 10^6 bytes each rank sends over the slow link per step; fp32 all-reduce is one flat",
     "ring over all ranks; hierarchical counts only the node leaders' quantized exchange.",
@@ -264,8 +264,7 @@ def plan(
     if clip is not None:
         clip = _check_number("clip", clip, positive=True)
     world_size = _check_int("world_size", world_size, 1)
-    if collective not in COLLECTIVES:
-        raise ValueError(f"collective={collective!r}; allowed: {', '.join(COLLECTIVES)}")
+    collective_record(collective)
     bandwidth_bps = _check_number("bandwidth_bps", bandwidth_bps, positive=True)
     compute_seconds = _check_number("compute_seconds", compute_seconds, positive=False)
     if scale_bytes not in (2, 4):
@@ -274,16 +273,17 @@ def plan(
     codec_ns = _check_number("codec_ns", codec_ns, positive=False)
     codec_seconds = codec_ns * 1e-9 * params
 
-    def scatter_bytes(ranks: int) -> int:
-        chunk = chunk_length(params, ranks, bits, bucket_size)
-        return 2 * (ranks - 1) * payload_nbytes(chunk, bits, bucket_size, scale_bytes)
+    def payload(n: int) -> int:
+        return payload_nbytes(n, bits, bucket_size, scale_bytes)
+
+    def chunk(n: int, ranks: int) -> int:
+        return chunk_length(n, ranks, bits, bucket_size)
 
     sent = {
-        "allgather": (world_size - 1) * payload_nbytes(params, bits, bucket_size, scale_bytes),
-        "scatter": scatter_bytes(world_size),
-        "hierarchical": scatter_bytes(nodes),
+        name: record.bytes_sent(params, world_size, nodes, payload, chunk)
+        for name, record in COLLECTIVES.items()
     }
-    fp32_bytes = 2 * (world_size - 1) / world_size * 4 * params
+    fp32_bytes = fp32_allreduce_bytes(params, world_size)
     fp32_step = compute_seconds + fp32_bytes * 8 / bandwidth_bps
 
     if bits == 1:
@@ -330,5 +330,8 @@ def plan(
         nodes,
         codec_ns,
         fp32=estimate("fp32 all-reduce", fp32_bytes, 0),
-        collectives={name: estimate(name, sent[name], QUANTIZATIONS[name]) for name in COLLECTIVES},
+        collectives={
+            name: estimate(name, sent[name], record.quantizations)
+            for name, record in COLLECTIVES.items()
+        },
     )

@@ -26,13 +26,8 @@ from distq.monitor.exporter import MetricsExporter
 from distq.monitor.recurrent import RecurrentProbe
 from distq.monitor.weights import weight_errors
 from distq.optim import QuantizedOptimizer
-from distq.theory import (
-    clip_bias_relative,
-    grad_blowup_clipped,
-    grad_blowup_unclipped,
-    level_spacing,
-    sign_blowup_bound,
-)
+from distq.theory import clip_bias_relative, grad_blowup_clipped, level_spacing
+from distq.theory.exchange import VARIANCE_LAWS
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +49,14 @@ class GradientSetup:
 
     def blowup_bound(self) -> float | None:
         """A bound on E‖Q(x)‖²/‖g‖² of one quantization (x = Clip(g) or g) proven for every
-        gradient, or None where none is.
-
-        m ≥ 2 bits: Lemma 3 per bucket with Cauchy–Schwarz, 1 + ((1 + √B)/2)·Δ_g with B the
-        bucket size (`grad_blowup_unclipped`), clipped or not (clipping only shrinks ‖x‖; the
-        clipped 1 + c·Δ_g needs buckets inside one tensor, which DDP's flat buckets are not).
-        1 bit (stochastic sign): B (`sign_blowup_bound`; Lemma 3 does not hold there). None for
-        TernGrad (its scale is the max over all ranks, unbounded by this rank's g), for the
-        biased `sign` compressor (the blow-up of an unbiased quantizer does not describe it),
-        and where nothing is quantized.
+        gradient, or None where none is: the compressor's variance law
+        (`distq.theory.exchange.VARIANCE_LAWS`), clipped or not (clipping only shrinks ‖x‖; the
+        clipped 1 + c·Δ_g needs buckets inside one tensor, which DDP's flat buckets are not);
+        None where nothing is quantized.
         """
-        if self.quantizations == 0 or self.compressor != "quantize":
+        if self.quantizations == 0:
             return None
-        if self.bits == 1:
-            return float(sign_blowup_bound(self.bucket_numel))
-        return float(grad_blowup_unclipped(self.bucket_numel, level_spacing(self.bits)))
+        return VARIANCE_LAWS[self.compressor](self.bits, self.bucket_numel)
 
     def gaussian_blowup(self) -> float | None:
         """The paper's clipped form √(2/π)·c·Δ_g + 1: about what Gaussian gradients give, for

@@ -1,8 +1,9 @@
 """What the golden test pins (tests/comm/test_golden_wire.py): the payload bytes of every
-compressor × bit width, the sums every collective returns with the bytes it counts, a DDP hook
-run's final weights, the digits job's final weights, and DeepSpeed's and Horovod's runs, each as a SHA-256 of fixed inputs and
-keys. `python -m tests.comm.golden` rewrites tests/comm/golden_wire.json: only when the wire or
-the training is meant to change, saying so in the commit.
+compressor × bit width, the sums every collective returns with the bytes it counts, DDP hook
+runs' final weights, the digits job's final weights, and DeepSpeed's and Horovod's runs, each
+as a SHA-256 of fixed inputs and keys. `python -m tests.comm.golden` rewrites
+tests/comm/golden_wire.json: only when the wire or the training is meant to change, saying so
+in the commit.
 """
 
 from __future__ import annotations

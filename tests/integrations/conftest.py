@@ -58,7 +58,7 @@ def horovodrun(*args: str) -> list[str]:
 def run_worker(engine: str, out: Path, *options: str) -> list[dict]:
     """Train with `engine` (2 ranks); the two ranks' saved results."""
     args = [str(WORKER), engine, str(out), *options]
-    launch(horovodrun(*args) if engine == "horovod" else torchrun(*args))
+    launch(horovodrun(*args) if engine.startswith("horovod") else torchrun(*args))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

@@ -86,6 +86,26 @@ def test_horovod_trains_like_ddp(tmp_path, ddp_reference):
     assert_bytes(ranks, STEPS - 2)  # start_iter=2: two fp32 warm-up steps, as under DDP
 
 
+def test_horovod_has_the_hooks_features_and_overlaps_backward(tmp_path):
+    """bits_by_name, keep masks, error sampling, gradient accumulation and the non-finite
+    policy through Horovod; with overlap every bucket's exchange has started when backward
+    returns (none without), and the result is bit-identical either way."""
+    need("horovod.torch")
+    ranks = run_worker("horovod-features", tmp_path, "--steps", "5")
+    for overlapped in (True, False):
+        states = [r[overlapped]["state"] for r in ranks]
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for r in ranks:
+        on, off = r[True], r[False]
+        assert all(torch.equal(on["state"][k], off["state"][k]) for k in on["state"])
+        assert on["buckets"] > 1 and on["started"] == [on["buckets"]] * 5
+        assert off["started"] == [0] * 5
+        assert 0 < on["relative_error"] < 2 and 0 < on["requant"] < 2
+        assert on["bytes_sent"] == off["bytes_sent"] > 0
+        assert on["raised"] and off["raised"]
+        assert on["unsent_rows_unchanged"]  # the keep mask left them off the wire
+
+
 @pytest.mark.parametrize("engine", ["lightning", "lightning-strategy"])
 def test_lightning_ddp_strategy_trains_like_ddp(tmp_path, ddp_reference, engine):
     """QuantizedCommHook(**options) with DDPStrategy(), and DDPStrategy(ddp_comm_state=...,

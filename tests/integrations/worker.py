@@ -238,6 +238,61 @@ def run_horovod(args) -> None:
     )
 
 
+def run_horovod_features(args) -> None:
+    """The DDP hook's features through Horovod: a 4-bit layer (bits_by_name), a keep mask,
+    error sampling every 2 steps, 2 backward passes a step; once overlapping backward and once
+    not. Saves both final states, how many buckets had started when backward returned, the
+    measured errors, and whether a NaN gradient raised FloatingPointError."""
+    import horovod.torch as hvd
+
+    from distq.comm.horovod import DistributedOptimizer
+
+    hvd.init()
+    rank = hvd.rank()
+    results = {}
+    for overlap in (True, False):
+        model = make_model()
+        first, rows = model[0].weight, torch.arange(HIDDEN) % 3 != 0
+        opt = DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+            bucket_cap_mb=0.1, overlap=overlap, backward_passes_per_step=2, start_iter=1,
+            bits=2, bits_by_name={"2.weight": 4}, error_every=2, min_numel=0,
+        )  # fmt: skip
+        mask = rows[:, None].expand_as(first)
+        opt.set_keep_mask(lambda p, first=first, mask=mask: mask if p is first else None)
+        started = []
+        for step in range(args.steps):
+            opt.zero_grad()
+            for micro in range(2):
+                x, y = batch(step, rank, micro)
+                nn.functional.cross_entropy(model(x), y).backward()
+            started.append(len(opt._scheduler.futures))
+            opt.step()
+            if step == 0:  # the fp32 warm-up step exchanges every entry
+                after_warmup = first.detach().clone()
+        stats = opt.compression_stats()
+        unsent_rows_unchanged = torch.equal(first.detach()[~rows], after_warmup[~rows])
+        x, _ = batch(0, rank)
+        model(x).sum().mul(float("nan")).backward()
+        try:
+            opt.step()
+            raised = False
+        except FloatingPointError:
+            raised = True
+        opt.close()
+        results[overlap] = {
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "started": started,
+            "buckets": len(opt.buckets),
+            "relative_error": stats.relative_error,
+            "requant": stats.requant_relative_error,
+            "bytes_sent": stats.bytes_sent,
+            "raised": raised,
+            "unsent_rows_unchanged": unsent_rows_unchanged,
+        }
+    torch.save(results, args.out / f"rank{rank}.pt")
+
+
 def run_lightning(args) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import DDPStrategy
@@ -304,6 +359,7 @@ RUNS = {
     "deepspeed": run_deepspeed,
     "deepspeed-check": run_deepspeed_check,
     "horovod": run_horovod,
+    "horovod-features": run_horovod_features,
     "lightning": run_lightning,
     "lightning-strategy": run_lightning,
 }

@@ -1,0 +1,484 @@
+"""The gradient exchange every engine shares: clip → noise key → compress → exchange → decode →
+count bytes → non-finite check → divide, for gradient buckets an adapter lays out.
+
+The DDP hook, DeepSpeed and Horovod are adapters over `GradientExchange`: they decide when a
+bucket is ready and where its average goes; the exchange decides what crosses the wire and
+counts it. `ExchangeSettings` is what must match for two runs to send the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distq.comm.clipping import clip_by_rms_
+from distq.comm.collectives import (
+    SEGMENT_ELEMENTS,
+    Traffic,
+    quantized_sum,
+    shared_scales,
+    working_length,
+)
+from distq.comm.compressors import Compressor
+from distq.comm.feedback import ErrorFeedback, ResidualMemory
+from distq.comm.noise import Key
+from distq.comm.registry import COMPRESSORS, compressor_record
+from distq.comm.topology import Topology
+from distq.comm.transport import TorchTransport, Transport
+from distq.theory.exchange import collective as collective_record
+from distq.theory.exchange import fp32_allreduce_bytes
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("raise", "propagate")
+ERROR_SAMPLE = 1 << 20  # elements the relative error is measured on
+SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per bucket: one per distinct bit width
+
+
+@dataclass
+class CompressionStats:
+    """Counters since the start (or the last checkpoint load) of this rank's exchange."""
+
+    steps: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    intra_node_bytes_sent: int = 0
+    fp32_allreduce_bytes: int = 0
+    uncompressed_bytes_sent: int = 0
+    # Measured every `error_every` steps on this rank's own gradient g (before clipping), with
+    # x = Clip(g) and Q(x) its codes as sent (the shared scale for TernGrad):
+    relative_error: float = float("nan")  # ‖Q(x) − x‖²/‖g‖²
+    clipped_norm_ratio: float = float("nan")  # ‖x‖²/‖g‖² (1 without clipping)
+    clip_bias: float = float("nan")  # ‖x − g‖²/‖g‖²
+    requant_relative_error: float = float("nan")  # scatter's 2nd quantization, ‖Q(s) − s‖²/‖s‖²
+    measured_step: int = -1  # the step these were measured at
+
+    @property
+    def measured_blowup(self) -> float:
+        """‖Q(Clip(g))‖²/‖g‖² of this rank's first quantization, both norms of the unclipped g
+        (one draw of the E‖Q(Clip(g))‖²/‖g‖² the theory bounds); NaN before a measurement."""
+        return self.clipped_norm_ratio + self.relative_error
+
+    @property
+    def second_blowup(self) -> float:
+        """1 + ‖Q(s) − s‖²/‖s‖² of `scatter`'s re-quantization of the reduced chunks s; NaN
+        where there is none."""
+        return 1.0 + self.requant_relative_error
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes a fp32 ring all-reduce would send ÷ bytes this rank sent across the network."""
+        sent = self.bytes_sent + self.uncompressed_bytes_sent
+        return self.fp32_allreduce_bytes / sent if sent else float("nan")
+
+    def count(self, traffic: Traffic) -> None:
+        self.bytes_sent += traffic.sent
+        self.bytes_received += traffic.received
+        self.intra_node_bytes_sent += traffic.intra_node_sent
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What crosses the wire (see `QuantizedCommState` for each option); validated on
+    construction, with errors that name the bad value and what is allowed. `compressor` is a
+    name from `distq.comm.registry.COMPRESSORS` or a `Compressor` object (its width is `bits`;
+    `bits_by_name` widths come from its `with_bits`)."""
+
+    compressor: str | Compressor = "quantize"
+    bits: int | None = None
+    bucket_size: int | None = 512
+    clip: float | None = 2.5
+    collective: str = "scatter"
+    error_feedback: bool = False
+    min_numel: int = 1024
+    seed: int = 0
+    nonfinite: str = "raise"
+    error_every: int = 10
+    segment: int | None = SEGMENT_ELEMENTS
+    bits_by_name: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        collective_record(self.collective)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite={self.nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}"
+            )
+        object.__setattr__(self, "bits", self.width(self.bits))
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip={self.clip!r}; allowed: a positive float or None")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"bucket_size={self.bucket_size}; allowed: a positive int or None")
+        if self.error_every < 1:
+            raise ValueError(f"error_every={self.error_every}; allowed: a positive number of steps")
+        if self.segment is not None and self.segment < 1:
+            raise ValueError(
+                f"segment={self.segment}; allowed: a positive number of elements or None"
+            )
+        for pattern, width in self.bits_by_name.items():
+            self.width(width, f"bits_by_name[{pattern!r}]")
+        object.__setattr__(self, "bits_by_name", dict(self.bits_by_name))
+
+    def width(self, bits: int | None, name: str = "bits") -> int:
+        """The width sent for a requested `bits`, checked against the compressor."""
+        if isinstance(self.compressor, Compressor):
+            own = self.compressor.wire.bits
+            bits = own if bits is None else bits
+            if bits != own:
+                self.compressor.with_bits(bits)  # refuses a width it cannot send
+        else:
+            bits = compressor_record(self.compressor).bits(bits, name)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"{name}={bits!r}; allowed: an int in 1..8")
+        return bits
+
+    def compressor_name(self) -> str:
+        """The registry name, or the class and wire format of a compressor object."""
+        if isinstance(self.compressor, str):
+            return self.compressor
+        return f"{type(self.compressor).__name__}({self.compressor.wire})"
+
+    def build(self, bits: int) -> Compressor:
+        """The plain compressor (no error feedback) of one width."""
+        if isinstance(self.compressor, Compressor):
+            return self.compressor.with_bits(bits)
+        record = COMPRESSORS[self.compressor]
+        return record.build(bits, self.bucket_size, torch.float32)
+
+    def config(self) -> dict[str, Any]:
+        """The settings a checkpoint records (they must match to resume bit-exactly)."""
+        return {
+            "bits": self.bits,
+            "bucket_size": self.bucket_size,
+            "clip": self.clip,
+            "collective": self.collective,
+            "error_feedback": self.error_feedback,
+            "compressor": self.compressor_name(),
+            "seed": self.seed,
+            "bits_by_name": self.bits_by_name,
+            "min_numel": self.min_numel,
+            "segment": self.segment,
+        }
+
+
+class GradientExchange:
+    """Averages gradient buckets over the ranks of `transport` through quantized codes.
+
+    One float32 scratch buffer (padded for `scatter`) is kept between steps and shared by all
+    buckets (they are averaged one at a time), so no step pays for fresh pages. `topology` is
+    needed for `hierarchical` (torch.distributed only); `stats` are the counters to add to.
+    """
+
+    def __init__(
+        self,
+        settings: ExchangeSettings,
+        transport: Transport,
+        topology: Topology | None = None,
+        stats: CompressionStats | None = None,
+    ) -> None:
+        if settings.collective == "hierarchical" and topology is None:
+            raise ValueError("collective 'hierarchical' needs the node topology")
+        self.settings = settings
+        self.transport = transport
+        self.topology = topology
+        self.stats = CompressionStats() if stats is None else stats
+        self.memory = ResidualMemory() if settings.error_feedback else None
+        self._compressors: dict[int, Compressor] = {}  # what is sent, per width
+        self._plain: dict[int, Compressor] = {}  # the same without error feedback
+        self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
+        self._scratch: Tensor | None = None
+
+    # -- what is sent -------------------------------------------------------------------------
+    def compressor_for(self, bits: int) -> Compressor:
+        """The (cached) compressor of one width, with error feedback when that is on."""
+        if bits not in self._compressors:
+            plain = self._plain[bits] = self.settings.build(bits)
+            self._compressors[bits] = (
+                plain if self.memory is None else ErrorFeedback(plain, self.memory, inplace=True)
+            )
+        return self._compressors[bits]
+
+    def quantizations(self) -> int:
+        """How many times a gradient value is quantized on its way (the collective's record:
+        1 allgather, 2 scatter, hierarchical 2 across nodes and 0 on one node)."""
+        nodes = self.topology.num_nodes if self.topology is not None else 2
+        return collective_record(self.settings.collective).quantizations_on(nodes)
+
+    def quantizes_here(self) -> bool:
+        """Whether this rank's exchange quantizes (hierarchical: only node leaders, and only
+        with more than one node), so its errors are worth measuring."""
+        if self.topology is None:
+            return True
+        return self.topology.is_leader and self.topology.num_nodes > 1
+
+    # -- averaging ----------------------------------------------------------------------------
+    def average(
+        self,
+        buffer: Tensor,
+        lengths: list[int],
+        widths: list[int],
+        index: int,
+        step: int,
+        keep: Tensor | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """Average one bucket (its tensors' `lengths` and bit `widths`) over the ranks.
+
+        With `keep` only the marked entries are exchanged, the rest are zero. The average is
+        written into `out` if given (it may be `buffer` itself: the division and the write-back
+        are then one pass) and returned. Every rank calls it with the same bucket `index` and
+        `step` in the same order."""
+        n, numel = self.transport.size, buffer.numel()
+        self.stats.fp32_allreduce_bytes += fp32_allreduce_bytes(numel, n)
+        if keep is None:
+            return self._average(buffer, lengths, widths, index, step, out)
+        kept = [int(part.sum()) for part in keep.split(lengths)]
+        average = self._average(buffer[keep], kept, widths, index, step, None)
+        if out is None:
+            out = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
+        else:
+            out.zero_()
+        out[keep] = average.to(out.dtype)
+        return out
+
+    def average_fp32(self, buffer: Tensor, name: str = "distq.fp32") -> Tensor:
+        """buffer ← its plain full-precision average over the ranks (warm-up steps), in place."""
+        self.transport.sum_(buffer, name)
+        return buffer.div_(self.transport.size)
+
+    def _average(
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int,
+        out: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        n, numel = self.transport.size, buffer.numel()
+        if numel < self.settings.min_numel:
+            work = buffer.to(torch.float32, copy=True)
+            self.transport.sum_(work, f"distq.{index}.fp32")
+            self.stats.uncompressed_bytes_sent += fp32_allreduce_bytes(numel, n)
+            return _divided(work, n, out)
+        groups = _groups_by_width(lengths, widths, buffer.device)
+        if len(groups) > 1:
+            return _divided(self._average_mixed(buffer, lengths, groups, index, step), n, out)
+        compressor = self.compressor_for(groups[0][0])
+        collective = self.settings.collective
+        work = self._work_buffer(working_length(numel, n, compressor, collective), buffer)
+        work[numel:].zero_()  # scatter's padding
+        x = work[:numel]
+        measure = step % self.settings.error_every == 0 and self.quantizes_here()
+        original = None
+        if measure and self.settings.clip is not None:
+            original = _error_sample(buffer, compressor).to(torch.float32, copy=True)
+        self._clip_into(x, buffer, lengths)
+        slot = index * SLOTS_PER_BUCKET
+        if measure:
+            self._measure(x, original, compressor, self._key(step, slot))
+        target = work if collective == "scatter" else x
+        summed = self._exchange(target, compressor, slot, step, measure)
+        return _divided(summed[:numel], n, out)
+
+    def _clip_into(self, x: Tensor, buffer: Tensor, lengths: list[int]) -> None:
+        """x ← buffer clipped per tensor at clip·rms (float32)."""
+        clip = self.settings.clip
+        if clip is None:
+            x.copy_(buffer)
+        elif buffer.dtype == torch.float32:  # copy and clip in one pass
+            clip_by_rms_(x, clip, lengths, source=buffer)
+        else:  # the rms of half-precision sums is too coarse: clip the float32 copy
+            clip_by_rms_(x.copy_(buffer), clip, lengths)
+
+    def _average_mixed(
+        self, buffer: Tensor, lengths: list[int], groups: list, index: int, step: int
+    ) -> Tensor:
+        """The sum of a bucket whose tensors have different widths (bits_by_name): one exchange
+        per width over its elements (this path copies each group)."""
+        flat = buffer.to(torch.float32, copy=True)
+        if self.settings.clip is not None:
+            clip_by_rms_(flat, self.settings.clip, lengths)
+        for part, (width, mask) in enumerate(groups):  # errors are measured on 1-width buckets
+            flat[mask] = self._exchange(
+                flat[mask], self.compressor_for(width), index * SLOTS_PER_BUCKET + part, step
+            )
+        return flat
+
+    def _key(self, step: int, slot: int) -> Key:
+        return Key(self.settings.seed, step, self.transport.rank, slot=slot)
+
+    def _exchange(
+        self, x: Tensor, compressor: Compressor, slot: int, step: int, measure: bool = False
+    ) -> Tensor:
+        """Σ over ranks of the quantized x (overwritten), keyed by step, rank and slot; with
+        `measure`, the second quantization's error is recorded."""
+        if self.memory is not None and self.memory.discard_mismatched(slot, x.numel()):
+            log.warning("bucket layout changed: error-feedback residual %d reset", slot)
+        errors = {} if measure else None
+        summed, traffic = quantized_sum(
+            x,
+            compressor,
+            self._key(step, slot),
+            self.settings.collective,
+            topology=self.topology,
+            inplace=True,
+            buffers=self._buffers.setdefault(slot, {}),
+            errors=errors,
+            segment=self.settings.segment,
+            transport=None if self.settings.collective == "hierarchical" else self.transport,
+            name=f"distq.{slot}",
+        )
+        if errors:
+            self.stats.requant_relative_error = errors["requant_relative_error"]
+        self.stats.count(traffic)
+        return summed
+
+    def _work_buffer(self, numel: int, like: Tensor) -> Tensor:
+        """The first `numel` elements of the shared scratch buffer (grown as needed)."""
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < numel or scratch.device != like.device:
+            scratch = self._scratch = torch.empty(numel, device=like.device)
+        return scratch[:numel]
+
+    # -- telemetry ----------------------------------------------------------------------------
+    def _measure(
+        self, x: Tensor, original: Tensor | None, compressor: Compressor, key: Key
+    ) -> None:
+        """Record the first quantization's error and the clipping bias of this step, all
+        relative to ‖g‖² of the unclipped gradient (`original`; None: x is unclipped), on the
+        first ERROR_SAMPLE elements, with the scales and noise the exchange sends."""
+        sample = _error_sample(x, compressor)
+        g = sample if original is None else original
+        norm = float(torch.dot(g, g))
+        plain = self._plain[compressor.wire.bits]
+        error = _quantization_error(x, sample, plain, key, self._scale_transport())
+        stats = self.stats
+        stats.measured_step = key.step
+        if norm == 0:
+            stats.relative_error, stats.clip_bias, stats.clipped_norm_ratio = 0.0, 0.0, 1.0
+            return
+        stats.relative_error = error / norm
+        stats.clipped_norm_ratio = float(torch.dot(sample, sample)) / norm
+        moved = g - sample
+        stats.clip_bias = float(torch.dot(moved, moved)) / norm
+
+    def _scale_transport(self) -> Transport:
+        """Where shared scales are agreed on: the node leaders for `hierarchical`."""
+        if self.topology is None:
+            return self.transport
+        return TorchTransport(self.topology.leader_group)
+
+    def is_finite(self, average: Tensor) -> bool:
+        """Whether an average holds only finite values. A float32 sum is NaN/Inf iff an element
+        is (or it overflows 3e38, as unusable); unlike isfinite(x).all() it allocates nothing
+        of the bucket's size (and summed in float16 it would overflow on finite gradients). The
+        average is the same on every rank, so every rank finds alike."""
+        return bool(torch.isfinite(average.sum(dtype=torch.float32)))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def residuals(self) -> dict[str, Tensor]:
+        """The error-feedback residuals by "bits/slot" (none without error feedback)."""
+        return {} if self.memory is None else self.memory.state_dict()
+
+    def load_residuals(self, residuals: Mapping[str, Tensor]) -> None:
+        if self.memory is not None:
+            self.memory.load_state_dict(dict(residuals))
+
+    def reset_residuals(self) -> None:
+        if self.memory is not None:
+            self.memory.reset()
+
+
+# -- bucket layout helpers for the adapters ------------------------------------------------------
+def parameter_widths(
+    named_parameters: Iterable[tuple[str, nn.Parameter]], bits_by_name: Mapping[str, int]
+) -> dict[nn.Parameter, int]:
+    """{parameter: bits} for parameters matched by bits_by_name (exact name or regex); an entry
+    that matches nothing is refused with the names there are."""
+    if not bits_by_name:
+        return {}
+    named = list(named_parameters)
+    widths, used = {}, set()
+    for name, p in named:
+        for pattern, bits in bits_by_name.items():
+            if pattern == name or re.fullmatch(pattern, name):
+                widths[p] = bits
+                used.add(pattern)
+                break
+    unused = sorted(set(bits_by_name) - used)
+    if unused:
+        names = [n for n, _ in named]
+        raise ValueError(f"bits_by_name entries {unused} match no parameter; names: {names}")
+    return widths
+
+
+def keep_mask(
+    params: Iterable[nn.Parameter], fn: Callable[[nn.Parameter], Tensor | None] | None
+) -> Tensor | None:
+    """A bucket's flat mask of entries to exchange from fn(parameter) (None: all of them)."""
+    if fn is None:
+        return None
+    params = list(params)
+    masks = [fn(p) for p in params]
+    if all(m is None for m in masks):
+        return None
+    return torch.cat(
+        [
+            (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+            for m, p in zip(masks, params, strict=True)
+        ]
+    )
+
+
+def _divided(total: Tensor, n: int, out: Tensor | None) -> Tensor:
+    """total / n, in place, or written into `out` in the same pass (any float dtype)."""
+    if out is None:
+        return total.div_(n)
+    if out.dtype == total.dtype:
+        return torch.div(total, n, out=out)
+    return out.copy_(total.div_(n))
+
+
+def _groups_by_width(
+    lengths: list[int], widths: list[int], device: torch.device
+) -> list[tuple[int, Tensor | None]]:
+    """(bits, element mask) per distinct width in a bucket; mask None when the bucket has one."""
+    distinct = sorted(set(widths))
+    if len(distinct) == 1:
+        return [(distinct[0], None)]
+    per_element = torch.repeat_interleave(
+        torch.tensor(widths, device=device), torch.tensor(lengths, device=device)
+    )
+    return [(w, per_element == w) for w in distinct]
+
+
+def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
+    """The leading whole buckets of x, at most ERROR_SAMPLE elements (a view; all of x when it
+    is shorter than a bucket): whole buckets encode with the kernels the exchange has compiled
+    already, where a partial one would compile the element-order kernels at this step."""
+    bucket = compressor.wire.bucket_size
+    if not bucket:
+        return x[:ERROR_SAMPLE]
+    whole = min(ERROR_SAMPLE, x.numel()) // bucket * bucket
+    return x[: whole or x.numel()]
+
+
+def _quantization_error(
+    x: Tensor, sample: Tensor, compressor: Compressor, key: Key, transport: Transport
+) -> float:
+    """‖Q(sample) − sample‖² for the leading `sample` of x, with the codes the exchange sends:
+    the same noise, and the scales of x's buckets (one scale: x's own; shared scales: max-reduced
+    over `transport`, a collective every rank makes at the same steps)."""
+    wire = compressor.wire
+    if wire.bucket_size is not None and not wire.shared_scale:  # the sample's own scales
+        payload = compressor.compress(sample, key)
+    else:
+        scales = compressor.scales(x if wire.bucket_size is None else sample, key)
+        if wire.shared_scale:
+            scales = shared_scales(scales, transport, "distq.measure", Traffic())
+        payload = compressor.compress(sample, key, scales=scales)
+    # decoded by the kernel scatter's all-gather stage uses: no extra compile at this step
+    diff = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(sample))
+    diff.sub_(sample)
+    return float(torch.dot(diff, diff))
