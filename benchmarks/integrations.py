@@ -6,17 +6,19 @@
 The same 4.2 M-parameter MLP (Adam, batch 64 per rank) trains under plain DDP, Lightning's
 DDPStrategy, DeepSpeed ZeRO-0 and Horovod, each once with the engine's default exchange (fp32
 all-reduce) and once with distq's (2-bit stochastic codes, 512-element buckets, `scatter`, clip
-2.5σ). The Hugging Face Trainer (`transformers`) trains a 3.2 M-parameter GPT-2 (4 layers,
-width 256, AdamW, 4 sequences of 64 byte tokens per rank) instead, with distq's exchange through
-`QuantizedCommCallback`. `--eval-steps N` also trains that GPT-2 for N steps per seed with the
-Trainer's fp32 exchange, with distq's 2-bit exchange, and with distq's exchange plus ternary
-weights, and reports the loss on held-out bytes. Both ranks run in a network namespace of their
-own (needs root), so the namespace's loopback counter holds exactly their traffic: bytes per
-step per rank = Δ tx_bytes / 2 / steps, headers included. Without root the counter is the host's
-(other traffic leaks in; flagged). `--rate` shapes that loopback with a token bucket (both ranks
-share it), a slow link. distq's own count of payload bytes is reported beside it. Runs alternate
-default / distq and repeat, because the machine's 2 cores are shared: the table gives the median
-of the per-run median step times and the range over repeats.
+2.5σ); Horovod a third time with distq's exchange after backward (`overlap=False`), which shows
+what overlapping it with backward saves (Horovod's distq runs use 4 MB buckets, so there is
+something to overlap). The Hugging Face Trainer (`transformers`) trains a 3.2 M-parameter GPT-2 (4
+layers, width 256, AdamW, 4 sequences of 64 byte tokens per rank) instead, with distq's exchange
+through `QuantizedCommCallback`. `--eval-steps N` also trains that GPT-2 for N steps per seed with
+the Trainer's fp32 exchange, with distq's 2-bit exchange, and with distq's exchange plus ternary
+weights, and reports the loss on held-out bytes. Both ranks run in a network namespace of their own
+(needs root), so the namespace's loopback counter holds exactly their traffic: bytes per step per
+rank = Δ tx_bytes / 2 / steps, headers included. Without root the counter is the host's (other
+traffic leaks in; flagged). `--rate` shapes that loopback with a token bucket (both ranks share
+it), a slow link. distq's own count of payload bytes is reported beside it. Runs alternate default
+/ distq and repeat, because the machine's 2 cores are shared: the table gives the median of the
+per-run median step times and the range over repeats.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from torch import nn
 ENGINES = ("ddp", "lightning", "deepspeed", "horovod", "transformers")
 EVAL_MODES = ("default", "distq", "distq-ternary")
 MODES = ("default", "distq")
+# Horovod also runs distq's exchange after backward (overlap=False), to measure the overlap
+ENGINE_MODES = {"horovod": ("default", "distq", "distq-serial")}
 NAMESPACE = "distq-integrations"
 WARMUP = 5
 BATCH, FEATURES, HIDDEN, CLASSES = 64, 1024, 2048, 10
@@ -193,8 +197,10 @@ def worker_horovod(mode: str, steps: int) -> dict:
     hvd.init()
     model = make_model()
     adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if mode == "distq":
-        opt = DistributedOptimizer(adam, model.named_parameters(), bits=2, clip=2.5)
+    if mode.startswith("distq"):
+        overlap = mode == "distq"
+        opt = DistributedOptimizer(adam, model.named_parameters(), bits=2, clip=2.5,
+                                   bucket_cap_mb=4, overlap=overlap)  # fmt: skip
     else:
         opt = hvd.DistributedOptimizer(adam, named_parameters=model.named_parameters())
     rank, before = hvd.rank(), [0]
@@ -205,9 +211,9 @@ def worker_horovod(mode: str, steps: int) -> dict:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         clock.tick(step)
-        if step == WARMUP - 1 and mode == "distq":
+        if step == WARMUP - 1 and mode != "default":
             before[0] = sent(opt.stats)
-    counted = sent(opt.stats) - before[0] if mode == "distq" else None
+    counted = sent(opt.stats) - before[0] if mode != "default" else None
     return clock.result(steps, counted) | {"rank": rank}
 
 
@@ -351,13 +357,15 @@ def table(results: dict[tuple[str, str], list[dict]]) -> str:
         "distq payload/step/rank | fewer bytes |",
         "|---|---|---|---|---|---|",
     ]
-    labels = {"default": "engine default (fp32)", "distq": "distq 2-bit scatter"}
+    labels = {"default": "engine default (fp32)", "distq": "distq 2-bit scatter",
+              "distq-serial": "distq 2-bit scatter, after backward"}  # fmt: skip
     for engine in ENGINES:
-        if not all((engine, m) in results for m in MODES):
+        modes = ENGINE_MODES.get(engine, MODES)
+        if not all((engine, m) in results for m in modes):
             continue
         wire = {m: statistics.median(r["wire_bytes_per_step"] for r in results[engine, m])
-                for m in MODES}  # fmt: skip
-        for mode in MODES:
+                for m in modes}  # fmt: skip
+        for mode in modes:
             runs = results[engine, mode]
             times = [r["step_ms"] for r in runs]
             counted = runs[0]["counted_bytes_per_step"]
@@ -414,12 +422,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for repeat in range(args.repeats):
                 for engine in args.engines:
-                    order = MODES if repeat % 2 == 0 else MODES[::-1]  # alternate which goes first
+                    modes = ENGINE_MODES.get(engine, MODES)
+                    order = modes if repeat % 2 == 0 else modes[::-1]  # alternate the first
                     for mode in order:
                         out = Path(tmp) / f"{engine}-{mode}-{repeat}.json"
                         result = run(prefix, engine, mode, args.steps, out)
                         results.setdefault((engine, mode), []).append(result)
-                        print(f"{engine:9s} {mode:7s} repeat {repeat}: {result}", flush=True)
+                        print(f"{engine:9s} {mode:12s} repeat {repeat}: {result}", flush=True)
             for seed in args.seeds if args.eval_steps else []:
                 for mode in EVAL_MODES:
                     out = Path(tmp) / f"eval-{mode}-{seed}.json"

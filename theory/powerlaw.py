@@ -189,23 +189,11 @@ def _as_degrees(degrees: ArrayLike) -> np.ndarray:
     return d.astype(np.int64)
 
 
-def fit_truncated_power_law(
-    degrees: ArrayLike, k_min: int | None = None, k_max: int | None = None
-) -> PowerLawFit:
-    """Fit p(k) = k^(−γ)/Z(γ) on the integers k_min..k_max to degrees by maximum likelihood.
-
-    Cut-offs default to the smallest and largest positive degree. Zero degrees are excluded (ln 0
-    is undefined: a unit with no connection left is outside any power law) and counted; with
-    explicit cut-offs, positive degrees outside them are excluded and counted too.
-
-    The log-likelihood of n samples k_i is ℓ(γ) = −γ·Σ ln k_i − n·ln Z(γ). It is concave in γ:
-    ln Z(γ) = ln Σ_k exp(−γ·ln k) is a log-sum-exp of functions linear in γ, hence convex, and
-    ℓ''(γ) = −n·Var_γ[ln K] < 0 whenever the support has two or more points (the family is an
-    exponential family with natural parameter −γ and sufficient statistic ln k). So the maximum
-    is the unique root of ℓ'(γ) = n·(E_γ[ln K] − mean ln k_i), found by safeguarded Newton; it is
-    finite iff the samples are not all at k_min (γ̂ → +∞) or all at k_max (γ̂ → −∞), which is
-    checked. γ may come out ≤ 1: on a finite support any real γ normalises.
-    """
+def _fitting_sample(
+    degrees: ArrayLike, k_min: int | None, k_max: int | None
+) -> tuple[np.ndarray, int, int, int, int]:
+    """(the degrees fitted, k_min, k_max, zeros excluded, positive degrees outside the cut-offs
+    excluded), refusing samples that have no finite maximum-likelihood exponent."""
     d = _as_degrees(degrees)
     positive = d[d > 0]
     n_zero = int(d.size - positive.size)
@@ -231,6 +219,27 @@ def fit_truncated_power_law(
             "maximum-likelihood exponent is infinite"
         )
 
+    return k, lo, hi, n_zero, n_range
+
+
+def fit_truncated_power_law(
+    degrees: ArrayLike, k_min: int | None = None, k_max: int | None = None
+) -> PowerLawFit:
+    """Fit p(k) = k^(−γ)/Z(γ) on the integers k_min..k_max to degrees by maximum likelihood.
+
+    Cut-offs default to the smallest and largest positive degree. Zero degrees are excluded (ln 0
+    is undefined: a unit with no connection left is outside any power law) and counted; with
+    explicit cut-offs, positive degrees outside them are excluded and counted too.
+
+    The log-likelihood of n samples k_i is ℓ(γ) = −γ·Σ ln k_i − n·ln Z(γ). It is concave in γ:
+    ln Z(γ) = ln Σ_k exp(−γ·ln k) is a log-sum-exp of functions linear in γ, hence convex, and
+    ℓ''(γ) = −n·Var_γ[ln K] < 0 whenever the support has two or more points (the family is an
+    exponential family with natural parameter −γ and sufficient statistic ln k). So the maximum
+    is the unique root of ℓ'(γ) = n·(E_γ[ln K] − mean ln k_i), found by safeguarded Newton; it is
+    finite iff the samples are not all at k_min (γ̂ → +∞) or all at k_max (γ̂ → −∞), which is
+    checked. γ may come out ≤ 1: on a finite support any real γ normalises.
+    """
+    k, lo, hi, n_zero, n_range = _fitting_sample(degrees, k_min, k_max)
     support = np.arange(lo, hi + 1, dtype=float)
     log_support, log_k = np.log(support), np.log(k.astype(float))
     gamma = _fit_natural_parameter(log_support, float(log_k.mean()))
