@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
+from distq.comm.buckets import (
+    DEFAULT_CAP_MB,
+    BucketScheduler,
+    flatten_grads,
+    plan_buckets,
+    write_grads,
+)
 from distq.comm.extras import require
 from distq.comm.hook import QuantizedCommState
 
@@ -41,13 +47,18 @@ class DeepSpeedExchange:
     `state` keeps its meaning from the DDP hook: the first `start_iter` exchanges are plain fp32
     all-reduces, `compression_stats()` counts the bytes, `state_dict()` checkpoints the step
     counter and error-feedback residuals. Buckets are `bucket_cap_mb` MB of parameters in
-    reverse order, exchanged one after another when backward ends (no overlap with backward).
+    reverse order; on a boundary backward each one's exchange starts as soon as its gradients
+    are in (`state.overlap`; else all when backward ends), and backward returns once all are
+    averaged.
     """
 
     def __init__(self, engine: Any, state: QuantizedCommState, bucket_cap_mb: float) -> None:
         self.engine = engine
         self.state = state
         self.buckets = plan_buckets(engine.module.parameters(), bucket_cap_mb)
+        boundary = engine.is_gradient_accumulation_boundary
+        self.scheduler = BucketScheduler(self.buckets, self.average_bucket, state.overlap,
+                                         counting=boundary)  # fmt: skip
         self._queued = False
         self._handles = [
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -56,7 +67,7 @@ class DeepSpeedExchange:
         ]
 
     def _on_grad(self, _param: Tensor) -> None:
-        """First gradient of a boundary backward: run the exchange when this backward ends."""
+        """First gradient of a boundary backward: finish the exchange when this backward ends."""
         if self._queued or not self.engine.is_gradient_accumulation_boundary():
             return
         self._queued = True
@@ -66,32 +77,38 @@ class DeepSpeedExchange:
         self._queued = False
         self.exchange()
 
+    def average_bucket(self, index: int) -> Tensor:
+        """Bucket `index`'s gradients averaged over ranks (on the worker thread when the state
+        overlaps; every rank in bucket order)."""
+        state, step, params = self.state, self.state.iter, self.buckets[index]
+        flat = flatten_grads(params)
+        if step < state.start_iter:
+            return state.exchange.average_fp32(flat, f"distq.{index}.warmup")
+        lengths = [p.numel() for p in params]
+        keep = state.keep_of(params)
+        return state.exchange.average(flat, lengths, state.widths_of(params), index, step, keep)
+
     @torch.no_grad()
     def exchange(self) -> None:
         """Average every parameter's gradient over ranks now (all ranks must call it)."""
         state, step = self.state, self.state.iter
-        exchange = state.exchange
-        for index, params in enumerate(self.buckets):
-            flat = flatten_grads(params)
-            if step < state.start_iter:
-                exchange.average_fp32(flat, f"distq.{index}.warmup")
-            else:
-                lengths = [p.numel() for p in params]
-                widths = state.widths_of(params)
-                flat = exchange.average(flat, lengths, widths, index, step, state.keep_of(params))
-                if state.settings.nonfinite == "raise" and not exchange.is_finite(flat):
-                    raise FloatingPointError(
-                        f"non-finite gradient in bucket {index} at step {step} on some rank"
-                    )
+        finite = True
+        for params, flat in zip(self.buckets, self.scheduler.finish(), strict=True):
             write_grads(flat, params)
+            finite = finite and state.exchange.is_finite(flat)
         if step >= state.start_iter:
             state.stats.steps += 1
         state.iter += 1
+        if not finite and state.settings.nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient at step {step} on some rank (every rank raises alike)"
+            )
 
     def remove(self) -> None:
         """Unregister the hooks and give the engine its own all-reduce back."""
         for handle in self._handles:
             handle.remove()
+        self.scheduler.close()
         setattr(self.engine, FLAG, True)
 
 

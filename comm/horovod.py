@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distq.comm.buckets import DEFAULT_CAP_MB, flatten_grads, plan_buckets, write_grads
+from distq.comm.buckets import (
+    DEFAULT_CAP_MB,
+    BucketScheduler,
+    flatten_grads,
+    plan_buckets,
+    write_grads,
+)
 from distq.comm.exchange import (
     CompressionStats,
     ExchangeSettings,
@@ -29,7 +35,6 @@ from distq.comm.exchange import (
 )
 from distq.comm.extras import require
 from distq.comm.transport import Pending, Transport
-from distq.comm.worker import ExchangeWorker
 from distq.wrapping import OptimizerWrapper, closure_loss
 
 hvd = require("horovod.torch")
@@ -114,14 +119,16 @@ class DistributedOptimizer(OptimizerWrapper):
         )
         self.buckets = plan_buckets([p for _, p in named], bucket_cap_mb)
         self._widths = parameter_widths(named, settings.bits_by_name)
-        self.start_iter, self.passes = start_iter, backward_passes_per_step
+        self.start_iter = start_iter
         self.exchange = GradientExchange(settings, HorovodTransport())
         self.stats: CompressionStats = self.exchange.stats
         self.iter = 0
         self._keep_mask: Callable[[nn.Parameter], Tensor | None] | None = None
         self._synchronized = False
         self._skip = False
-        self._scheduler = _BucketScheduler(self, overlap)
+        self.scheduler = BucketScheduler(
+            self.buckets, self.average_bucket, overlap, backward_passes_per_step
+        )
 
     def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
         """Exchange only the entries fn(parameter) marks (as `QuantizedCommState`'s)."""
@@ -144,7 +151,7 @@ class DistributedOptimizer(OptimizerWrapper):
     @torch.no_grad()
     def synchronize(self) -> None:
         """Average every gradient over ranks now (every rank must call it, in the same order)."""
-        averages = self._scheduler.finish()
+        averages = self.scheduler.finish()
         finite = True
         for params, flat in zip(self.buckets, averages, strict=True):
             write_grads(flat, params)
@@ -186,56 +193,7 @@ class DistributedOptimizer(OptimizerWrapper):
 
     def close(self) -> None:
         """Remove the gradient hooks and stop the worker thread."""
-        self._scheduler.close()
-
-
-class _BucketScheduler:
-    """Starts bucket exchanges in bucket order as their gradients become ready (overlap), or
-    all at once in `finish()`; `finish()` returns every bucket's average."""
-
-    def __init__(self, owner: DistributedOptimizer, overlap: bool) -> None:
-        self.owner = owner
-        self.worker = ExchangeWorker() if overlap else None
-        self.arrived: dict[nn.Parameter, int] = {}
-        self.futures: list[torch.futures.Future] = []
-        self.handles = []
-        if self.worker is not None:
-            self.handles = [
-                p.register_post_accumulate_grad_hook(self._on_grad)
-                for bucket in owner.buckets
-                for p in bucket
-            ]
-
-    def _on_grad(self, param: nn.Parameter) -> None:
-        """Count the gradient; start every bucket that is now complete, in order."""
-        self.arrived[param] = self.arrived.get(param, 0) + 1
-        buckets, passes = self.owner.buckets, self.owner.passes
-        while len(self.futures) < len(buckets) and all(
-            self.arrived.get(p, 0) >= passes for p in buckets[len(self.futures)]
-        ):
-            self._start(len(self.futures))
-
-    def _start(self, index: int) -> None:
-        if self.worker is None:
-            future: torch.futures.Future = torch.futures.Future()
-            future.set_result(self.owner.average_bucket(index))
-        else:
-            future = self.worker.submit(lambda: self.owner.average_bucket(index))
-        self.futures.append(future)
-
-    def finish(self) -> list[Tensor]:
-        """Start the buckets not started yet (unused parameters), wait for all, reset."""
-        for index in range(len(self.futures), len(self.owner.buckets)):
-            self._start(index)
-        averages = [f.wait() for f in self.futures]
-        self.futures, self.arrived = [], {}
-        return averages
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        if self.worker is not None:
-            self.worker.close()
+        self.scheduler.close()
 
 
 def _group_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

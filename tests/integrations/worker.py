@@ -266,7 +266,7 @@ def run_horovod_features(args) -> None:
             for micro in range(2):
                 x, y = batch(step, rank, micro)
                 nn.functional.cross_entropy(model(x), y).backward()
-            started.append(len(opt._scheduler.futures))
+            started.append(opt.scheduler.started())
             opt.step()
             if step == 0:  # the fp32 warm-up step exchanges every entry
                 after_warmup = first.detach().clone()
