@@ -59,15 +59,18 @@ class QuantizedCommState:
         collective: 'scatter' (bandwidth-optimal, two quantizations), 'allgather' (one
             quantization, traffic grows with ranks), 'hierarchical' (full precision inside a
             node, 'scatter' between nodes).
-        error_feedback: keep each rank's compression error and add it to the next gradient.
-            Needed for biased compressors ('sign'); costs one gradient-sized buffer per rank.
+        error_feedback: keep each rank's compression error (in the exchange's
+            `ResidualMemory`) and add it to the next gradient. Needed for biased compressors
+            ('sign'); costs one gradient-sized buffer per rank.
         start_iter: iterations reduced in full precision first. DDP rebuilds its buckets after
             iteration 1, so per-bucket state is only valid from 2 on (values < 2 are refused).
         min_numel: buckets smaller than this go uncompressed (tiny buckets gain nothing).
         bits_by_name: {name or regex: bits} for parameters of `model` that need other widths.
         model: the model (or DDP module) whose parameter names bits_by_name refers to.
-        compressor: 'quantize' (stochastic m-bit), 'terngrad' (bits=2 only), or 'sign'
-            (bits=1 only); a width the compressor cannot send is refused.
+        compressor: a name from `distq.comm.registry.COMPRESSORS`: 'quantize' (stochastic
+            m-bit), 'terngrad' (bits=2 only), 'sign' (bits=1 only); or a `Compressor` object
+            (its width is `bits`; bits_by_name widths come from its `with_bits`). A width the
+            compressor cannot send is refused.
         seed: seeds the rounding noise (with step, rank and bucket).
         nonfinite: 'raise': when any rank's gradient holds NaN/Inf, `loss.backward()` raises
             FloatingPointError on every rank alike, after DDP has finished its backward (so the
