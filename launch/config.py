@@ -42,7 +42,11 @@ class Weights(Options):
         choices=(FULL_PRECISION, *SCHEMES),
     )
     bits: int | None = option(
-        None, "bits per weight for m-bit schemes (linear, log)", minimum=1, maximum=8
+        None,
+        "bits per weight for the schemes of several widths "
+        f"({', '.join(s for s in SCHEMES if len(get_scheme(s).bits) > 1)})",
+        minimum=1,
+        maximum=8,
     )
     per_channel: bool = option(False, "one scale per output channel instead of per tensor")
     keep_full_precision: list[str] = option(
@@ -269,6 +273,11 @@ class TrainConfig:
         sparsity, grads = self.sparsity, self.gradients
         if (sparsity.final or sparsity.gradients) and not self.weights.quantized:
             raise ConfigError("sparsity needs a quantization scheme; scheme is 'none'")
+        if (sparsity.final or sparsity.initial) and get_scheme(self.weights.scheme).codebook:
+            raise ConfigError(
+                f"scheme {self.weights.scheme!r} fits a codebook and takes no sparsity; got "
+                f"sparsity={sparsity.final}, sparsity_initial={sparsity.initial}"
+            )
         if sparsity.gradients and not (sparsity.final and grads.bits):
             raise ConfigError(
                 "sparse_gradients needs sparsity > 0 and quantized gradients (grad_bits); got "

@@ -45,7 +45,7 @@ def train_replica(rank, world_size, out_dir, scheme, bits, sparse=None):
     gc.collect()
 
 
-@pytest.mark.parametrize(("scheme", "bits"), [("ternary", None), ("linear", 3)])
+@pytest.mark.parametrize(("scheme", "bits"), [("ternary", None), ("linear", 3), ("shared", 3)])
 def test_replicas_are_bit_identical_after_50_steps(tmp_path, scheme, bits):
     run_workers(train_replica, 2, tmp_path, scheme, bits)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -53,7 +53,8 @@ def test_replicas_are_bit_identical_after_50_steps(tmp_path, scheme, bits):
         assert r0[kind].keys() == r1[kind].keys()
         for name in r0[kind]:
             assert torch.equal(r0[kind][name], r1[kind][name]), (kind, name)
-    assert len(r0["params"]["2.weight"].unique()) <= (3 if scheme == "ternary" else 7)
+    levels = {"ternary": 3, "linear": 7, "shared": 8}[scheme]
+    assert len(r0["params"]["2.weight"].unique()) <= levels
     # the run really trained: latent weights moved away from the broadcast initial values
     assert (r0["latent"]["2.weight"] - r0["initial"]["2.weight"]).abs().max() > 1e-3
 

@@ -8,7 +8,7 @@ import torch
 from distq.export import QuantSpec, export_packed, load_packed
 from distq.lstm import NORMS, QuantLSTM, QuantLSTMLayer
 from distq.optim import QuantizedOptimizer
-from distq.quant import SCHEMES, blocks_of, project, set_blocks
+from distq.quant import SCHEMES, blocks_of, get_scheme, project, set_blocks
 
 
 def copy_from_torch(layer: QuantLSTMLayer, ref: torch.nn.LSTM) -> None:
@@ -179,7 +179,7 @@ def test_gradient_norms_are_recorded_per_time_step():
 def test_every_scheme_quantizes_the_gate_blocks_and_exports(scheme, tmp_path):
     torch.manual_seed(8)
     model = QuantLSTM(3, 4, depth=1, norm="weight")
-    bits = 3 if scheme in ("linear", "log") else None
+    bits = 3 if len(get_scheme(scheme).bits) > 1 else None
     opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), model, scheme, bits,
                              keep_full_precision=[])
     for _ in range(2):

@@ -97,6 +97,7 @@ def test_unknown_keep_pattern_names_the_choices():
         ("linear", 3, "adam"),
         ("binary", None, "sgd"),
         ("log", 4, "adam"),
+        ("shared", 3, "adam"),
     ],
 )
 def test_resume_from_state_dict_is_bit_exact(tmp_path, scheme, bits, base):

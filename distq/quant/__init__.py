@@ -15,7 +15,7 @@ import inspect
 
 from torch import Tensor
 
-from distq.quant import binary, mbit, ternary  # noqa: F401  (registers the schemes)
+from distq.quant import binary, mbit, shared, ternary  # noqa: F401  (registers the schemes)
 from distq.quant.base import (
     Projection,
     Scheme,
@@ -77,13 +77,19 @@ def project(
     alpha then has shape (B,)). sparsity=κ
     keeps at most ⌈(1−κ)n⌉ non-zeros per scale group (distq.quant.sparse; binary codes then become
     ternary: zero is a level). Extra keyword
-    options go to the scheme's solver (ternary-approx: alpha_init; linear/log: alpha_rule;
-    twn: threshold). Raises ValueError on bad input, naming the value and what is allowed.
+    options go to the scheme's solver (ternary-approx, shared: alpha_init; linear/log:
+    alpha_rule; twn: threshold); the shared scheme's alpha is its codebook (Projection).
+    Raises ValueError on bad input, naming the value and what is allowed.
     """
     spec = get_scheme(scheme)
     m = resolve_bits(spec, bits)
     check_weights(w, d)
     check_sparsity(sparsity)
+    if sparsity and spec.codebook:
+        raise ValueError(
+            f"scheme {scheme!r} fits a codebook of {2**m} values per group and takes no "
+            f"sparsity (got sparsity={sparsity}): a forced zero would be one value more"
+        )
     check_blocks(tuple(w.shape), blocks)
     allowed = [p for p in inspect.signature(spec.solver).parameters if p not in ("w", "d", "bits")]
     unknown = sorted(set(opts) - set(allowed))

@@ -33,7 +33,8 @@ class Projection:
     """A projection: `q` has w's shape and dtype, every entry in α·S; `alpha` the scale(s).
 
     `alpha` has shape () for a per-tensor scale and (C,) per output channel; schemes with two
-    scales (ternary2: α⁺, α⁻) add a trailing dimension of 2.
+    scales (ternary2: α⁺, α⁻) add a trailing dimension of 2, a codebook scheme (shared) one of
+    its k values: there `alpha` is the codebook itself.
     """
 
     q: Tensor
@@ -51,6 +52,9 @@ class Scheme:
     capped_exact(opts): whether, with these solver options, the scheme's problem under a
     non-zero budget is the capped ternary one (a binary code with zeros is ternary), which
     distq.quant.sparse solves exactly for a uniform d; otherwise it prunes, then re-solves.
+    codebook: the levels are 2^bits values fitted per group (weight sharing), not α times a
+    fixed set; `alpha` holds them, and no sparsity budget applies (a forced zero would be one
+    value more than the codes hold).
     """
 
     name: str
@@ -61,6 +65,7 @@ class Scheme:
     uniform: bool = True
     warm_start: bool = False
     capped_exact: CappedTest = never
+    codebook: bool = False
 
     @property
     def default_bits(self) -> int:
@@ -72,7 +77,11 @@ class Scheme:
         ±1: 2; evenly spaced levels: 1/k (ternary: 1); powers of two: ½ (between ½ and 1)
         once there are at least two magnitudes, else 1. A weight within [−α, α] is at most
         α·Δ_w/2 from its nearest level, which is what the theory's weight error floor uses.
+        A codebook's gaps are fitted to the data: its Δ_w is nominal, 2/(2^bits − 1), the gap
+        of 2^bits evenly spaced values over [−α, α] (α: the largest |value|), not a bound.
         """
+        if self.codebook:
+            return 2.0 / ((1 << bits) - 1)
         k = levels_per_sign(bits)
         if k == 0:
             return 2.0
@@ -92,6 +101,7 @@ def register(
     summary: str,
     uniform: bool = True,
     capped_exact: CappedTest = never,
+    codebook: bool = False,
 ) -> Callable[[Solver], Solver]:
     """Class the decorated solver under `name`; `bits` lists the widths it supports, the
     other arguments are the record's facts (`Scheme`)."""
@@ -99,7 +109,7 @@ def register(
     def wrap(solver: Solver) -> Solver:
         warm_start = "alpha_init" in inspect.signature(solver).parameters
         _REGISTRY[name] = Scheme(
-            name, solver, bits, loss_aware, summary, uniform, warm_start, capped_exact
+            name, solver, bits, loss_aware, summary, uniform, warm_start, capped_exact, codebook
         )
         return solver
 

@@ -41,6 +41,8 @@ def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
         ({"scheme": "fourary"}, "scheme='fourary' is not allowed; allowed: none, binary"),
         ({"scheme": "linear"}, "needs bits: 2..8"),
         ({"scheme": "ternary", "bits": 4}, "bits=4 is not allowed for scheme 'ternary'"),
+        ({"scheme": "shared", "bits": 5}, "bits=5 is not allowed for scheme 'shared'; allowed: 2"),
+        ({"scheme": "shared", "bits": 3, "sparsity": 0.5}, "'shared' fits a codebook"),
         ({"epochs": 0}, "epochs=0 is below the minimum 1"),
         ({"lr": "fast"}, "lr='fast': expected float"),
         ({"epochs": 2.5}, "expected int"),
@@ -53,6 +55,11 @@ def test_unknown_yaml_key_is_named_with_a_suggestion(tmp_path):
 def test_bad_values_name_the_key_and_the_allowed_values(values, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_mapping(values)
+
+
+def test_shared_takes_its_bits_from_the_record():
+    cfg = parse(["--scheme", "shared", "--bits", "3"])
+    assert (cfg.weights.scheme, cfg.weights.bits) == ("shared", 3)
 
 
 def test_bad_flag_value_exits_with_a_message(capsys):

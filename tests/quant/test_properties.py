@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from distq.quant import SCHEMES, get_scheme, levels_per_sign, project
 
-BITS = {"linear": 3, "log": 3}
+BITS = {"linear": 3, "log": 3, "shared": 3}
 LOSS_AWARE = [s for s in SCHEMES if get_scheme(s).loss_aware]
 
 
@@ -25,6 +25,8 @@ def allowed_values(scheme, alpha, bits):
         return torch.stack([-alpha[1], torch.zeros(()), alpha[0]])
     if scheme in ("ternary", "ternary-approx", "twn"):
         return torch.stack([-alpha, torch.zeros(()), alpha])
+    if get_scheme(scheme).codebook:
+        return alpha  # the codebook itself
     k = levels_per_sign(bits)
     if scheme == "linear":
         return alpha * (torch.arange(-k, k + 1) / k)
@@ -48,7 +50,7 @@ def test_every_output_lies_in_alpha_times_the_set(scheme, n, seed, scale):
     assert p.q.shape == w.shape and p.q.dtype == w.dtype
     values = allowed_values(scheme, p.alpha, bits)
     assert torch.isin(p.q, values.to(p.q.dtype)).all()
-    if scheme != "log":  # signs are kept wherever the code is non-zero
+    if scheme not in ("log", "shared"):  # signs are kept wherever the code is non-zero
         nonzero = p.q != 0
         assert (torch.sign(p.q[nonzero]) == torch.sign(w[nonzero]) + (w[nonzero] == 0)).all()
 

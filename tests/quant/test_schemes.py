@@ -13,6 +13,7 @@ SPACING = {  # Δ_w in units of α, per scheme and bit width
     "binaryconnect": {1: 2.0},
     "linear": {2: 1.0, 3: 1 / 3, 4: 1 / 7, 5: 1 / 15, 6: 1 / 31, 7: 1 / 63, 8: 1 / 127},
     "log": {2: 1.0, 3: 0.5, 4: 0.5, 5: 0.5, 6: 0.5, 7: 0.5, 8: 0.5},
+    "shared": {2: 2 / 3, 3: 2 / 7, 4: 2 / 15},  # nominal: 2^m values evenly over [−α, α]
     "ternary": {2: 1.0},
     "ternaryconnect": {2: 1.0},
     "ternary-approx": {2: 1.0},
@@ -46,7 +47,7 @@ def test_level_spacing_takes_the_only_width_of_a_fixed_width_scheme():
 
 def test_the_iterative_solvers_are_the_warm_started_ones():
     warm = {s for s in SCHEMES if get_scheme(s).warm_start}
-    assert warm == {"ternary-approx", "linear", "log"}
+    assert warm == {"ternary-approx", "linear", "log", "shared"}
 
 
 def test_the_capped_ternary_solver_serves_the_schemes_whose_capped_problem_is_ternary():
