@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,9 @@ def run_digits(flags: list[str], seed: int, epochs: int, out: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
     return json.loads((out / "summary.json").read_text())
+
+
+def accuracy_cells(values: list[float]) -> tuple[str, str]:
+    """("mean ± sd", "per seed") table cells of one configuration's accuracies (sd 0 for one)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}", ", ".join(f"{v:.2f}" for v in values)
