@@ -71,12 +71,6 @@ def compressor_record(kind: str) -> CompressorRecord:
     return COMPRESSORS[kind]
 
 
-def compressor_bits(kind: str, bits: int | None, name: str = "bits") -> int:
-    """The bit width compressor `kind` sends for a requested `bits` (None: its own, 2 for
-    'quantize'); a width it cannot send is refused (sign: 1 bit only, TernGrad: 2)."""
-    return compressor_record(kind).bits(bits, name)
-
-
 def make_compressor(
     kind: str = "quantize",
     bits: int | None = None,
