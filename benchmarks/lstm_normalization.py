@@ -16,10 +16,12 @@ the script checks by printing the gap between full precision without and with la
 plot's ‖W_h‖₂ is the monitor's power iteration; benchmarks/README.md says where it reads 0.
 
 Each configuration and seed trains in its own process (`distq.launch.train.run`, one worker, 1
-thread), `--jobs` at a time, and writes benchmarks/lstm_normalization_runs/e<epochs>/<name>.json as
-it finishes; a rerun skips the runs that have a result (delete a JSON to redo it). Then the script
-prints the markdown table and writes lstm_normalization.png (gradient norms across time steps at
-the end of training, and the first step's over training, seed 0) from the JSON files.
+thread), `--jobs` at a time, and writes one JSON per run as it finishes, under
+benchmarks/lstm_normalization_runs/e<epochs>/ (`--epochs`; e<epochs>-cosine/ with
+`--lr-schedule cosine`); a rerun skips the runs that have a result (delete a JSON to redo
+it). Then the script prints the markdown table and writes lstm_normalization.png (gradient
+norms across time steps at the end of training, and the first step's over training, seed 0)
+from the JSON files.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ BUDGET = {
     "batch_size": 64,
     "epochs": 48,  # fp32 and fp32 + layer norm within 0.02 BPC (12 epochs: 0.15-0.18 apart)
     "lr": 0.02,
+    "lr_schedule": "constant",
     "test_fraction": 0.1,
     "keep_full_precision": ["first", "last"],  # embedding and softmax layer
     "grad_bits": None,  # one worker: no gradient exchange
@@ -64,7 +67,10 @@ BUDGET = {
 }
 
 
-RESULTS = RUNS / f"e{BUDGET['epochs']}"
+def results_dir() -> Path:
+    """Where the current budget's JSONs live: e<epochs>/ (constant LR) or e<epochs>-cosine/."""
+    schedule = "" if BUDGET["lr_schedule"] == "constant" else f"-{BUDGET['lr_schedule']}"
+    return RUNS / f"e{BUDGET['epochs']}{schedule}"
 
 
 def run_name(scheme: str, norm: str, seed: int) -> str:
@@ -156,11 +162,11 @@ def export_sizes(out: Path) -> dict[str, int]:
 
 def run_missing(names: list[str], run_root: Path, corpus_chars: int, jobs: int) -> None:
     """Train every run without a result JSON, `jobs` processes (1 thread each) at a time."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir().mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: list[tuple[str, subprocess.Popen]] = []
     for name in names:
-        if (RESULTS / f"{name}.json").exists():
+        if (results_dir() / f"{name}.json").exists():
             continue
         while len(running) >= jobs:
             running = _reap(running)
@@ -173,6 +179,10 @@ def run_missing(names: list[str], run_root: Path, corpus_chars: int, jobs: int) 
             str(run_root),
             "--corpus-chars",
             str(corpus_chars),
+            "--epochs",
+            str(BUDGET["epochs"]),
+            "--lr-schedule",
+            BUDGET["lr_schedule"],
         ]
         run_root.mkdir(parents=True, exist_ok=True)
         with (run_root / f"{name}.log").open("w") as log:
@@ -311,23 +321,29 @@ def main() -> int:
         default=CORPUS_CHARS,
         help="characters of the default corpus to train and test on",
     )
+    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
+    parser.add_argument("--epochs", type=int, default=BUDGET["epochs"])
+    parser.add_argument(
+        "--lr-schedule", choices=["constant", "cosine"], default=BUDGET["lr_schedule"]
+    )
     parser.add_argument("--run-root", default="/tmp/distq-lstm-bench", help="run directories")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BUDGET.update(epochs=args.epochs, lr_schedule=args.lr_schedule)
     run_root = Path(args.run_root)
     if args.one:
         record = run_one(args.one, run_root, args.corpus_chars)
-        (RESULTS / f"{args.one}.json").write_text(json.dumps(record, indent=1) + "\n")
+        (results_dir() / f"{args.one}.json").write_text(json.dumps(record, indent=1) + "\n")
         return 0
     names = [
         run_name(scheme, norm, seed)
         for seed in args.seeds
         for scheme in args.schemes
-        for norm in NORMS
+        for norm in args.norms
     ]
     run_missing(names, run_root, args.corpus_chars, args.jobs)
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(results_dir().glob("*.json"))]
     print(table(results))
     print(convergence_gap(results))
     plot(results, PLOT)
