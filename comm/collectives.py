@@ -6,17 +6,22 @@
   buckets and whole bytes); chunk j of every rank goes to rank j (all-to-all), which adds the
   decoded chunks in rank order to its own chunk, re-quantizes the sum exactly as its peers will
   decode it, and the owners' payloads are all-gathered. Sent per rank: 2(n−1)·P/n, independent
-  of n. The owner's own chunk never crosses the wire, so it enters the sum unquantized (when
-  chunks compress independently: `keeps_own_chunk`): 1/n less codec work and first-stage noise.
+  of n. When chunks compress independently (`pipelined`), the owner's own chunk never crosses
+  the wire and enters the sum unquantized: 1/n less codec work and first-stage noise.
 - `hierarchical`: a full-precision all-reduce inside each node, `scatter` between one leader per
   node, and a broadcast inside the node: only quantized bytes cross between nodes.
 
-Collectives read only the compressor's `WireFormat`, never its class. A NaN/Inf anywhere turns
-the affected buckets into NaN on every rank alike (it travels as a NaN scale).
+With a `segment` length and a `pipelined` compressor, the tensor moves through these stages in
+segments: while one segment is on the wire, this rank encodes the next one and decodes the one
+before, so the codec's time hides behind the network's; the codes are those of the whole tensor
+(the noise is indexed by element). Collectives read only the compressor's `WireFormat`, never
+its class. A NaN/Inf anywhere turns the affected buckets into NaN on every rank alike (it
+travels as a NaN scale).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +92,8 @@ def _buffer(buffers: dict | None, name: str, like: Tensor, numel: int) -> Tensor
 
 
 def pipelined(compressor: Compressor) -> bool:
-    """Whether a tensor may be exchanged in segments that overlap one another on the wire.
-
-    Not with one scale for the whole tensor (segments would each get their own) nor with error
-    feedback (its residual belongs to the whole tensor)."""
+    """Whether pieces of a tensor compress independently (segments, `scatter`'s chunks): not with
+    one scale for the whole tensor nor with error feedback (its residual is the whole tensor's)."""
     wire = compressor.wire
     return wire.bucket_size is not None and not wire.shared_scale and not compressor.stateful
 
@@ -102,72 +105,6 @@ def segment_lengths(numel: int, unit: int, segment: int | None) -> list[int]:
         return [numel]
     step = max(1, segment // unit) * unit
     return [min(step, numel - s) for s in range(0, numel, step)]
-
-
-def allgather_sum(
-    x: Tensor,
-    compressor: Compressor,
-    key: Key,
-    transport: Transport,
-    buffers: dict | None = None,
-    segment: int | None = None,
-    name: str = "distq",
-) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it.
-
-    With `segment`, x goes in segments of about that many elements: segment i+1 is encoded
-    while segment i is on the wire and decoded while segment i+2 is, with the same codes as
-    in one piece (the noise is indexed by element)."""
-    traffic = Traffic()
-    n = transport.size
-    if not pipelined(compressor):
-        segment = None
-    in_flight: list[tuple[Pending, Tensor, Tensor]] = []
-
-    def finish(pending: Pending, piece: Tensor, _payload: Tensor) -> None:
-        compressor.decode_sum_into(pending.wait().view(n, -1), piece)
-
-    start = 0
-    lengths = segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment)
-    for i, piece in enumerate(x.split(lengths)):
-        payload = _compress(piece, compressor, key, transport, traffic, f"{name}.{i}", start)
-        start += piece.numel()
-        gathered = _buffer(buffers, f"allgather-{i}", payload, n * payload.numel())
-        pending = transport.all_gather(payload, gathered, f"{name}.{i}.allgather")
-        traffic.both((n - 1) * payload.numel())
-        in_flight.append((pending, piece, payload))  # the payload lives until it is sent
-        if len(in_flight) > 1:
-            finish(*in_flight.pop(0))
-    for job in in_flight:
-        finish(*job)
-    return x, traffic
-
-
-def keeps_own_chunk(compressor: Compressor) -> bool:
-    """Whether `scatter` compresses chunk by chunk and leaves the owner's own chunk exact: only
-    when chunks compress independently (per-bucket scales, none shared, no residual state)."""
-    return pipelined(compressor)
-
-
-def first_stage_rows(
-    piece: Tensor, n: int, chunk: int, compressor: Compressor, key: Key, start: int, own: int
-) -> Tensor:
-    """[n, P] payload rows of `piece`'s n chunks for the all-to-all, row j a valid payload of
-    chunk j with the codes it has in the whole tensor (`start` is piece's offset there). Row
-    `own` is left unset: it only goes to this rank, which keeps that chunk exact."""
-    rows = torch.empty(
-        n, compressor.wire.payload_nbytes(chunk), dtype=torch.uint8, device=piece.device
-    )
-    for first, end in ((0, own), (own + 1, n)):  # the chunks before and after this rank's
-        if end > first:
-            compressor.compress_rows(
-                piece[first * chunk : end * chunk],
-                end - first,
-                key,
-                start + first * chunk,
-                out=rows[first:end],
-            )
-    return rows
 
 
 def chunk_length(numel: int, n: int, compressor: Compressor) -> int:
@@ -182,104 +119,61 @@ def working_length(numel: int, n: int, compressor: Compressor, collective: str) 
     return n * chunk_length(numel, n, compressor) if collective == "scatter" else numel
 
 
-def _chunk_payloads(payload: Tensor, n: int, chunk: int, compressor: Compressor) -> Tensor:
-    """[n, P] rows, row j a valid payload of chunk j (its codes and its buckets' scales)."""
-    wire = compressor.wire
-    codes = payload[: wire.code_nbytes(n * chunk)].view(n, -1)
-    scales = payload[wire.code_nbytes(n * chunk) :]
-    # bucket_size None: one scale for the whole tensor, and every chunk carries it
-    scales = scales.view(1, -1).expand(n, -1) if wire.bucket_size is None else scales.view(n, -1)
-    return torch.cat([codes, scales], dim=1)
-
-
 @dataclass
-class _ScatterSegment:
-    """One segment of a pipelined `scatter_sum` between its stages, with the payload its
-    in-flight data movement reads (kept alive until that completes)."""
+class _Segment:
+    """A segment between two stages, with the tensor its data movement reads (kept alive until
+    that completes)."""
 
     index: int
-    start: int  # offset of the segment in the padded tensor
-    piece: Tensor  # the segment: n chunks, the result is decoded into it
+    start: int  # offset of the segment in the tensor
+    piece: Tensor  # the segment; the result is decoded into it
     sent: Tensor
     pending: Pending
 
 
-class _Scatter:
-    """One `scatter_sum` call: its three stages (all-to-all of chunk payloads; sum, re-quantize
-    and all-gather of this rank's chunk; decode of every chunk), run as a pipeline over
-    segments."""
+def _pipeline(
+    x: Tensor, lengths: list[int], first: Callable[[int, int, Tensor], _Segment], *stages: Callable
+) -> None:
+    """Run x's segments through `first(index, start, piece)` and then each of `stages`, every
+    stage one segment behind the stage before it; the segments left in flight then finish in
+    order."""
+    queues: list[list] = [[] for _ in range(len(stages) + 1)]
+    start = 0
+    for i, piece in enumerate(x.split(lengths)):
+        queues[0].append(first(i, start, piece))
+        start += piece.numel()
+        for j, stage in enumerate(stages):
+            if len(queues[j]) > 1:
+                queues[j + 1].append(stage(queues[j].pop(0)))
+    for j, stage in enumerate(stages):
+        queues[j + 1].extend(stage(seg) for seg in queues[j])
 
-    def __init__(
-        self,
-        compressor: Compressor,
-        key: Key,
-        transport: Transport,
-        buffers: dict | None,
-        errors: dict | None,
-        name: str,
-    ) -> None:
-        self.compressor, self.key, self.transport = compressor, key, transport
-        self.buffers, self.errors, self.name = buffers, errors, name
-        self.traffic = Traffic()
-        self.own_exact = keeps_own_chunk(compressor)
-        self.requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
 
-    def send_chunks(self, i: int, start: int, piece: Tensor) -> _ScatterSegment:
-        """Encode the segment's n chunks and start the all-to-all."""
-        n, rank, compressor = self.transport.size, self.transport.rank, self.compressor
-        chunk = piece.numel() // n
-        if self.own_exact:
-            send = first_stage_rows(piece, n, chunk, compressor, self.key, start, rank)
-        else:
-            payload = _compress(
-                piece, compressor, self.key, self.transport, self.traffic, f"{self.name}.{i}",
-                start,
-            )  # fmt: skip
-            send = _chunk_payloads(payload, n, chunk, compressor)
-        received = _buffer(self.buffers, f"scatter-received-{i}", send, send.numel())
-        pending = self.transport.all_to_all(send.reshape(-1), received, f"{self.name}.{i}.alltoall")
-        self.traffic.both((n - 1) * send.shape[1])
-        return _ScatterSegment(i, start, piece, send, pending)
+def allgather_sum(
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    transport: Transport,
+    buffers: dict | None = None,
+    segment: int | None = None,
+    name: str = "distq",
+) -> tuple[Tensor, Traffic]:
+    """Σ over ranks of Q(x_rank), by all-gathering every rank's payload. Overwrites x with it."""
+    traffic, n = Traffic(), transport.size
 
-    def reduce_own_chunk(self, seg: _ScatterSegment) -> _ScatterSegment:
-        """Wait for the all-to-all, sum this rank's chunk, re-quantize it, start all-gather."""
-        n, rank, compressor = self.transport.size, self.transport.rank, self.compressor
-        received = seg.pending.wait().view(n, -1)
-        chunk = seg.piece.numel() // n
-        mine = seg.piece[rank * chunk : (rank + 1) * chunk]
-        compressor.decode_sum_into(
-            received, mine, skip=rank if self.own_exact else None, accumulate=self.own_exact
-        )
-        key = self.key
-        owner_payload = compressor.compress(
-            mine, Key(key.seed, key.step, rank, key.slot, phase=1), start=seg.start
-        )
-        if self.errors is not None:
-            self._measure_requantization(mine, owner_payload)
-        gathered = _buffer(
-            self.buffers, f"scatter-gathered-{seg.index}", owner_payload,
-            n * owner_payload.numel(),
-        )  # fmt: skip
-        pending = self.transport.all_gather(
-            owner_payload, gathered, f"{self.name}.{seg.index}.owners"
-        )
-        self.traffic.both((n - 1) * owner_payload.numel())
-        return _ScatterSegment(seg.index, seg.start, seg.piece, owner_payload, pending)
+    def send(i: int, start: int, piece: Tensor) -> _Segment:
+        payload = _compress(piece, compressor, key, transport, traffic, f"{name}.{i}", start)
+        gathered = _buffer(buffers, f"allgather-{i}", payload, n * payload.numel())
+        pending = transport.all_gather(payload, gathered, f"{name}.{i}.allgather")
+        traffic.both((n - 1) * payload.numel())
+        return _Segment(i, start, piece, payload, pending)
 
-    def _measure_requantization(self, mine: Tensor, owner_payload: Tensor) -> None:
-        """The second quantization's error on this rank's chunk (decoded by the kernel the
-        all-gather stage uses: nothing new to compile)."""
-        decoded = self.compressor.decode_rows_into(
-            owner_payload.view(1, -1), torch.empty_like(mine)
-        )
-        decoded.sub_(mine)
-        self.requant[0] += float(torch.dot(decoded, decoded))
-        self.requant[1] += float(torch.dot(mine, mine))
+    def decode(seg: _Segment) -> None:
+        compressor.decode_sum_into(seg.pending.wait().view(n, -1), seg.piece)
 
-    def decode_all_chunks(self, seg: _ScatterSegment) -> None:
-        self.compressor.decode_rows_into(
-            seg.pending.wait().view(self.transport.size, -1), seg.piece
-        )
+    segment = segment if pipelined(compressor) else None
+    _pipeline(x, segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment), send, decode)
+    return x, traffic
 
 
 def scatter_sum(
@@ -292,39 +186,71 @@ def scatter_sum(
     segment: int | None = None,
     name: str = "distq",
 ) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of x by quantized reduce-scatter (all-to-all), re-quantize, all-gather; the
-    owner's own chunk stays exact where `keeps_own_chunk` allows.
-
-    Works in x itself when it already has `working_length` (overwriting it), else in a padded
-    copy; returns a view of the first x.numel() elements. With `segment`, the padded tensor is
-    cut into segments of about that many elements (whole chunks of every rank) that move
-    through the three stages as a pipeline: while one segment is on the wire, this rank
-    encodes the next one and decodes the one before, so the codec's time hides behind the
-    network's. The first encode's codes are those of the unsegmented tensor.
-    """
-    n, numel = transport.size, x.numel()
+    """Σ over ranks of x by `scatter`. Works in x itself when it already has `working_length`
+    (overwriting it), else in a padded copy; returns a view of its first x.numel() elements."""
+    n, rank, numel, wire = transport.size, transport.rank, x.numel(), compressor.wire
     total = working_length(numel, n, compressor, "scatter")
     work = x if numel == total else torch.cat([x, x.new_zeros(total - numel)])
-    unit = n * compressor.wire.chunk_unit()
-    lengths = segment_lengths(total, unit, segment if pipelined(compressor) else None)
-    stages = _Scatter(compressor, key, transport, buffers, errors, name)
-    exchanging: list[_ScatterSegment] = []
-    gathering: list[_ScatterSegment] = []
-    start = 0
-    for i, piece in enumerate(work.split(lengths)):
-        exchanging.append(stages.send_chunks(i, start, piece))
-        start += piece.numel()
-        if len(exchanging) > 1:
-            gathering.append(stages.reduce_own_chunk(exchanging.pop(0)))
-        if len(gathering) > 1:
-            stages.decode_all_chunks(gathering.pop(0))
-    gathering.extend(stages.reduce_own_chunk(seg) for seg in exchanging)
-    for seg in gathering:
-        stages.decode_all_chunks(seg)
+    own_exact = pipelined(compressor)
+    traffic = Traffic()
+    requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
+
+    def send_chunks(i: int, start: int, piece: Tensor) -> _Segment:
+        """Encode the n chunks as [n, P] rows, row j a valid payload of chunk j with the codes it
+        has in the whole tensor, and start the all-to-all."""
+        chunk = piece.numel() // n
+        if own_exact:  # row `rank` stays unset: it only goes to this rank, which keeps it exact
+            rows = torch.empty(
+                n, wire.payload_nbytes(chunk), dtype=torch.uint8, device=piece.device
+            )
+            for first, end in ((0, rank), (rank + 1, n)):  # the chunks before and after it
+                if end > first:
+                    compressor.compress_rows(
+                        piece[first * chunk : end * chunk],
+                        end - first,
+                        key,
+                        start + first * chunk,
+                        out=rows[first:end],
+                    )
+        else:
+            payload = _compress(piece, compressor, key, transport, traffic, f"{name}.{i}", start)
+            codes = payload[: wire.code_nbytes(n * chunk)].view(n, -1)
+            scales = payload[wire.code_nbytes(n * chunk) :]
+            # bucket_size None: one scale for the whole tensor, and every chunk carries it
+            scales = scales.view(n, -1) if wire.bucket_size else scales.view(1, -1).expand(n, -1)
+            rows = torch.cat([codes, scales], dim=1)
+        received = _buffer(buffers, f"scatter-received-{i}", rows, rows.numel())
+        pending = transport.all_to_all(rows.reshape(-1), received, f"{name}.{i}.alltoall")
+        traffic.both((n - 1) * rows.shape[1])
+        return _Segment(i, start, piece, rows, pending)
+
+    def reduce_own_chunk(seg: _Segment) -> _Segment:
+        """Add the received chunks into this rank's, re-quantize the sum, start the all-gather."""
+        received = seg.pending.wait().view(n, -1)
+        chunk = seg.piece.numel() // n
+        mine = seg.piece[rank * chunk : (rank + 1) * chunk]
+        skip = rank if own_exact else None
+        compressor.decode_sum_into(received, mine, skip=skip, accumulate=own_exact)
+        owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
+        payload = compressor.compress(mine, owner_key, start=seg.start)
+        if errors is not None:  # decoded by the last stage's kernel: nothing new to compile
+            error = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(mine))
+            error.sub_(mine)
+            requant[0] += float(torch.dot(error, error))
+            requant[1] += float(torch.dot(mine, mine))
+        gathered = _buffer(buffers, f"scatter-gathered-{seg.index}", payload, n * payload.numel())
+        pending = transport.all_gather(payload, gathered, f"{name}.{seg.index}.owners")
+        traffic.both((n - 1) * payload.numel())
+        return _Segment(seg.index, seg.start, seg.piece, payload, pending)
+
+    def decode_all_chunks(seg: _Segment) -> None:
+        compressor.decode_rows_into(seg.pending.wait().view(n, -1), seg.piece)
+
+    lengths = segment_lengths(total, n * wire.chunk_unit(), segment if own_exact else None)
+    _pipeline(work, lengths, send_chunks, reduce_own_chunk, decode_all_chunks)
     if errors is not None:
-        done, norm = stages.requant
-        errors["requant_relative_error"] = done / norm if norm else 0.0
-    return work[:numel], stages.traffic
+        errors["requant_relative_error"] = requant[0] / requant[1] if requant[1] else 0.0
+    return work[:numel], traffic
 
 
 def hierarchical_sum(
@@ -338,23 +264,21 @@ def hierarchical_sum(
 ) -> tuple[Tensor, Traffic]:
     """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
     Overwrites x. torch.distributed only (the node groups are torch process groups)."""
-    traffic = Traffic()
-    node_sum = x
-    local = topology.local_size
+    traffic, local = Traffic(), topology.local_size
+    fp_bytes = x.numel() * x.element_size()
     if local > 1:
-        dist.all_reduce(node_sum, group=topology.node_group)
-        fp_bytes = node_sum.numel() * node_sum.element_size()
+        dist.all_reduce(x, group=topology.node_group)
         traffic.intra_node_sent += 2 * (local - 1) * fp_bytes // local
     if topology.is_leader and topology.num_nodes > 1:  # one node: nothing crosses a slow link
         leaders = TorchTransport(topology.leader_group)
-        reduced, inter = scatter_sum(node_sum, compressor, key, leaders, buffers, errors, segment)
-        node_sum.copy_(reduced)
+        reduced, inter = scatter_sum(x, compressor, key, leaders, buffers, errors, segment)
+        x.copy_(reduced)
         traffic.add(inter)
     if local > 1:
-        dist.broadcast(node_sum, src=topology.leader, group=topology.node_group)
+        dist.broadcast(x, src=topology.leader, group=topology.node_group)
         if topology.is_leader:
-            traffic.intra_node_sent += (local - 1) * node_sum.numel() * node_sum.element_size()
-    return node_sum, traffic
+            traffic.intra_node_sent += (local - 1) * fp_bytes
+    return x, traffic
 
 
 def quantized_sum(
@@ -380,9 +304,9 @@ def quantized_sum(
     memory): with `working_length(...)` elements nothing else of the gradient's size is
     allocated but one decoded row at a time. `buffers` caches the receive buffers between calls.
     If `errors` is a dict, the relative error of the second quantization (scatter's owner step)
-    is stored in it as "requant_relative_error". `segment` (elements) pipelines the exchange:
-    see `scatter_sum`; None sends x in one piece. `name` prefixes the operations' names (unique
-    per call in flight, for engines that match operations by name).
+    is stored in it as "requant_relative_error". `segment` (elements) pipelines the exchange;
+    None sends x in one piece. `name` prefixes the operations' names (unique per call in flight,
+    for engines that match operations by name).
     """
     collective_record(collective)  # refuses an unknown name
     if not inplace:
