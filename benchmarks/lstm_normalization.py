@@ -17,8 +17,8 @@ plot's ‖W_h‖₂ is the monitor's power iteration; benchmarks/README.md says 
 
 Each configuration and seed trains in its own process (`distq.launch.train.run`, one worker, 1
 thread), `--jobs` at a time, and writes one JSON per run as it finishes, under
-benchmarks/lstm_normalization_runs/e<epochs>/ (`--epochs`; e<epochs>-cosine/ with
-`--lr-schedule cosine`); a rerun skips the runs that have a result (delete a JSON to redo
+benchmarks/lstm_normalization_runs/e<epochs>/ (`--epochs`; e<epochs>-constant/ with
+`--lr-schedule constant`); a rerun skips the runs that have a result (delete a JSON to redo
 it). Then the script prints the markdown table and writes lstm_normalization.png (gradient
 norms across time steps at the end of training, and the first step's over training, seed 0)
 from the JSON files.
@@ -56,7 +56,7 @@ BUDGET = {
     "batch_size": 64,
     "epochs": 48,  # fp32 and fp32 + layer norm within 0.02 BPC (12 epochs: 0.15-0.18 apart)
     "lr": 0.02,
-    "lr_schedule": "constant",
+    "lr_schedule": "cosine",  # down to 0 at the last step
     "test_fraction": 0.1,
     "keep_full_precision": ["first", "last"],  # embedding and softmax layer
     "grad_bits": None,  # one worker: no gradient exchange
@@ -68,8 +68,8 @@ BUDGET = {
 
 
 def results_dir() -> Path:
-    """Where the current budget's JSONs live: e<epochs>/ (constant LR) or e<epochs>-cosine/."""
-    schedule = "" if BUDGET["lr_schedule"] == "constant" else f"-{BUDGET['lr_schedule']}"
+    """Where the current budget's JSONs live: e<epochs>/ (cosine LR) or e<epochs>-constant/."""
+    schedule = "" if BUDGET["lr_schedule"] == "cosine" else f"-{BUDGET['lr_schedule']}"
     return RUNS / f"e{BUDGET['epochs']}{schedule}"
 
 
