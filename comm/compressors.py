@@ -1,16 +1,14 @@
 """Gradient compressors: what the bytes on the wire are.
 
 Each compressor declares its `WireFormat` and turns a flat float tensor into one uint8 payload
-(`compress`) and back (`decompress`). Scales are per bucket of `bucket_size` elements (None: one
-for the whole input). Every compressor here is deterministic given its `Key`, so all ranks that
-decode a payload get bit-identical values.
+(`compress`) and back (`decompress`), with a scale per bucket of `bucket_size` elements (None: one
+per input); deterministic given its `Key`, so every rank decodes bit-identical values.
 
 - `StochasticQuantizer` (ICLR 2019, "Analysis of Quantized Models"; QSGD/TernGrad family):
   levels r/k, k = 2^(m−1) − 1, scale s = max|g| of the bucket, stochastic rounding between the two
   nearest levels: unbiased, E‖Q(g) − g‖² ≤ Δ_g·‖g‖_∞·‖g‖₁ per bucket with Δ_g = 1/k.
   m = 1 is the unbiased stochastic sign: ±s with P(+s) = (1 + g/s)/2.
-- `terngrad`: the 2-bit case with the scale max-reduced across ranks (one per tensor by
-  default; `make_compressor` and the hook give it their `bucket_size`, one per bucket).
+- `terngrad`: the 2-bit case with the scale max-reduced across ranks (one per tensor by default).
 - `SignCompressor`: sign(g)·mean|g| per bucket (1 bit; biased, use with error feedback).
 Error feedback is `distq.comm.feedback`; the compressors by name are `distq.comm.registry`.
 """
@@ -88,11 +86,8 @@ class Compressor(ABC):
         self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
     ) -> Tensor:
         """out ← [out +] Σ_{i ≠ skip} decode(rows[i]), added in row (rank) order."""
-        first = not accumulate
-        for i, row in enumerate(rows):
-            if i != skip:
-                self.decompress_into(row, out, accumulate=not first)
-                first = False
+        for n, row in enumerate(row for i, row in enumerate(rows) if i != skip):
+            self.decompress_into(row, out, accumulate=accumulate or n > 0)
         return out
 
 
@@ -112,10 +107,9 @@ BLOCK_ELEMENTS = 1 << 20  # elements per kernel call: bounds the codec's scratch
 class BucketCodec(Compressor):
     """Codes c ∈ [0, 2^bits) decoded as (c − k)·s/k per bucket (k = 0: (2c − 1)·s).
 
-    Subclasses choose the scale (`_row_stats`, `_finish_scales`) and the codes (`_codes`), pure
-    torch kernels from `kernels`, compiled; for 1, 2, 4 and 8 bits the packing is fused into the
-    same pass. Inputs are processed in blocks of about BLOCK_ELEMENTS, so encoding and decoding
-    allocate nothing of the input's size besides the payload and the decoded output.
+    Subclasses choose the scale (`_row_stats`, `_finish_scales`) and the codes (`_codes`,
+    `_row_codes`): compiled `kernels`, packing fused in for 1, 2, 4 and 8 bits. Blocks of about
+    BLOCK_ELEMENTS bound the scratch memory: nothing input-sized but payload and output.
     """
 
     def __init__(self, wire: WireFormat, k: int) -> None:
@@ -141,7 +135,7 @@ class BucketCodec(Compressor):
 
     @abstractmethod
     def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
-        """Row-packed bytes (wire layout 2) of whole rows starting at element `offset`."""
+        """Row-packed bytes (`distq.comm.wire`) of whole rows starting at element `offset`."""
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
         stats = [self._row_stats(self._block(x, r0, r1)) for r0, r1 in self._blocks(x.numel())]
@@ -151,101 +145,72 @@ class BucketCodec(Compressor):
         numel = x.numel()
         if scales is None and numel and self._batched(numel):
             return self.compress_rows(x, 1, key, start).view(-1)
-        payload = torch.empty(self.wire.payload_nbytes(numel), dtype=torch.uint8, device=x.device)
+        wire, width = self.wire, self._width
+        payload = torch.empty(wire.payload_nbytes(numel), dtype=torch.uint8, device=x.device)
         if numel == 0:
             return payload
-        s = round_up_to_wire(
-            self.scales(x, key) if scales is None else scales, self.wire.scale_dtype
-        )
-        row_scales = self._row_scales(s, numel)
-        seed = key.tensor(x.device)
-        # element indices are offset by `start`; the padding test compares them to start + numel
-        count = torch.tensor(start + numel, device=x.device)
-        planar_rows = numel // self._width if self._fused else 0
-        for r0, r1 in self._blocks(planar_rows * self._width):
-            offset = torch.tensor(start + r0 * self._width, device=x.device)
-            xb = self._block(x, r0, r1)
-            codes = self._row_codes(xb, row_scales[r0:r1], seed, offset)
+        s = round_up_to_wire(self.scales(x, key) if scales is None else scales, wire.scale_dtype)
+        row_scales, seed = self._row_scales(s, numel), key.tensor(x.device)
+        planar_rows = numel // width if self._fused else 0
+        for r0, r1 in self._blocks(planar_rows * width):
+            offset = torch.tensor(start + r0 * width, device=x.device)
+            codes = self._row_codes(self._block(x, r0, r1), row_scales[r0:r1], seed, offset)
             payload[r0 * self._row_bytes : r1 * self._row_bytes] = codes.view(-1)
-        self._encode_in_element_order(x, planar_rows, row_scales, seed, start, count, payload)
-        payload[self.wire.code_nbytes(numel) :] = s.to(self.wire.scale_dtype).view(torch.uint8)
-        return payload
-
-    def _encode_in_element_order(
-        self,
-        x: Tensor,
-        r_first: int,
-        row_scales: Tensor,
-        seed: Tensor,
-        start: int,
-        count: Tensor,
-        payload: Tensor,
-    ) -> None:
-        """Codes of rows r_first… of x into payload's code bytes, packed in element order
-        (`distq.packing`): the layout of a partial last row and of widths with no planar one."""
-        numel, bits = x.numel(), self.wire.bits
-        e_first = r_first * self._width
-        if e_first >= numel:
-            return
-        b_first, code_bytes = e_first * bits // 8, self.wire.code_nbytes(numel)
-        codes = []
-        for r0, r1 in self._blocks(numel, r_first):
-            offset = torch.tensor(start + r0 * self._width, device=x.device)
-            block = self._codes(
-                self._block(x, r0, r1), row_scales[r0:r1], seed, offset, count
-            ).reshape(-1)
-            if not self._aligned:
+        # the rest (a partial last row, widths with no planar layout) is packed in element order;
+        # element indices are offset by `start`, so padding is what lies past start + numel
+        e_first, code_bytes = planar_rows * width, wire.code_nbytes(numel)
+        count, codes = torch.tensor(start + numel, device=x.device), []
+        for r0, r1 in self._blocks(numel, planar_rows):
+            offset = torch.tensor(start + r0 * width, device=x.device)
+            xb = self._block(x, r0, r1)
+            block = self._codes(xb, row_scales[r0:r1], seed, offset, count).reshape(-1)
+            if self._aligned:  # rows start on a byte: pack block by block
+                b0, b1 = r0 * self._row_bytes, min(code_bytes, r1 * self._row_bytes)
+                payload[b0:b1] = pack(block, wire.bits)[: b1 - b0]
+            else:
                 codes.append(block)
-                continue
-            b0, b1 = r0 * self._row_bytes, min(code_bytes, r1 * self._row_bytes)
-            payload[b0:b1] = pack(block, bits)[: b1 - b0]
         if codes:  # rows not byte-aligned: pack the whole code stream at once
-            payload[b_first:code_bytes] = pack(torch.cat(codes)[: numel - e_first], bits)
+            tail = torch.cat(codes)[: numel - e_first]
+            payload[e_first * wire.bits // 8 : code_bytes] = pack(tail, wire.bits)
+        payload[code_bytes:] = s.to(wire.scale_dtype).view(torch.uint8)
+        return payload
 
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         return self.decompress_into(payload, torch.empty(numel, device=payload.device))
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        numel = out.numel()
+        numel, bits, width = out.numel(), self.wire.bits, self._width
         if numel and self._batched(numel) and payload.numel() == self.wire.payload_nbytes(numel):
             return self.decode_sum_into(payload.view(1, -1), out, accumulate=accumulate)
         packed, s = split(payload, numel, self.wire)
         if numel == 0:
             return out
         row_scales = self._row_scales(s, numel)
-        planar_rows = numel // self._width if self._fused else 0
-        kernel = kernels.decode_add_into if accumulate else kernels.decode_into
-        for r0, r1 in self._blocks(planar_rows * self._width):
-            kernels.compiled(kernel)(
-                packed[r0 * self._row_bytes : r1 * self._row_bytes].view(r1 - r0, -1),
-                row_scales[r0:r1],
-                out[r0 * self._width : r1 * self._width].view(r1 - r0, -1),
-                self.k,
-                self.wire.bits,
-            )
-        e_first = planar_rows * self._width
-        if e_first == numel:
-            return out
+        planar_rows = numel // width if self._fused else 0
+        for r0, r1 in self._blocks(planar_rows * width):
+            codes = packed[r0 * self._row_bytes : r1 * self._row_bytes].view(r1 - r0, -1)
+            rows_out = out[r0 * width : r1 * width].view(r1 - r0, -1)
+            self._decode(codes, row_scales[r0:r1], rows_out, 1, accumulate)
         # the rest is in element order (a partial last row, or widths with no planar layout)
-        b_first = e_first * self.wire.bits // 8
-        codes = None if self._aligned else unpack(packed[b_first:], self.wire.bits, numel - e_first)
+        e_first = planar_rows * width
+        tail = packed[e_first * bits // 8 :]
+        rest = None if self._aligned else unpack(tail, bits, numel - e_first)  # unpacked at once
         for r0, r1 in self._blocks(numel, planar_rows):
-            rows = r1 - r0
-            e0, e1 = r0 * self._width, min(numel, r1 * self._width)
+            e0, e1 = r0 * width, min(numel, r1 * width)
             if self._aligned:
-                block = packed[r0 * self._row_bytes : r1 * self._row_bytes]
-                block_codes = unpack(block, self.wire.bits, e1 - e0)
-                block_codes = self._block(block_codes, 0, rows)  # the last row padded
+                codes = unpack(packed[r0 * self._row_bytes : r1 * self._row_bytes], bits, e1 - e0)
             else:
-                block_codes = self._block(codes, r0 - planar_rows, r1 - planar_rows)
-            values = kernels.compiled(kernels.level_values)(
-                block_codes.view(rows, -1), row_scales[r0:r1], self.k
-            )
-            if accumulate:
-                out[e0:e1] += values.reshape(-1)[: e1 - e0]
-            else:
-                out[e0:e1] = values.reshape(-1)[: e1 - e0]
+                codes = rest[e0 - e_first : e1 - e_first]
+            block = self._block(codes, 0, r1 - r0)  # the last row padded
+            values = kernels.compiled(kernels.level_values)(block, row_scales[r0:r1], self.k)
+            piece = out[e0:e1]
+            (piece.add_ if accumulate else piece.copy_)(values.reshape(-1)[: e1 - e0])
         return out
+
+    def _decode(self, codes: Tensor, s: Tensor, out: Tensor, parts: int, accumulate: bool) -> None:
+        """out [rows, width] ← [out +] the sum of `parts` row blocks of row-packed codes."""
+        run = kernels.compiled(kernels.decode_sum_into)
+        run(codes, s, out, self.k, self.wire.bits, parts, accumulate)
 
     def _batched(self, length: int) -> bool:
         """Whether payloads of `length` elements encode and decode many at a time: fused codes
@@ -258,26 +223,20 @@ class BucketCodec(Compressor):
         length = x.numel() // rows
         if not self._batched(length) or length == 0:
             return super().compress_rows(x, rows, key, start, out)
-        wire, dev = self.wire, x.device
-        out = _rows_buffer(out, rows, wire.payload_nbytes(length), dev)
-        code_bytes, seed = wire.code_nbytes(length), key.tensor(dev)
-        codes_out, scales_out = out[:, :code_bytes], out[:, code_bytes:]
-        scale_bytes = scales_out.shape[1] // wire.buckets(length)
-        pieces = x.view(rows, length)
+        out = _rows_buffer(out, rows, self.wire.payload_nbytes(length), x.device)
+        seed, pieces = key.tensor(x.device), x.view(rows, length)
         for r0, r1, e0, e1 in self._spans(rows, length):
             xb = pieces[r0:r1, e0:e1].reshape(-1, self._width)  # a view: whole rows or one's part
-            first = torch.tensor(start + r0 * length + e0, device=dev)
+            first = torch.tensor(start + r0 * length + e0, device=x.device)
             codes, s = self._encode(xb, seed, first)
-            b0, b1 = e0 * wire.bits // 8, e1 * wire.bits // 8
-            codes_out[r0:r1, b0:b1] = codes.view(r1 - r0, -1)
-            k0, k1 = e0 // self._width * scale_bytes, e1 // self._width * scale_bytes
-            scales_out[r0:r1, k0:k1] = s.to(wire.scale_dtype).view(torch.uint8).view(r1 - r0, -1)
+            at_codes, at_scales = self._slices(length, e0, e1)
+            out[r0:r1, at_codes] = codes.view(r1 - r0, -1)
+            out[r0:r1, at_scales] = s.to(self.wire.scale_dtype).view(torch.uint8).view(r1 - r0, -1)
         return out
 
     def _spans(self, rows: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """(first row, end row, first element, end element) of each kernel call of
-        the batched encodes and decodes: whole payloads together up to a block, a longer one
-        block by block (bounds the scratch memory of a call)."""
+        """(first row, end row, first element, end element) of each batched kernel call: whole
+        payloads together up to a block, a longer one block by block."""
         block = self._block_rows * self._width
         if length <= block:
             per_call = block // length
@@ -303,9 +262,7 @@ class BucketCodec(Compressor):
         pieces = out.view(rows.shape[0], length)
         for r0, r1, e0, e1 in self._spans(rows.shape[0], length):
             codes, s = self._split_rows(rows[r0:r1], length, e0, e1)
-            kernels.compiled(kernels.decode_into)(
-                codes, s, pieces[r0:r1, e0:e1].view(-1, self._width), self.k, self.wire.bits
-            )
+            self._decode(codes, s, pieces[r0:r1, e0:e1].view(-1, self._width), 1, False)
         return out
 
     def decode_sum_into(
@@ -318,15 +275,7 @@ class BucketCodec(Compressor):
         chosen = None if skip is None else torch.tensor(keep, device=rows.device)
         for _, _, e0, e1 in self._spans(1, length):
             codes, s = self._split_rows(rows, length, e0, e1, chosen)
-            kernels.compiled(kernels.decode_sum_into)(
-                codes,
-                s,
-                out[e0:e1].view(-1, self._width),
-                self.k,
-                self.wire.bits,
-                len(keep),
-                accumulate,
-            )
+            self._decode(codes, s, out[e0:e1].view(-1, self._width), len(keep), accumulate)
         return out
 
     def _check_rows(self, rows: Tensor, length: int) -> None:
@@ -342,24 +291,27 @@ class BucketCodec(Compressor):
     ) -> tuple[Tensor, Tensor]:
         """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements
         e0..e1 (whole buckets) of the `chosen` rows (default all) of [rows, P] payloads of
-        `length` elements each, copied out contiguous (1/15 of the decoded bytes at 2 bits) so
-        one kernel reads every row."""
-        wire, width = self.wire, self._width
-        code_bytes = wire.code_nbytes(length)
-        scale_size = (rows.shape[1] - code_bytes) // wire.buckets(length)
-        k0, k1 = code_bytes + e0 // width * scale_size, code_bytes + e1 // width * scale_size
-        codes, scales = rows[:, e0 * wire.bits // 8 : e1 * wire.bits // 8], rows[:, k0:k1]
+        `length` elements, copied out contiguous (1/15 of the decoded bytes at 2 bits) so one
+        kernel reads every row."""
+        at_codes, at_scales = self._slices(length, e0, e1)
+        codes, scales = rows[:, at_codes], rows[:, at_scales]
         if chosen is not None:  # indexing copies: contiguous and aligned
-            codes, scale_bytes = codes[chosen], scales[chosen]
+            codes, scales = codes[chosen], scales[chosen]
         else:  # a fresh copy aligns the scales for the dtype view
-            codes = codes.contiguous()
-            scale_bytes = rows.new_empty(scales.shape).copy_(scales)
-        s = scale_bytes.view(wire.scale_dtype).to(torch.float32)
+            codes, scales = codes.contiguous(), rows.new_empty(scales.shape).copy_(scales)
+        s = scales.view(self.wire.scale_dtype).to(torch.float32)
         return codes.view(-1, self._row_bytes), s.view(-1)
 
+    def _slices(self, length: int, e0: int, e1: int) -> tuple[slice, slice]:
+        """Where the codes and the scales of elements e0..e1 (whole buckets) lie in a payload of
+        `length` elements."""
+        wire, width = self.wire, self._width
+        first, size = wire.code_nbytes(length), wire.scale_dtype.itemsize
+        codes = slice(e0 * wire.bits // 8, e1 * wire.bits // 8)
+        return codes, slice(first + e0 // width * size, first + e1 // width * size)
+
     def _blocks(self, numel: int, r_first: int = 0) -> Iterator[tuple[int, int]]:
-        """(first row, end row) of each block of rows from row r_first to the end of `numel`
-        elements."""
+        """(first row, end row) of each block from row r_first to the end of `numel` elements."""
         rows = -(-numel // self._width)
         for r0 in range(r_first, rows, self._block_rows):
             yield r0, min(rows, r0 + self._block_rows)
@@ -375,9 +327,7 @@ class BucketCodec(Compressor):
 
     def _row_scales(self, s: Tensor, numel: int) -> Tensor:
         """One scale per row: the bucket scales, or the single scale repeated."""
-        if self.wire.bucket_size is not None:
-            return s
-        return s.expand(-(-numel // self._width))
+        return s if self.wire.bucket_size is not None else s.expand(-(-numel // self._width))
 
 
 def round_up_to_wire(s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -385,7 +335,7 @@ def round_up_to_wire(s: Tensor, dtype: torch.dtype) -> Tensor:
     saturates at 65504: a gradient beyond that is clipped there, never turned into inf)."""
     if dtype == torch.float32:
         return s
-    s = s.clamp(max=torch.finfo(dtype).max)  # saturate: larger values clip, never become inf
+    s = s.clamp(max=torch.finfo(dtype).max)
     rounded = s.to(dtype)
     low = rounded.to(torch.float32) < s
     rounded = torch.where(low, torch.nextafter(rounded, rounded.new_full((), torch.inf)), rounded)
@@ -409,8 +359,7 @@ class StochasticQuantizer(BucketCodec):
     def with_bits(self, bits: int) -> Compressor:
         if bits == self.wire.bits or self.wire.shared_scale:  # TernGrad has one width
             return super().with_bits(bits)
-        wire = self.wire
-        return StochasticQuantizer(bits, wire.bucket_size, wire.scale_dtype)
+        return StochasticQuantizer(bits, self.wire.bucket_size, self.wire.scale_dtype)
 
     @property
     def delta(self) -> float:

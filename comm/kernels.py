@@ -1,11 +1,8 @@
-"""The codec's elementwise kernels, compiled with torch.compile when it is available.
+"""The codec's elementwise kernels: pure torch functions that torch.compile fuses into one pass
+(6x faster encodes, 1.9x faster decodes than eager on CPU: benchmarks/README.md).
 
-Each kernel is a pure torch function so inductor can fuse the hash, the rounding and the cast
-into one pass (measured 6x faster encodes and 1.9x faster decodes than eager on CPU:
-benchmarks/README.md). Set
-DISTQ_COMPILE=0 to run them eagerly. Both modes give the same codes for the max-scaled
-quantizers; a scale computed by a sum (sign) may differ in its last bit between them. Every rank
-runs the same mode, so replicas stay bit-identical either way.
+DISTQ_COMPILE=0 runs them eagerly. Both modes give the same codes for the max-scaled quantizers; a
+sum-based scale (sign) may differ in its last bit, but every rank runs the same mode.
 """
 
 from __future__ import annotations
@@ -23,23 +20,15 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-# torch.compile imports torch.utils.mkldnn, whose class bodies call the deprecated
-# torch.jit.script_method: 14 DeprecationWarnings at the codec's first quantized step. Importing
-# that module once here, with exactly those warnings off, keeps them from users (~7 ms).
+# torch.compile imports torch.utils.mkldnn, whose class bodies warn that torch.jit.script_method
+# is deprecated (14 times): imported here once with exactly those warnings off.
 with warnings.catch_warnings(), contextlib.suppress(ImportError):
     warnings.filterwarnings("ignore", ".*torch.jit.script_method", DeprecationWarning)
     import torch.utils.mkldnn
 
 MASK32 = 0xFFFFFFFF
-
-
-def _int32(c: int) -> int:
-    """The int32 with the same 32 bits as the unsigned constant c."""
-    return c - (1 << 32) if c >= 1 << 31 else c
-
-
-GOLDEN32 = _int32(0x9E3779B1)
-FMIX = (_int32(0x85EBCA6B), _int32(0xC2B2AE35))
+# φ·2³² and fmix32's multipliers as the int32s with the same bits (all three are ≥ 2³¹)
+GOLDEN32, FMIX1, FMIX2 = (c - (1 << 32) for c in (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35))
 
 
 def _shift_right(h: Tensor, n: int) -> Tensor:
@@ -48,15 +37,13 @@ def _shift_right(h: Tensor, n: int) -> Tensor:
 
 
 def hash_uniform(index: Tensor, key: Tensor) -> Tensor:
-    """u ∈ [0, 1) from MurmurHash3's fmix32 of (index·φ + key) mod 2³², 24-bit resolution.
-
-    Computed in int32, whose products wrap mod 2³² like uint32's (torch has no uint32
-    arithmetic): ~1.2x faster encodes on CPU than int64 arithmetic masked to 32 bits."""
+    """u ∈ [0, 1) from MurmurHash3's fmix32 of (index·φ + key) mod 2³², 24-bit resolution; in
+    int32, whose products wrap mod 2³² like uint32's (~1.2x faster than masked int64)."""
     h = index.to(torch.int32) * GOLDEN32 + key.to(torch.int32)
     h = h ^ _shift_right(h, 16)
-    h = h * FMIX[0]
+    h = h * FMIX1
     h = h ^ _shift_right(h, 13)
-    h = h * FMIX[1]
+    h = h * FMIX2
     h = h ^ _shift_right(h, 16)
     return _shift_right(h, 8).to(torch.float32) * (2.0**-24)
 
@@ -110,14 +97,12 @@ def sign_codes(xb: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
 
 
 def _packed(xb: Tensor, bits: int, code, offset: Tensor | None = None) -> Tensor:
-    """Row-packed bytes of code(x_slice, index_slice) of whole rows, bits 1, 2, 4, 8: layout 2.
+    """Row-packed bytes of code(x_slice, index_slice) of whole rows, bits 1, 2, 4, 8.
 
     A row of w codes is p = 8/bits planes of w/p: byte j holds codes j, j + w/p, …, j + (p−1)·w/p
-    at bits 0, bits, …, (p−1)·bits. Every plane is a contiguous slice of the row, so the encode
-    is one elementwise pass of contiguous vector loads (~20% faster than the interleaved
-    layout 1, whose byte j held codes j·p … j·p + p − 1). `index_slice` is the element index
-    mod 2³² in int32 lanes (all the hash uses of it): whole rows need no padding test against
-    an int64 index, ~15% faster again. Without `offset` (codes that need no noise) it is None.
+    at bits 0, bits, …, (p−1)·bits, so every plane is a contiguous slice of the row.
+    `index_slice` is the element index mod 2³² in int32 lanes (all the hash needs; whole rows
+    need no padding test), or None without `offset` (codes that need no noise).
     """
     per_byte = 8 // bits
     rows, width = xb.shape
@@ -146,10 +131,8 @@ def level_values(codes: Tensor, s: Tensor, k: int) -> Tensor:
 
 
 def unpack_rows(packed: Tensor, bits: int) -> Tensor:
-    """Codes of row-packed bytes (`_packed`'s layout): [rows, bytes] -> [rows, bytes·8/bits].
-
-    Each plane is one shifted, masked copy of the row's bytes, stored contiguously: inductor
-    turns the concatenation into one vectorized pass."""
+    """Codes of row-packed bytes (`_packed`'s layout): [rows, bytes] -> [rows, bytes·8/bits],
+    one shifted, masked copy of the bytes per plane (inductor fuses the cat into one pass)."""
     wide = packed.to(torch.int32)
     mask = (1 << bits) - 1
     return torch.cat([(wide >> (t * bits)) & mask for t in range(8 // bits)], dim=1)
@@ -176,52 +159,30 @@ def sign_packed(xb: Tensor) -> Tensor:
     return _packed(xb, 1, lambda x, index: (x >= 0).to(torch.int32))
 
 
-def packed_level_values(packed: Tensor, s: Tensor, k: int, bits: int) -> Tensor:
-    """`level_values` of row-packed codes, fused with the unpacking when compiled."""
-    return level_values(unpack_rows(packed, bits), s, k)
-
-
-def decode_into(packed: Tensor, s: Tensor, out: Tensor, k: int, bits: int) -> None:
-    """out ← `packed_level_values`: compiled, the values are stored straight into out."""
-    out.copy_(packed_level_values(packed, s, k, bits))
-
-
-def decode_add_into(packed: Tensor, s: Tensor, out: Tensor, k: int, bits: int) -> None:
-    """out += `packed_level_values`, in one read-modify-write pass when compiled."""
-    out.add_(packed_level_values(packed, s, k, bits))
-
-
 def decode_sum_into(
     packed: Tensor, s: Tensor, out: Tensor, k: int, bits: int, parts: int, accumulate: bool
 ) -> None:
-    """out ← [out +] Σ_j `packed_level_values` of the j-th of `parts` equal row blocks of
-    (packed, s), added in block order: one pass over out when compiled."""
+    """out ← [out +] Σ_j `level_values` of the row-packed codes of the j-th of `parts` equal
+    row blocks of (packed, s), added in block order: one pass over out when compiled."""
     rows = out.shape[0]
     total = out if accumulate else None
     for j in range(parts):
         block = slice(j * rows, (j + 1) * rows)
-        values = packed_level_values(packed[block], s[block], k, bits)
+        values = level_values(unpack_rows(packed[block], bits), s[block], k)
         total = values if total is None else total + values
     out.copy_(total)
-
-
-def _enabled() -> bool:
-    return os.environ.get("DISTQ_COMPILE", "1") != "0"
 
 
 @cache
 def compiled(fn: Callable) -> Callable:
     """`fn` through torch.compile, or `fn` itself if compiling is off or fails.
 
-    Shapes are static except the number of bucket rows (dim 0): the bucket width stays a
-    compile-time constant, which lets inductor vectorize the inner loop (measured ~1.8x faster
-    than fully dynamic shapes), while any tensor length reuses one compiled kernel. Each
-    combination of the non-tensor arguments (levels k, bits, ...) compiles a copy of `fn` of
-    its own: dynamo's recompile limit (8 by default) counts per function, and past it dynamo
-    silently runs eagerly; separate copies stay under it without touching the process-wide
-    `torch._dynamo.config` that the user's own torch.compile shares.
+    Only dim 0 (bucket rows) is dynamic: a constant bucket width lets inductor vectorize (~1.8x
+    faster than dynamic shapes). Each combination of the non-tensor arguments (k, bits, ...)
+    compiles its own copy of `fn` (new code object, dynamo's cache key): dynamo's recompile limit
+    counts per function and past it runs eagerly, and the process-wide limit is the user's.
     """
-    if not _enabled():
+    if os.environ.get("DISTQ_COMPILE", "1") == "0":
         return fn
     variants: dict[tuple, Callable] = {}
     failed = False
@@ -233,7 +194,10 @@ def compiled(fn: Callable) -> Callable:
         static = tuple(a for a in args if not isinstance(a, Tensor))
         fast = variants.get(static)
         if fast is None:
-            fast = variants[static] = torch.compile(_copy(fn), dynamic=False)
+            copy = types.FunctionType(
+                fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+            )
+            fast = variants[static] = torch.compile(copy, dynamic=False)
         for arg in args:
             if isinstance(arg, Tensor) and arg.dim() >= 1:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
@@ -245,10 +209,3 @@ def compiled(fn: Callable) -> Callable:
             return fn(*args)
 
     return run
-
-
-def _copy(fn: Callable) -> Callable:
-    """A new function with a new code object: dynamo keeps its compile cache per code object."""
-    return types.FunctionType(
-        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
-    )
