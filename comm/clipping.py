@@ -1,13 +1,9 @@
 """Gradient clipping at c times the root mean square per tensor before quantization (ICLR 2019
-"Analysis of Quantized Models", §4): it bounds the scale max|g| by c·rms, which removes the √d
-growth of the quantization variance at the price of a small bias
-(`distq.theory.clip_bias_relative`).
+"Analysis of Quantized Models", §4): bounding the scale max|g| by c·rms removes the √d growth of
+the quantization variance at the price of a small bias (`distq.theory.clip_bias_relative`).
 
-The paper clips at c·σ with σ the std of zero-mean gradient elements. The root mean square
-r = √mean(g²) equals that σ for zero-mean gradients, and unlike a std measured around the mean
-it never cuts a constant or offset vector: a constant vector has |g_i| = r, so any c > 1 leaves
-it whole (c = 1 may shave a last bit). (A std around the mean with a clamp around zero sent
-3 + 0.1·noise to a mean of 0.25 at c = 2.5, and a gradient of exactly 1.0 to 0.)
+The paper's σ is the std of zero-mean gradient elements; r = √mean(g²) equals it for those and
+never cuts a constant or offset vector (|g_i| = r, so any c > 1 leaves it whole).
 """
 
 from __future__ import annotations
@@ -17,9 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# Sums of squares below this lose precision to float32 underflow of the elements' squares
-# (those < 1.2e-38); above ~3.4e38 they overflow. Outside [SAFE_LOW, inf) the sum is redone on
-# the segment scaled by its largest magnitude (`root_mean_square`).
+# Sums of squares below this lose precision to float32 underflow of the squares (< 1.2e-38); outside
+# [SAFE_LOW, inf) `root_mean_square` redoes the sum on the segment scaled by its max magnitude.
 SAFE_LOW = 1e-20
 
 
@@ -55,11 +50,9 @@ def clip_by_rms_(
 def root_mean_square(x: Tensor) -> Tensor:
     """√mean(x²) of a flat float tensor, as a 0-d float32 tensor, for any finite magnitudes.
 
-    On CPU one float32 dot product in the common case; when that sum of squares over- or
-    underflows (elements near 1e19, or all below 1e-10) it is recomputed on x/max|x|, so a
-    finite 1e30 element gives a finite r and a vector of 1e-25s is not taken for zero. On a GPU
-    the squares are summed in float64 (memory-bound there, and no host round trip). NaN/Inf in x
-    give a NaN or Inf r.
+    On CPU one float32 dot product, redone on x/max|x| when it over- or underflows (elements near
+    1e19, or all below 1e-10); on a GPU summed in float64 (no host round trip). NaN/Inf in x give
+    a NaN or Inf r.
     """
     n = x.numel()
     if x.is_cuda:

@@ -1,8 +1,6 @@
-"""Keys of the counter-based rounding noise: reproducible, per step, rank, bucket and phase.
-
-The noise of an encode call is u_i = hash(i, key) (`kernels.hash_uniform`), with the key folded
-from (seed, step, rank, slot, phase): the same numbers on any machine and thread count, again
-after a resume, and independent across ranks, steps and buckets.
+"""Keys of the counter-based rounding noise: u_i = hash(i, key) (`kernels.hash_uniform`), the key
+folded from (seed, step, rank, slot, phase). The same numbers on any machine and thread count and
+after a resume; independent across ranks, steps and buckets.
 """
 
 from __future__ import annotations
@@ -42,5 +40,4 @@ class Key:
 
     def uniform(self, n: int, device: torch.device | str = "cpu") -> Tensor:
         """The n uniforms in [0, 1) this key's encode call uses."""
-        index = torch.arange(n, dtype=torch.int64, device=device)
-        return hash_uniform(index, self.tensor(device))
+        return hash_uniform(torch.arange(n, dtype=torch.int64, device=device), self.tensor(device))

@@ -1,16 +1,12 @@
-"""The wire format a compressor declares, and the payload layout every collective relies on.
+"""The wire format a compressor declares: collectives read it, never a compressor's class.
 
 A payload for n elements is one uint8 tensor: the packed codes, `bits` per element, then one
-scale per bucket in `scale_dtype`, little-endian bytes. Collectives only read the WireFormat;
-they never look at a compressor's class.
-
-Code layout (version 2). The codes are cut into rows of w elements (the bucket; 4096 when one
-scale covers the input). For bits 1, 2, 4 and 8 each whole row takes w·bits/8 bytes in p = 8/bits
-planes: byte j of the row holds codes j + t·w/p at bits [t·bits, (t+1)·bits), t = 0 … p − 1, so
-encoders and decoders read and write contiguous slices. A last, partial row, and every row of
-other widths, are packed LSB-first in element order (`distq.packing`: code i in bits
-[b·i, b·(i+1)) of its byte stream). Either way n elements take ⌈n·bits/8⌉ code bytes. Version 1
-packed whole rows in element order too.
+scale per bucket in `scale_dtype`, little-endian bytes. Code layout (version 2): rows of w
+elements (the bucket; 4096 when one scale covers the input). For bits 1, 2, 4 and 8 a whole row
+is w·bits/8 bytes in p = 8/bits planes: byte j holds codes j + t·w/p at bits [t·bits, (t+1)·bits),
+t = 0 … p − 1. A partial last row, and every row of other widths, are packed LSB-first in element
+order (`distq.packing`: code i in bits [b·i, b·(i+1))). Either way n elements take ⌈n·bits/8⌉
+code bytes.
 """
 
 from __future__ import annotations
@@ -48,17 +44,14 @@ class WireFormat:
 
     def buckets(self, numel: int) -> int:
         """Number of scales for `numel` elements (none for an empty tensor)."""
-        if numel == 0:
-            return 0
-        return 1 if self.bucket_size is None else -(-numel // self.bucket_size)
+        return min(numel, 1) if self.bucket_size is None else -(-numel // self.bucket_size)
 
     def code_nbytes(self, numel: int) -> int:
         return packed_nbytes(numel, self.bits)
 
     def payload_nbytes(self, numel: int) -> int:
         """Bytes on the wire for `numel` elements: packed codes plus the scales."""
-        scale_bytes = torch.empty((), dtype=self.scale_dtype).element_size()
-        return self.code_nbytes(numel) + self.buckets(numel) * scale_bytes
+        return self.code_nbytes(numel) + self.buckets(numel) * self.scale_dtype.itemsize
 
     def chunk_unit(self) -> int:
         """Smallest element count whose codes fill whole bytes and whole buckets."""
@@ -67,7 +60,7 @@ class WireFormat:
 
 
 def split(payload: Tensor, numel: int, wire: WireFormat) -> tuple[Tensor, Tensor]:
-    """(packed codes, float32 scales) of a payload made by `join`."""
+    """(packed codes, float32 scales) of a payload of `numel` elements."""
     n_codes = wire.code_nbytes(numel)
     if payload.numel() != wire.payload_nbytes(numel):
         raise ValueError(
