@@ -12,11 +12,10 @@
   node, and a broadcast inside the node: only quantized bytes cross between nodes.
 
 With a `segment` length and a `pipelined` compressor, the tensor moves through these stages in
-segments: while one segment is on the wire, this rank encodes the next one and decodes the one
-before, so the codec's time hides behind the network's; the codes are those of the whole tensor
-(the noise is indexed by element). Collectives read only the compressor's `WireFormat`, never
-its class. A NaN/Inf anywhere turns the affected buckets into NaN on every rank alike (it
-travels as a NaN scale).
+segments, and the codec's time hides behind the network's: while one segment is on the wire,
+this rank encodes the next and decodes the one before, with the codes of the whole tensor (the
+noise is indexed by element). Collectives read only the compressor's `WireFormat`, never its
+class; a NaN/Inf turns the affected buckets into NaN on every rank alike (a NaN scale travels).
 """
 
 from __future__ import annotations
@@ -71,13 +70,12 @@ def _compress(
     transport: Transport,
     traffic: Traffic,
     name: str,
-    start: int = 0,
+    start: int,
 ) -> Tensor:
-    """Compress x (element `start` of its tensor); with a shared-scale wire format the scales
-    are max-reduced across the ranks first."""
-    if not compressor.wire.shared_scale:
-        return compressor.compress(x, key, start=start)
-    scales = shared_scales(compressor.scales(x, key), transport, name, traffic)
+    """Compress x (element `start` of its tensor), its scales first max-reduced across the ranks
+    where the wire format shares them."""
+    shared = compressor.wire.shared_scale
+    scales = shared_scales(compressor.scales(x, key), transport, name, traffic) if shared else None
     return compressor.compress(x, key, scales, start=start)
 
 
@@ -121,8 +119,7 @@ def working_length(numel: int, n: int, compressor: Compressor, collective: str) 
 
 @dataclass
 class _Segment:
-    """A segment between two stages, with the tensor its data movement reads (kept alive until
-    that completes)."""
+    """A segment between two stages; `sent` is what its data movement reads (kept until done)."""
 
     index: int
     start: int  # offset of the segment in the tensor
@@ -131,12 +128,9 @@ class _Segment:
     pending: Pending
 
 
-def _pipeline(
-    x: Tensor, lengths: list[int], first: Callable[[int, int, Tensor], _Segment], *stages: Callable
-) -> None:
-    """Run x's segments through `first(index, start, piece)` and then each of `stages`, every
-    stage one segment behind the stage before it; the segments left in flight then finish in
-    order."""
+def _pipeline(x: Tensor, lengths: list[int], first: Callable, *stages: Callable) -> None:
+    """Run x's segments through `first(index, start, piece)`, then each of `stages`, each stage a
+    segment behind the one before it; what is left in flight then drains in order."""
     queues: list[list] = [[] for _ in range(len(stages) + 1)]
     start = 0
     for i, piece in enumerate(x.split(lengths)):
@@ -200,18 +194,11 @@ def scatter_sum(
         has in the whole tensor, and start the all-to-all."""
         chunk = piece.numel() // n
         if own_exact:  # row `rank` stays unset: it only goes to this rank, which keeps it exact
-            rows = torch.empty(
-                n, wire.payload_nbytes(chunk), dtype=torch.uint8, device=piece.device
-            )
-            for first, end in ((0, rank), (rank + 1, n)):  # the chunks before and after it
-                if end > first:
-                    compressor.compress_rows(
-                        piece[first * chunk : end * chunk],
-                        end - first,
-                        key,
-                        start + first * chunk,
-                        out=rows[first:end],
-                    )
+            rows = piece.new_empty((n, wire.payload_nbytes(chunk)), dtype=torch.uint8)
+            for lo, hi in ((0, rank), (rank + 1, n)):  # the chunks before and after this rank's
+                if hi > lo:
+                    part, at = piece[lo * chunk : hi * chunk], start + lo * chunk
+                    compressor.compress_rows(part, hi - lo, key, at, out=rows[lo:hi])
         else:
             payload = _compress(piece, compressor, key, transport, traffic, f"{name}.{i}", start)
             codes = payload[: wire.code_nbytes(n * chunk)].view(n, -1)
@@ -262,8 +249,7 @@ def hierarchical_sum(
     errors: dict | None = None,
     segment: int | None = None,
 ) -> tuple[Tensor, Traffic]:
-    """Full-precision sum inside the node, quantized `scatter` across node leaders, broadcast.
-    Overwrites x. torch.distributed only (the node groups are torch process groups)."""
+    """`hierarchical`, in x; torch.distributed only (the node groups are torch process groups)."""
     traffic, local = Traffic(), topology.local_size
     fp_bytes = x.numel() * x.element_size()
     if local > 1:
@@ -300,13 +286,12 @@ def quantized_sum(
 
     The bytes move over `transport` (default: torch.distributed on `group`; `hierarchical` is
     torch.distributed only, over `topology` or one discovered on `group`). inplace=True lets the
-    collective use x as its scratch space (x is overwritten and the result may share its
-    memory): with `working_length(...)` elements nothing else of the gradient's size is
-    allocated but one decoded row at a time. `buffers` caches the receive buffers between calls.
-    If `errors` is a dict, the relative error of the second quantization (scatter's owner step)
-    is stored in it as "requant_relative_error". `segment` (elements) pipelines the exchange;
-    None sends x in one piece. `name` prefixes the operations' names (unique per call in flight,
-    for engines that match operations by name).
+    collective overwrite x and work in it (the result may share its memory): with
+    `working_length(...)` elements, nothing else of its size is allocated but one decoded row at
+    a time. `buffers` caches receive buffers between calls; a dict `errors` gets
+    "requant_relative_error", the relative error of scatter's second quantization; `segment`
+    (elements) pipelines the exchange (None: one piece); `name` prefixes the operations' names
+    (unique per call in flight, for engines that match operations by name).
     """
     collective_record(collective)  # refuses an unknown name
     if not inplace:
