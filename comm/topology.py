@@ -1,9 +1,5 @@
-"""Which ranks share a node, for the `hierarchical` collective.
-
-A rank's node is named by torchrun's GROUP_RANK, else SLURM_NODEID, else the host name; the
-names are all-gathered once, and one process group per node plus one of node leaders (the
-lowest rank of each node) are created, in the same order on every rank.
-"""
+"""Which ranks share a node, for the `hierarchical` collective: one process group per node and
+one of the node leaders (the lowest rank of each node)."""
 
 from __future__ import annotations
 
@@ -36,27 +32,23 @@ class Topology:
 
     @classmethod
     def discover(cls, group: dist.ProcessGroup | None = None) -> Topology:
-        """Collective: all ranks of `group` must call it together, in the same order."""
+        """Collective: all ranks of `group` must call it together, in the same order. The node
+        names are all-gathered once; every rank creates every group, in the same order."""
         ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
         names: list[str | None] = [None] * len(ranks)
         dist.all_gather_object(names, node_name(), group=group)
         nodes: dict[str, list[int]] = {}
         for rank, name in zip(ranks, names, strict=True):
             nodes.setdefault(name, []).append(rank)
-        me = dist.get_rank()
-        my_node = nodes[node_name()]
-        node_group = None
-        for members in nodes.values():  # every rank creates every group, same order
-            created = dist.new_group(members)
-            if me in members:
-                node_group = created
+        me, mine = dist.get_rank(), node_name()
+        node_groups = {name: dist.new_group(members) for name, members in nodes.items()}
         leaders = [members[0] for members in nodes.values()]
         leader_group = dist.new_group(leaders)
         return cls(
-            node_group=node_group,
+            node_group=node_groups[mine],
             leader_group=leader_group if me in leaders else None,
-            leader=my_node[0],
-            local_size=len(my_node),
+            leader=nodes[mine][0],
+            local_size=len(nodes[mine]),
             num_nodes=len(nodes),
-            is_leader=me == my_node[0],
+            is_leader=me == nodes[mine][0],
         )
