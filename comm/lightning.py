@@ -5,9 +5,8 @@
 Why a callback: Lightning (`DDPStrategy._register_ddp_hooks`) registers the hook given as
 `DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)` only when the device is CUDA and drops it
 silently on CPU; and a `QuantizedCommState` needs the process group, which Lightning creates only
-inside `fit`. The callback builds the state once the group and the DDP model exist
-(`on_fit_start`, before the first backward), or registers the strategy's own state and hook
-where Lightning did not.
+inside `fit`. So the callback registers the hook at `on_fit_start`, once the group and the DDP
+model exist and before the first backward.
 """
 
 from __future__ import annotations
@@ -23,16 +22,13 @@ pl = require("pytorch_lightning")
 
 
 class QuantizedCommHook(pl.Callback):
-    """Registers distq's DDP hook on the trainer's DDP model at the start of `fit`, on any device.
+    """Registers distq's DDP hook on the trainer's DDP model at the start of `fit`.
 
-    Two ways to use it:
-    - `QuantizedCommHook(**state_options)` with a plain `DDPStrategy()`: the callback builds
-      `QuantizedCommState(**state_options)` once the process group exists and registers
-      `quantized_hook`.
+    - `QuantizedCommHook(**state_options)` with a plain `DDPStrategy()`: builds
+      `QuantizedCommState(**state_options)` and registers `quantized_hook`.
     - `QuantizedCommHook()` beside `DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)` (the
-      process group initialized before the state is built, e.g. under torchrun): on CUDA
-      Lightning registers that hook itself and the callback only records the state; on other
-      devices, where Lightning drops it, the callback registers it.
+      process group initialized before the state is built, e.g. under torchrun): registers that
+      hook where Lightning did not (off CUDA), and only records the state where it did.
     Either way the state (byte counters in `compression_stats()`) is `self.state` afterwards.
     """
 

@@ -2,14 +2,13 @@
 
     trainer = Trainer(model, args, train_dataset=data, callbacks=[QuantizedCommCallback(bits=2)])
 
-Why a callback, and why it searches for the DDP model: the Trainer wraps the model in DDP
-(through Accelerate) only inside `train()`, once the process group exists, and hands callbacks
-the unwrapped model, never `trainer.model_wrapped`. At `on_train_begin`, after the wrap and
-before the first forward, the callback finds the DDP wrapper of that model among the live
-objects (one pass over the garbage collector's list: ~0.1 s with transformers loaded, ~370k
-objects, once per `train()`) and registers `quantized_hook` on it. Gradient accumulation (DDP's
-`no_sync` between boundaries: the hook runs once per optimizer step) and `ddp_static_graph` work
-unchanged, though not both at once (the plain Trainer fails there too: torch's reducer asserts).
+Why a callback that searches for the DDP model: the Trainer wraps the model in DDP (through
+Accelerate) only inside `train()`, once the process group exists, and hands callbacks the
+unwrapped model, never `trainer.model_wrapped`. At `on_train_begin`, after the wrap and before
+the first forward, the callback finds that model's DDP wrapper among the live objects (one pass
+over the garbage collector's list: ~0.1 s with transformers loaded, once per `train()`).
+Gradient accumulation (the hook runs once per optimizer step) and `ddp_static_graph` work, though
+not both at once (the plain Trainer fails there too: torch's reducer asserts).
 """
 
 from __future__ import annotations
@@ -45,12 +44,10 @@ def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
 class QuantizedCommCallback(transformers.TrainerCallback):
     """Registers distq's DDP hook on the Trainer's DDP model when training begins.
 
-    `QuantizedCommCallback(**state_options)` builds `QuantizedCommState(**state_options)` (bits,
-    clip, collective, ...: see its docstring) at `on_train_begin` and registers
-    `quantized_hook`; the state, with the byte counters and `compression_stats()`, is
-    `callback.state` afterwards. In a single process (nothing to exchange) it logs a warning
-    and registers nothing; a distributed Trainer that runs no DDP (DeepSpeed, FSDP) is a
-    ValueError, since the hook is DDP's (`distq.comm.deepspeed` covers DeepSpeed).
+    `QuantizedCommCallback(**state_options)` builds `QuantizedCommState(**state_options)` and
+    registers `quantized_hook`; the state (byte counters, `compression_stats()`) is
+    `callback.state` afterwards. In a single process it logs a warning and registers nothing; a
+    distributed Trainer without DDP (DeepSpeed, FSDP) is a ValueError.
     """
 
     def __init__(self, **state_options: Any) -> None:
