@@ -50,8 +50,7 @@ class Compressor(ABC):
         """float32 values encoded in `payload`."""
 
     def with_bits(self, bits: int) -> Compressor:
-        """This compressor sending `bits` per element (for per-parameter widths); one that has
-        a single width refuses others."""
+        """This compressor sending `bits` per element; one with a single width refuses others."""
         if bits != self.wire.bits:
             raise ValueError(
                 f"bits={bits} with {type(self).__name__}, which sends {self.wire.bits} bit(s) "
@@ -71,7 +70,7 @@ class Compressor(ABC):
         """[rows, P] payloads of x's `rows` equal consecutive pieces, row i = compress(piece i,
         start = start + i·len): the same bytes, written into `out` if given."""
         pieces = x.view(rows, -1)
-        out = _rows_buffer(out, rows, self.wire.payload_nbytes(pieces.shape[1]), x.device)
+        out = _payload_rows(out, rows, pieces.shape[1], self.wire, x.device)
         for i, piece in enumerate(pieces):
             out[i] = self.compress(piece, key, start=start + i * pieces.shape[1])
         return out
@@ -91,13 +90,19 @@ class Compressor(ABC):
         return out
 
 
-def _rows_buffer(out: Tensor | None, rows: int, nbytes: int, device: torch.device) -> Tensor:
-    """`out` checked to be [rows, nbytes] uint8, or a new one."""
-    if out is None:
+def _payload_rows(
+    t: Tensor | None, rows: int, length: int, wire: WireFormat, device: torch.device
+) -> Tensor:
+    """`t` checked to be [rows, P] uint8 payloads of `length` elements each, or a new buffer."""
+    nbytes = wire.payload_nbytes(length)
+    if t is None:
         return torch.empty(rows, nbytes, dtype=torch.uint8, device=device)
-    if out.shape != (rows, nbytes) or out.dtype != torch.uint8:
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}; needs ({rows}, {nbytes}) uint8")
-    return out
+    if t.shape != (rows, nbytes) or t.dtype != torch.uint8:
+        raise ValueError(
+            f"payload rows are {tuple(t.shape)} {t.dtype}; {length} elements each need "
+            f"({rows}, {nbytes}) uint8 in {wire}"
+        )
+    return t
 
 
 ROW_WIDTH = 4096  # kernel row width when one scale covers the whole input
@@ -223,7 +228,7 @@ class BucketCodec(Compressor):
         length = x.numel() // rows
         if not self._batched(length) or length == 0:
             return super().compress_rows(x, rows, key, start, out)
-        out = _rows_buffer(out, rows, self.wire.payload_nbytes(length), x.device)
+        out = _payload_rows(out, rows, length, self.wire, x.device)
         seed, pieces = key.tensor(x.device), x.view(rows, length)
         for r0, r1, e0, e1 in self._spans(rows, length):
             xb = pieces[r0:r1, e0:e1].reshape(-1, self._width)  # a view: whole rows or one's part
@@ -238,14 +243,10 @@ class BucketCodec(Compressor):
         """(first row, end row, first element, end element) of each batched kernel call: whole
         payloads together up to a block, a longer one block by block."""
         block = self._block_rows * self._width
-        if length <= block:
-            per_call = block // length
-            for r0 in range(0, rows, per_call):
-                yield r0, min(rows, r0 + per_call), 0, length
-            return
-        for r in range(rows):
+        per_call = max(1, block // length)
+        for r0 in range(0, rows, per_call):
             for e0 in range(0, length, block):
-                yield r, r + 1, e0, min(length, e0 + block)
+                yield r0, min(rows, r0 + per_call), e0, min(length, e0 + block)
 
     def _encode(self, xb: Tensor, seed: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
         """(row-packed codes, scales as decoded) of whole buckets xb [buckets, width] whose
@@ -258,7 +259,7 @@ class BucketCodec(Compressor):
         length = out.numel() // max(1, rows.shape[0])
         if not self._batched(length) or length == 0:
             return super().decode_rows_into(rows, out)
-        self._check_rows(rows, length)
+        _payload_rows(rows, rows.shape[0], length, self.wire, rows.device)
         pieces = out.view(rows.shape[0], length)
         for r0, r1, e0, e1 in self._spans(rows.shape[0], length):
             codes, s = self._split_rows(rows[r0:r1], length, e0, e1)
@@ -271,28 +272,19 @@ class BucketCodec(Compressor):
         length, keep = out.numel(), [i for i in range(rows.shape[0]) if i != skip]
         if not self._batched(length) or length == 0 or not keep:
             return super().decode_sum_into(rows, out, skip, accumulate)
-        self._check_rows(rows, length)
+        _payload_rows(rows, rows.shape[0], length, self.wire, rows.device)
         chosen = None if skip is None else torch.tensor(keep, device=rows.device)
         for _, _, e0, e1 in self._spans(1, length):
             codes, s = self._split_rows(rows, length, e0, e1, chosen)
             self._decode(codes, s, out[e0:e1].view(-1, self._width), len(keep), accumulate)
         return out
 
-    def _check_rows(self, rows: Tensor, length: int) -> None:
-        nbytes = self.wire.payload_nbytes(length)
-        if rows.dim() != 2 or rows.shape[1] != nbytes:
-            raise ValueError(
-                f"payload rows are {tuple(rows.shape)}; {length} elements each need "
-                f"[rows, {nbytes}] in {self.wire}"
-            )
-
     def _split_rows(
         self, rows: Tensor, length: int, e0: int, e1: int, chosen: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements
-        e0..e1 (whole buckets) of the `chosen` rows (default all) of [rows, P] payloads of
-        `length` elements, copied out contiguous (1/15 of the decoded bytes at 2 bits) so one
-        kernel reads every row."""
+        """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements e0..e1
+        (whole buckets) of the `chosen` rows (default all) of payloads of `length` elements,
+        copied contiguous (1/15 of the decoded bytes at 2 bits) so one kernel reads every row."""
         at_codes, at_scales = self._slices(length, e0, e1)
         codes, scales = rows[:, at_codes], rows[:, at_scales]
         if chosen is not None:  # indexing copies: contiguous and aligned
@@ -352,9 +344,8 @@ class StochasticQuantizer(BucketCodec):
         scale_dtype: torch.dtype = torch.float32,
         shared_scale: bool = False,
     ) -> None:
-        super().__init__(
-            WireFormat(bits, bucket_size, scale_dtype, shared_scale), levels_per_sign(bits)
-        )
+        wire = WireFormat(bits, bucket_size, scale_dtype, shared_scale)
+        super().__init__(wire, levels_per_sign(bits))
 
     def with_bits(self, bits: int) -> Compressor:
         if bits == self.wire.bits or self.wire.shared_scale:  # TernGrad has one width
@@ -376,17 +367,15 @@ class StochasticQuantizer(BucketCodec):
     def _encode(self, xb: Tensor, seed: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
         if self.wire.scale_dtype != torch.float32:  # scales rounded up to fp16 in between
             return super()._encode(xb, seed, first)
-        return kernels.compiled(kernels.stochastic_packed_scaled)(
-            xb, seed, first, self.k, self.wire.bits
-        )
+        run = kernels.compiled(kernels.stochastic_packed_scaled)
+        return run(xb, seed, first, self.k, self.wire.bits)
 
     def _codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
         return kernels.compiled(kernels.stochastic_codes)(xb, s, key, offset, numel, self.k)
 
     def _row_codes(self, xb: Tensor, s: Tensor, key: Tensor, offset: Tensor) -> Tensor:
-        return kernels.compiled(kernels.stochastic_packed)(
-            xb, s, key, offset, self.k, self.wire.bits
-        )
+        run = kernels.compiled(kernels.stochastic_packed)
+        return run(xb, s, key, offset, self.k, self.wire.bits)
 
 
 def terngrad(bucket_size: int | None = None) -> StochasticQuantizer:
