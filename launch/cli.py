@@ -1,5 +1,6 @@
-"""The `distq` command: train, export a packed checkpoint, list the weight schemes, plot a run's
-monitor log, plan the communication of a configuration."""
+"""The `distq` command: train, quantize a trained model after training, export a packed
+checkpoint, list the weight schemes, plot a run's monitor log, plan the communication of a
+configuration."""
 
 from __future__ import annotations
 
@@ -107,6 +108,12 @@ def report_command(argv: list[str]) -> int:
     return 0
 
 
+def quantize_command(argv: list[str]) -> int:
+    from distq.launch import quantize
+
+    return quantize.main(argv)
+
+
 def plan_command(argv: list[str]) -> int:
     from distq.launch import plan
 
@@ -115,6 +122,7 @@ def plan_command(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": train.main,
+    "quantize": quantize_command,
     "export": export_command,
     "schemes": schemes_command,
     "report": report_command,
