@@ -162,8 +162,7 @@ class QuantizedOptimizer(OptimizerWrapper):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Latent update by the wrapped optimizer, then the proximal projection onto α·S."""
         loss = closure_loss(closure)
-        if not self._synced:
-            self._take_rank0_latent()
+        self.take_rank0_latent()
         if not self._gradients_finite():
             return loss
         for name, p in self._params.items():
@@ -179,8 +178,11 @@ class QuantizedOptimizer(OptimizerWrapper):
         return loss
 
     @torch.no_grad()
-    def _take_rank0_latent(self) -> None:
-        """Rank 0's latent weights and scales on every rank (once; see `sync_latent`)."""
+    def take_rank0_latent(self) -> None:
+        """Rank 0's latent weights and scales on every rank, once (see `sync_latent`): a
+        collective at the first call, by `step()` or by whatever reads `latent` before it."""
+        if self._synced:
+            return
         self._synced = True
         if not (self.sync_latent and dist.is_available() and dist.is_initialized()):
             return

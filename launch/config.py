@@ -205,6 +205,14 @@ class Run(Options):
         "cosine", "learning-rate schedule over the run", choices=("constant", "cosine")
     )
     weight_decay: float = option(0.0, "weight decay", minimum=0)
+    distill: float = option(
+        0.0, "self-distillation weight λ: loss (1-λ)·CE + λ·T²·KL(teacher ‖ student), the "
+        "teacher being the latent full-precision weights (distq/distill.py; one extra forward "
+        "a step; 0: off)", minimum=0, maximum=1,
+    )  # fmt: skip
+    distill_temperature: float = option(
+        2.0, "softmax temperature T of the distillation term", above=0
+    )
     epochs: int = option(15, "passes over the training set", minimum=1)
     batch_size: int = option(32, "examples per worker per step", minimum=1)
     test_fraction: float = option(
@@ -282,6 +290,11 @@ class TrainConfig:
             raise ConfigError(
                 "sparse_gradients needs sparsity > 0 and quantized gradients (grad_bits); got "
                 f"sparsity={sparsity.final}, grad_bits={grads.bits}"
+            )
+        if self.run.distill and not self.weights.quantized:
+            raise ConfigError(
+                f"distill={self.run.distill} needs a quantization scheme (the teacher is the "
+                "latent full-precision weights); scheme is 'none'"
             )
         if sparsity.gradients and grads.error_feedback:
             raise ConfigError("sparse_gradients cannot be combined with error_feedback")

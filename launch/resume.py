@@ -172,8 +172,12 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "sparsity_end",
         "sparsity_scope",
         "loss_aware",
+        "distill",
+        "distill_temperature",
     )
-    saved, now = config.flatten(state["config"]), cfg.flat()
+    # checkpoints from before distillation existed trained without it (its defaults)
+    before = {k: getattr(config.Run(), k) for k in ("distill", "distill_temperature")}
+    saved, now = {**before, **config.flatten(state["config"])}, cfg.flat()
     different = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
         for k in fixed

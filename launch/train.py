@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distq.comm import QuantizedCommState
+from distq.distill import SelfDistillation
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
 from distq.launch.build import attach_comm_hook, build_monitor, build_optimizer, lr_schedule
 from distq.launch.data import ShardedBatches
@@ -75,6 +76,7 @@ class Job:
     batches: ShardedBatches
     state: RunState
     found: tuple[dict, Path] | None
+    distill: SelfDistillation | None = None  # the latent weights as teacher (--distill)
 
     def say(self, text: str) -> None:
         """Print on rank 0 only."""
@@ -180,7 +182,10 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
     state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
-    return Job(cfg, env, device, data, batches, state, found)
+    distill = (
+        SelfDistillation(optimizer, run.distill, run.distill_temperature) if run.distill else None
+    )
+    return Job(cfg, env, device, data, batches, state, found, distill)
 
 
 def _resume(job: Job) -> Progress:
@@ -294,7 +299,11 @@ def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
     non-finite); returns the batch's loss."""
     state, data = job.state, job.data
     state.optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(state.net(data.train_x[idx]), data.train_y[idx])
+    x, y = data.train_x[idx], data.train_y[idx]
+    if job.distill is None:
+        loss = nn.functional.cross_entropy(state.net(x), y)
+    else:  # the teacher's forward (latent weights, unwrapped module), then the student's
+        loss = job.distill.loss(state.net, x, y)
     loss.backward()
     state.optimizer.step()
     check_finite(state.model, state.optimizer, step, job.cfg.run.lr)
