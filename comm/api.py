@@ -11,9 +11,9 @@ from torch import Tensor
 from distq.comm.clipping import clip_by_rms_
 from distq.comm.collectives import quantized_sum
 from distq.comm.compressors import Compressor, StochasticQuantizer
+from distq.comm.exchange import NONFINITE_POLICIES
 from distq.comm.noise import Key
 
-NONFINITE_POLICIES = ("raise", "propagate")
 _calls: dict[str, int] = {}  # calls so far per process group name (the default noise key)
 
 
@@ -29,17 +29,12 @@ def allreduce(
     key: Key | None = None,
     nonfinite: str = "raise",
 ) -> Tensor:
-    """Average floating-point `tensor` over the ranks of `group`, sending `bits`-bit stochastic
-    codes (default 2, or `compressor`'s width; a `bits` that contradicts `compressor` is refused).
-
-    Returns a new tensor (same shape and dtype), bit-identical on every rank and unbiased:
-    E[result] = mean of the (clipped, at clip·√mean(x²)) inputs. On a one-rank group it is the
-    input itself, unquantized. Every rank must call it in the same order. `key` fixes the rounding
-    noise; by default it counts this process's calls on `group` (seeded by the group's name),
-    which is the same on every member as long as each makes the same calls on that group, as
-    the collective requires anyway (calls on other groups do not move it). `nonfinite`: 'raise'
-    a FloatingPointError on every rank alike when any rank's input holds NaN/Inf, or
-    'propagate' the NaN to every rank alike.
+    """Average floating-point `tensor` over the ranks of `group` through `bits`-bit stochastic
+    codes (default 2, or `compressor`'s width): a new tensor, bit-identical on every rank and
+    unbiased, E[result] = mean of the (clipped at clip·√mean(x²)) inputs; the input itself on
+    one rank. Every rank calls it in the same order. `key` fixes the rounding noise (default:
+    this process's call count on `group`, seeded by the group's name). `nonfinite`: 'raise'
+    FloatingPointError on every rank alike if any input holds NaN/Inf, or 'propagate' the NaN.
     """
     if not tensor.is_floating_point():
         raise TypeError(
@@ -76,8 +71,7 @@ def _next_key(group: dist.ProcessGroup | None) -> Key:
 
 
 def _checked(average: Tensor, nonfinite: str) -> Tensor:
-    """The average, or FloatingPointError under 'raise' if it holds NaN/Inf (it is the same on
-    every rank, so every rank raises alike)."""
+    """The average, or FloatingPointError under 'raise' if it holds NaN/Inf (alike everywhere)."""
     if nonfinite == "raise" and not torch.isfinite(average).all():
         raise FloatingPointError(
             "non-finite value in allreduce's average: some rank's input holds NaN/Inf "

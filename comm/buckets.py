@@ -1,17 +1,18 @@
 """Gradient buckets for engines without DDP's reducer (DeepSpeed, Horovod): parameters grouped
-in a fixed order, flattened into one float32 buffer per bucket and written back after the
-exchange, and a scheduler that starts each bucket's exchange during backward as soon as its
-gradients are in. The order is the same on every rank, so collectives are issued in the same
-order."""
+in a fixed order (the same on every rank, so collectives are issued in the same order), each
+bucket's exchange started during backward as soon as its gradients are in, and the averages
+written back into `.grad`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from distq.comm.worker import ExchangeWorker
+from distq.comm.exchange import GradientExchange, nonfinite_error
+from distq.comm.worker import ExchangeWorker, completed
 
 DEFAULT_CAP_MB = 25  # DDP's default bucket size
 
@@ -56,29 +57,47 @@ def write_grads(flat: Tensor, params: list[nn.Parameter]) -> None:
         offset += p.numel()
 
 
-class BucketScheduler:
-    """Starts `average(index)` for each bucket, in bucket order, on a worker thread as soon as
+class BucketedExchange:
+    """`exchange` over buckets of `params` (`plan_buckets`), at the step `step()` gives (fp32
+    before `start_iter`).
+
+    With `overlap`, a bucket's exchange starts on a worker thread, in bucket order, as soon as
     every gradient of it and of the buckets before it has arrived `passes` times (arrivals count
-    only while `counting()`), or inline in `finish()` without overlap; `finish()` starts the rest
-    (unused parameters), waits, and returns every bucket's average."""
+    only while `counting()`); `finish()` starts the rest (unused parameters), waits, and writes
+    the averages into `.grad`.
+    """
 
     def __init__(
         self,
-        buckets: list[list[nn.Parameter]],
-        average: Callable[[int], Tensor],
-        overlap: bool,
+        exchange: GradientExchange,
+        params: Iterable[nn.Parameter],
+        step: Callable[[], int],
+        start_iter: int,
+        cap_mb: float = DEFAULT_CAP_MB,
+        overlap: bool = True,
         passes: int = 1,
         counting: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.buckets, self.average, self.passes, self.counting = buckets, average, passes, counting
+        self.exchange, self.step, self.start_iter = exchange, step, start_iter
+        self.buckets = plan_buckets(params, cap_mb)
+        self.passes, self.counting = passes, counting
         self.worker = ExchangeWorker() if overlap else None
         self.arrived: dict[nn.Parameter, int] = {}
         self.futures: list[torch.futures.Future] = []
         self.handles = []
         if overlap:
             self.handles = [
-                p.register_post_accumulate_grad_hook(self._on_grad) for b in buckets for p in b
+                p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b
             ]
+
+    def average_bucket(self, index: int) -> Tensor:
+        """Bucket `index`'s gradients averaged over the ranks, in a vector of its own (never a
+        view of the exchange's scratch buffer, which the next bucket reuses)."""
+        params, step = self.buckets[index], self.step()
+        flat = flatten_grads(params)
+        if step < self.start_iter:
+            return self.exchange.average_fp32(flat, f"distq.{index}.warmup")
+        return self.exchange.average_params(params, flat, index, step, out=flat)
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if not self.counting():
@@ -90,24 +109,29 @@ class BucketScheduler:
             self._start(len(self.futures))
 
     def _start(self, index: int) -> None:
-        if self.worker is None:
-            future: torch.futures.Future = torch.futures.Future()
-            future.set_result(self.average(index))
-        else:
-            future = self.worker.submit(lambda: self.average(index))
-        self.futures.append(future)
+        job = functools.partial(self.average_bucket, index)
+        self.futures.append(completed(job) if self.worker is None else self.worker.submit(job))
 
     def started(self) -> int:
         """How many buckets' exchanges have started."""
         return len(self.futures)
 
-    def finish(self) -> list[Tensor]:
-        """Start the buckets not started yet, wait for all, and reset for the next step."""
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Start the buckets not started yet, wait for all, write the averages into `.grad`,
+        and raise on every rank alike under nonfinite='raise' if one is NaN/Inf."""
         for index in range(len(self.futures), len(self.buckets)):
             self._start(index)
-        averages = [f.wait() for f in self.futures]
+        exchange, step, finite = self.exchange, self.step(), True
+        for params, future in zip(self.buckets, self.futures, strict=True):
+            flat = future.wait()
+            write_grads(flat, params)
+            finite = finite and exchange.is_finite(flat)
         self.futures, self.arrived = [], {}
-        return averages
+        if step >= self.start_iter:
+            exchange.stats.steps += 1
+        if not finite and exchange.settings.nonfinite == "raise":
+            raise nonfinite_error(f"at step {step}")
 
     def close(self) -> None:
         """Remove the gradient hooks and stop the worker thread."""

@@ -4,15 +4,12 @@ backend and no 1-bit Adam any more).
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     exchange = quantize_engine(engine, QuantizedCommState(bits=2, clip=2.5))
 
-The contract with the engine: DeepSpeed's `engine.enable_backward_allreduce` flag gates its
-gradient all-reduce after backward (`_backward_epilogue` and, with unmanaged accumulation,
-`step()`); 1-bit Adam used the same flag. `quantize_engine` checks that the engine has it,
-turns it off, and registers a post-accumulate-grad hook on every parameter: on the backward
-that ends a gradient-accumulation window (`engine.is_gradient_accumulation_boundary()`) the
-accumulated gradients are averaged over ranks by the state's `GradientExchange` (the DDP hook's
-own clipping, codec and collectives) before backward returns. DeepSpeed then clips the averaged
-gradient (`gradient_clipping`; every rank sees the same norm) and steps, so replicas stay
-bit-identical. Supported: ZeRO stage 0 in fp32; other configurations are refused by name.
+The contract: DeepSpeed's `engine.enable_backward_allreduce` flag gates its gradient all-reduce
+after backward (1-bit Adam used the same flag). `quantize_engine` turns it off; on the backward
+that ends a gradient-accumulation window the accumulated gradients are averaged by the state's
+`GradientExchange` before backward returns, and DeepSpeed then clips (every rank sees the same
+norm) and steps, so replicas stay bit-identical. Supported: ZeRO stage 0 in fp32; other
+configurations are refused by name.
 """
 
 from __future__ import annotations
@@ -23,13 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distq.comm.buckets import (
-    DEFAULT_CAP_MB,
-    BucketScheduler,
-    flatten_grads,
-    plan_buckets,
-    write_grads,
-)
+from distq.comm.buckets import DEFAULT_CAP_MB, BucketedExchange
 from distq.comm.extras import require
 from distq.comm.hook import QuantizedCommState
 
@@ -41,24 +32,28 @@ FLAG = "enable_backward_allreduce"
 
 
 class DeepSpeedExchange:
-    """Averages a DeepSpeed engine's gradients over ranks through distq's quantized exchange at
-    each gradient-accumulation boundary (see the module docstring). Made by `quantize_engine`.
+    """Averages a DeepSpeed engine's gradients over ranks through `state`'s exchange at each
+    gradient-accumulation boundary (see the module docstring). Made by `quantize_engine`.
 
-    `state` keeps its meaning from the DDP hook: the first `start_iter` exchanges are plain fp32
-    all-reduces, `compression_stats()` counts the bytes, `state_dict()` checkpoints the step
-    counter and error-feedback residuals. Buckets are `bucket_cap_mb` MB of parameters in
-    reverse order; on a boundary backward each one's exchange starts as soon as its gradients
-    are in (`state.overlap`; else all when backward ends), and backward returns once all are
-    averaged.
+    `state` keeps its meaning from the DDP hook: `start_iter` fp32 warm-up exchanges,
+    `compression_stats()`, and `state_dict()` for the step counter and error-feedback
+    residuals. On a boundary backward each bucket's exchange starts as soon as its gradients
+    are in (`state.overlap`; else all when backward ends); backward returns once all are done.
     """
 
     def __init__(self, engine: Any, state: QuantizedCommState, bucket_cap_mb: float) -> None:
         self.engine = engine
         self.state = state
-        self.buckets = plan_buckets(engine.module.parameters(), bucket_cap_mb)
-        boundary = engine.is_gradient_accumulation_boundary
-        self.scheduler = BucketScheduler(self.buckets, self.average_bucket, state.overlap,
-                                         counting=boundary)  # fmt: skip
+        self.scheduler = BucketedExchange(
+            state.exchange,
+            engine.module.parameters(),
+            lambda: state.iter,
+            state.start_iter,
+            bucket_cap_mb,
+            state.overlap,
+            counting=engine.is_gradient_accumulation_boundary,
+        )
+        self.buckets = self.scheduler.buckets
         self._queued = False
         self._handles = [
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -77,32 +72,12 @@ class DeepSpeedExchange:
         self._queued = False
         self.exchange()
 
-    def average_bucket(self, index: int) -> Tensor:
-        """Bucket `index`'s gradients averaged over ranks (on the worker thread when the state
-        overlaps; every rank in bucket order)."""
-        state, step, params = self.state, self.state.iter, self.buckets[index]
-        flat = flatten_grads(params)
-        if step < state.start_iter:
-            return state.exchange.average_fp32(flat, f"distq.{index}.warmup")
-        lengths = [p.numel() for p in params]
-        keep = state.keep_of(params)
-        return state.exchange.average(flat, lengths, state.widths_of(params), index, step, keep)
-
-    @torch.no_grad()
     def exchange(self) -> None:
         """Average every parameter's gradient over ranks now (all ranks must call it)."""
-        state, step = self.state, self.state.iter
-        finite = True
-        for params, flat in zip(self.buckets, self.scheduler.finish(), strict=True):
-            write_grads(flat, params)
-            finite = finite and state.exchange.is_finite(flat)
-        if step >= state.start_iter:
-            state.stats.steps += 1
-        state.iter += 1
-        if not finite and state.settings.nonfinite == "raise":
-            raise FloatingPointError(
-                f"non-finite gradient at step {step} on some rank (every rank raises alike)"
-            )
+        try:
+            self.scheduler.finish()
+        finally:
+            self.state.iter += 1
 
     def remove(self) -> None:
         """Unregister the hooks and give the engine its own all-reduce back."""

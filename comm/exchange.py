@@ -1,13 +1,14 @@
 """The gradient exchange every engine shares: clip → noise key → compress → exchange → decode →
-count bytes → non-finite check → divide, for gradient buckets an adapter lays out.
+count bytes → non-finite check → divide, for the gradient buckets an adapter lays out.
 
-The DDP hook, DeepSpeed and Horovod are adapters over `GradientExchange`: they decide when a
-bucket is ready and where its average goes; the exchange decides what crosses the wire and
-counts it. `ExchangeSettings` is what must match for two runs to send the same bytes.
+The DDP hook, DeepSpeed and Horovod adapters decide when a bucket is ready and where its average
+goes; `GradientExchange` decides what crosses the wire and counts it. `ExchangeSettings` is what
+must match for two runs to send the same bytes.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -43,7 +44,7 @@ SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per bucket: one per distinct
 
 @dataclass
 class CompressionStats:
-    """Counters since the start (or the last checkpoint load) of this rank's exchange."""
+    """This rank's counters since the start (or the last checkpoint load)."""
 
     steps: int = 0
     bytes_sent: int = 0
@@ -61,14 +62,13 @@ class CompressionStats:
 
     @property
     def measured_blowup(self) -> float:
-        """‖Q(Clip(g))‖²/‖g‖² of this rank's first quantization, both norms of the unclipped g
-        (one draw of the E‖Q(Clip(g))‖²/‖g‖² the theory bounds); NaN before a measurement."""
+        """‖Q(Clip(g))‖²/‖g‖² of this rank's first quantization (one draw of what the theory
+        bounds); NaN before a measurement."""
         return self.clipped_norm_ratio + self.relative_error
 
     @property
     def second_blowup(self) -> float:
-        """1 + ‖Q(s) − s‖²/‖s‖² of `scatter`'s re-quantization of the reduced chunks s; NaN
-        where there is none."""
+        """1 + ‖Q(s) − s‖²/‖s‖² of `scatter`'s re-quantization of the sums s (NaN: none)."""
         return 1.0 + self.requant_relative_error
 
     @property
@@ -85,10 +85,33 @@ class CompressionStats:
 
 @dataclass(frozen=True)
 class ExchangeSettings:
-    """What crosses the wire (see `QuantizedCommState` for each option); validated on
-    construction, with errors that name the bad value and what is allowed. `compressor` is a
-    name from `distq.comm.registry.COMPRESSORS` or a `Compressor` object (its width is `bits`;
-    `bits_by_name` widths come from its `with_bits`)."""
+    """What crosses the wire, the same options for every engine; validated on construction, with
+    errors that name the bad value and what is allowed.
+
+    compressor: a name from `distq.comm.registry.COMPRESSORS` ('quantize': stochastic m-bit;
+        'terngrad': bits=2 only; 'sign': bits=1 only) or a `Compressor` object (its width is
+        `bits`; `bits_by_name` widths come from its `with_bits`).
+    bits: bits per element, 1..8 (None: the compressor's own, 2 for 'quantize'). 2 bits cut
+        traffic ~15×; 4 is the safe choice for sensitive layers.
+    bucket_size: elements per scale; smaller buckets lower the variance and add 4 bytes each
+        (512: 1/16 bit per element). None: one scale per exchanged bucket (the paper's setting).
+    clip: clip each gradient tensor at clip·√mean(g²) before quantizing (the paper's σ for
+        zero-mean gradients; a constant or offset gradient is never cut): bounds the scale, so
+        the error loses its √d growth, at a small bias. None disables it.
+    collective: 'scatter' (bandwidth-optimal, two quantizations), 'allgather' (one; traffic
+        grows with ranks), 'hierarchical' (full precision inside a node, 'scatter' between).
+    error_feedback: keep each rank's compression error and add it to its next gradient (needed
+        for the biased 'sign'); one gradient-sized buffer per rank.
+    min_numel: buckets smaller than this go uncompressed.
+    seed: seeds the rounding noise (with step, rank and bucket).
+    nonfinite: 'raise' FloatingPointError on every rank alike when any rank's gradient holds
+        NaN/Inf, or 'propagate' the NaN to every rank alike (the optimizer or AMP skips the step).
+    error_every: measure the quantization errors and clipping bias every this many steps (on
+        the first 1 M elements of a bucket: one extra encode and decode).
+    segment: elements per pipeline segment: one is encoded and another decoded while a third is
+        on the wire, so the codec's time hides behind the network's. None: one piece.
+    bits_by_name: {parameter name or regex: bits} for parameters that need other widths.
+    """
 
     compressor: str | Compressor = "quantize"
     bits: int | None = None
@@ -110,19 +133,29 @@ class ExchangeSettings:
                 f"nonfinite={self.nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}"
             )
         object.__setattr__(self, "bits", self.width(self.bits))
+        for name, value, allowed in (
+            ("bucket_size", self.bucket_size, "a positive int or None"),
+            ("error_every", self.error_every, "a positive number of steps"),
+            ("segment", self.segment, "a positive number of elements or None"),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}; allowed: {allowed}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip!r}; allowed: a positive float or None")
-        if self.bucket_size is not None and self.bucket_size < 1:
-            raise ValueError(f"bucket_size={self.bucket_size}; allowed: a positive int or None")
-        if self.error_every < 1:
-            raise ValueError(f"error_every={self.error_every}; allowed: a positive number of steps")
-        if self.segment is not None and self.segment < 1:
-            raise ValueError(
-                f"segment={self.segment}; allowed: a positive number of elements or None"
-            )
         for pattern, width in self.bits_by_name.items():
             self.width(width, f"bits_by_name[{pattern!r}]")
-        object.__setattr__(self, "bits_by_name", dict(self.bits_by_name))
+        object.__setattr__(self, "bits_by_name", dict(self.bits_by_name or {}))
+
+    @classmethod
+    def of(cls, **options: Any) -> ExchangeSettings:
+        """Settings from keyword options; an unknown one is refused with the nearest name."""
+        for name in options:
+            if name not in cls.__dataclass_fields__:
+                near = difflib.get_close_matches(name, cls.__dataclass_fields__, 1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                allowed = ", ".join(cls.__dataclass_fields__)
+                raise TypeError(f"unknown exchange option {name!r}{hint}; allowed: {allowed}")
+        return cls(**options)
 
     def width(self, bits: int | None, name: str = "bits") -> int:
         """The width sent for a requested `bits`, checked against the compressor."""
@@ -137,28 +170,24 @@ class ExchangeSettings:
             raise ValueError(f"{name}={bits!r}; allowed: an int in 1..8")
         return bits
 
-    def compressor_name(self) -> str:
-        """The registry name, or the class and wire format of a compressor object."""
-        if isinstance(self.compressor, str):
-            return self.compressor
-        return f"{type(self.compressor).__name__}({self.compressor.wire})"
-
     def build(self, bits: int) -> Compressor:
         """The plain compressor (no error feedback) of one width."""
         if isinstance(self.compressor, Compressor):
             return self.compressor.with_bits(bits)
-        record = COMPRESSORS[self.compressor]
-        return record.build(bits, self.bucket_size, torch.float32)
+        return COMPRESSORS[self.compressor].build(bits, self.bucket_size, torch.float32)
 
     def config(self) -> dict[str, Any]:
         """The settings a checkpoint records (they must match to resume bit-exactly)."""
+        compressor = self.compressor
+        if not isinstance(compressor, str):
+            compressor = f"{type(compressor).__name__}({compressor.wire})"
         return {
             "bits": self.bits,
             "bucket_size": self.bucket_size,
             "clip": self.clip,
             "collective": self.collective,
             "error_feedback": self.error_feedback,
-            "compressor": self.compressor_name(),
+            "compressor": compressor,
             "seed": self.seed,
             "bits_by_name": self.bits_by_name,
             "min_numel": self.min_numel,
@@ -167,33 +196,51 @@ class ExchangeSettings:
 
 
 class GradientExchange:
-    """Averages gradient buckets over the ranks of `transport` through quantized codes.
+    """Averages gradient buckets over the ranks of a `Transport` through quantized codes.
 
-    One float32 scratch buffer (padded for `scatter`) is kept between steps and shared by all
-    buckets (they are averaged one at a time), so no step pays for fresh pages. `topology` is
-    needed for `hierarchical` (torch.distributed only); `stats` are the counters to add to.
+    `widths` maps parameters to their `bits_by_name` width; `set_keep_mask` leaves entries off
+    the wire. One float32 scratch buffer (padded for `scatter`) is shared by all buckets, which
+    are averaged one at a time, so no step pays for fresh pages. The transport may be connected
+    later (`connect`), as the DDP hook does once torch.distributed is up.
     """
 
     def __init__(
         self,
         settings: ExchangeSettings,
-        transport: Transport,
+        transport: Transport | None = None,
         topology: Topology | None = None,
-        stats: CompressionStats | None = None,
+        widths: Mapping[nn.Parameter, int] | None = None,
     ) -> None:
-        if settings.collective == "hierarchical" and topology is None:
-            raise ValueError("collective 'hierarchical' needs the node topology")
         self.settings = settings
-        self.transport = transport
-        self.topology = topology
-        self.stats = CompressionStats() if stats is None else stats
+        self.widths = dict(widths or {})
+        self.stats = CompressionStats()
         self.memory = ResidualMemory() if settings.error_feedback else None
+        self.keep: Callable[[nn.Parameter], Tensor | None] | None = None
         self._compressors: dict[int, Compressor] = {}  # what is sent, per width
         self._plain: dict[int, Compressor] = {}  # the same without error feedback
         self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
         self._scratch: Tensor | None = None
+        self.transport, self.topology = transport, topology
+        if transport is not None:
+            self.connect(transport, topology)
 
-    # -- what is sent -------------------------------------------------------------------------
+    def connect(self, transport: Transport, topology: Topology | None = None) -> None:
+        """The ranks to average over; `hierarchical` also needs the node `topology`."""
+        if self.settings.collective == "hierarchical" and topology is None:
+            raise ValueError("collective 'hierarchical' needs the node topology")
+        self.transport, self.topology = transport, topology
+
+    def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
+        """Exchange only the entries fn(parameter) marks (a bool tensor; None: all); every rank
+        must give the same masks (as QuantizedOptimizer.mask_of does for pruned weights); the
+        other entries come back as zeros."""
+        if fn is not None and self.settings.error_feedback:
+            raise ValueError(
+                "a keep mask cannot be combined with error_feedback=True: the residuals would "
+                "move between entries as the mask changes"
+            )
+        self.keep = fn
+
     def compressor_for(self, bits: int) -> Compressor:
         """The (cached) compressor of one width, with error feedback when that is on."""
         if bits not in self._compressors:
@@ -204,17 +251,14 @@ class GradientExchange:
         return self._compressors[bits]
 
     def quantizations(self) -> int:
-        """How many times a gradient value is quantized on its way (the collective's record:
-        1 allgather, 2 scatter, hierarchical 2 across nodes and 0 on one node)."""
+        """How many times a gradient value is quantized on its way (the collective's record)."""
         nodes = self.topology.num_nodes if self.topology is not None else 2
         return collective_record(self.settings.collective).quantizations_on(nodes)
 
     def quantizes_here(self) -> bool:
-        """Whether this rank's exchange quantizes (hierarchical: only node leaders, and only
-        with more than one node), so its errors are worth measuring."""
-        if self.topology is None:
-            return True
-        return self.topology.is_leader and self.topology.num_nodes > 1
+        """Whether this rank quantizes (hierarchical: node leaders, with more than one node)."""
+        topology = self.topology
+        return topology is None or (topology.is_leader and topology.num_nodes > 1)
 
     # -- averaging ----------------------------------------------------------------------------
     def average(
@@ -227,12 +271,11 @@ class GradientExchange:
         keep: Tensor | None = None,
         out: Tensor | None = None,
     ) -> Tensor:
-        """Average one bucket (its tensors' `lengths` and bit `widths`) over the ranks.
-
-        With `keep` only the marked entries are exchanged, the rest are zero. The average is
-        written into `out` if given (it may be `buffer` itself: the division and the write-back
-        are then one pass) and returned. Every rank calls it with the same bucket `index` and
-        `step` in the same order."""
+        """Average one bucket (its tensors' `lengths` and bit `widths`) over the ranks, only the
+        entries `keep` marks (the rest are zero), into `out` if given (`buffer` itself makes the
+        division and write-back one pass); without `out` the result may be a view of the scratch
+        buffer, valid until the next call. Every rank calls it with the same `index` and `step`
+        in the same order."""
         n, numel = self.transport.size, buffer.numel()
         self.stats.fp32_allreduce_bytes += fp32_allreduce_bytes(numel, n)
         if keep is None:
@@ -245,6 +288,20 @@ class GradientExchange:
             out.zero_()
         out[keep] = average.to(out.dtype)
         return out
+
+    def average_params(
+        self,
+        params: list[nn.Parameter],
+        buffer: Tensor,
+        index: int,
+        step: int,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """`average` of a bucket of `params`' gradients flattened in `buffer`, at their widths
+        and with their keep masks."""
+        widths = [self.widths.get(p, self.settings.bits) for p in params]
+        keep = keep_mask(params, self.keep)
+        return self.average(buffer, [p.numel() for p in params], widths, index, step, keep, out)
 
     def average_fp32(self, buffer: Tensor, name: str = "distq.fp32") -> Tensor:
         """buffer ← its plain full-precision average over the ranks (warm-up steps), in place."""
@@ -345,9 +402,9 @@ class GradientExchange:
     def _measure(
         self, x: Tensor, original: Tensor | None, compressor: Compressor, key: Key
     ) -> None:
-        """Record the first quantization's error and the clipping bias of this step, all
-        relative to ‖g‖² of the unclipped gradient (`original`; None: x is unclipped), on the
-        first ERROR_SAMPLE elements, with the scales and noise the exchange sends."""
+        """Record the first quantization's error and the clipping bias relative to ‖g‖² of the
+        unclipped gradient (`original`; None: x is unclipped), on the first ERROR_SAMPLE
+        elements, with the scales and noise the exchange sends."""
         sample = _error_sample(x, compressor)
         g = sample if original is None else original
         norm = float(torch.dot(g, g))
@@ -370,10 +427,9 @@ class GradientExchange:
         return TorchTransport(self.topology.leader_group)
 
     def is_finite(self, average: Tensor) -> bool:
-        """Whether an average holds only finite values. A float32 sum is NaN/Inf iff an element
-        is (or it overflows 3e38, as unusable); unlike isfinite(x).all() it allocates nothing
-        of the bucket's size (and summed in float16 it would overflow on finite gradients). The
-        average is the same on every rank, so every rank finds alike."""
+        """Whether an average holds only finite values (alike on every rank). A float32 sum is
+        NaN/Inf iff an element is (or it overflows 3e38, as unusable) and, unlike
+        isfinite(x).all(), allocates nothing of the bucket's size."""
         return bool(torch.isfinite(average.sum(dtype=torch.float32)))
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -382,15 +438,22 @@ class GradientExchange:
         return {} if self.memory is None else self.memory.state_dict()
 
     def load_residuals(self, residuals: Mapping[str, Tensor]) -> None:
+        """Replace the residuals (none: reset them)."""
         if self.memory is not None:
             self.memory.load_state_dict(dict(residuals))
 
     def reset_residuals(self) -> None:
-        if self.memory is not None:
-            self.memory.reset()
+        self.load_residuals({})
 
 
-# -- bucket layout helpers for the adapters ------------------------------------------------------
+def nonfinite_error(where: str) -> FloatingPointError:
+    """The error every rank raises alike under nonfinite='raise'."""
+    return FloatingPointError(
+        f"non-finite gradient {where} on some rank (every rank raises alike; "
+        "nonfinite='propagate' hands the NaN to the optimizer)"
+    )
+
+
 def parameter_widths(
     named_parameters: Iterable[tuple[str, nn.Parameter]], bits_by_name: Mapping[str, int]
 ) -> dict[nn.Parameter, int]:
@@ -414,12 +477,11 @@ def parameter_widths(
 
 
 def keep_mask(
-    params: Iterable[nn.Parameter], fn: Callable[[nn.Parameter], Tensor | None] | None
+    params: list[nn.Parameter], fn: Callable[[nn.Parameter], Tensor | None] | None
 ) -> Tensor | None:
     """A bucket's flat mask of entries to exchange from fn(parameter) (None: all of them)."""
     if fn is None:
         return None
-    params = list(params)
     masks = [fn(p) for p in params]
     if all(m is None for m in masks):
         return None
@@ -454,9 +516,8 @@ def _groups_by_width(
 
 
 def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
-    """The leading whole buckets of x, at most ERROR_SAMPLE elements (a view; all of x when it
-    is shorter than a bucket): whole buckets encode with the kernels the exchange has compiled
-    already, where a partial one would compile the element-order kernels at this step."""
+    """The leading whole buckets of x, at most ERROR_SAMPLE elements (all of x if shorter than a
+    bucket): they encode with kernels compiled already, where a partial one would compile more."""
     bucket = compressor.wire.bucket_size
     if not bucket:
         return x[:ERROR_SAMPLE]
@@ -467,9 +528,9 @@ def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
 def _quantization_error(
     x: Tensor, sample: Tensor, compressor: Compressor, key: Key, transport: Transport
 ) -> float:
-    """‖Q(sample) − sample‖² for the leading `sample` of x, with the codes the exchange sends:
-    the same noise, and the scales of x's buckets (one scale: x's own; shared scales: max-reduced
-    over `transport`, a collective every rank makes at the same steps)."""
+    """‖Q(sample) − sample‖² for the leading `sample` of x with the codes the exchange sends: the
+    same noise and scales (one scale: x's; shared scales: max-reduced over `transport`, which
+    every rank does at the same steps)."""
     wire = compressor.wire
     if wire.bucket_size is not None and not wire.shared_scale:  # the sample's own scales
         payload = compressor.compress(sample, key)
@@ -478,7 +539,6 @@ def _quantization_error(
         if wire.shared_scale:
             scales = shared_scales(scales, transport, "distq.measure", Traffic())
         payload = compressor.compress(sample, key, scales=scales)
-    # decoded by the kernel scatter's all-gather stage uses: no extra compile at this step
     diff = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(sample))
     diff.sub_(sample)
     return float(torch.dot(diff, diff))

@@ -1,10 +1,7 @@
 """Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what a biased compressor failed
-to send this step is added to the next step's gradient.
-
-The residuals live in a `ResidualMemory`, apart from any compressor: one per rank and bucket
-slot (and bit width), checkpointed by the exchange that owns it. `ErrorFeedback` is the view
-through which a collective compresses with that memory: compress(g) sends Q(g + e) and keeps
-e ← (g + e) − Q(g + e).
+to send this step is added to the next step's gradient. The residuals live in a
+`ResidualMemory` that the exchange owns and checkpoints; `ErrorFeedback` is the compressor view
+of it: compress(g) sends Q(g + e) and keeps e ← (g + e) − Q(g + e).
 """
 
 from __future__ import annotations
@@ -25,8 +22,7 @@ class ResidualMemory:
         self.residuals: dict[tuple[int, int], Tensor] = {}
 
     def get(self, bits: int, slot: int, numel: int) -> Tensor | None:
-        """The residual of `slot` (None before its first step); one of another size than
-        `numel` means the bucket layout changed: a ValueError."""
+        """The residual of `slot` (None before its first step; ValueError if not `numel` long)."""
         residual = self.residuals.get((bits, slot))
         if residual is not None and residual.numel() != numel:
             raise ValueError(
@@ -57,13 +53,9 @@ class ResidualMemory:
 
 
 class ErrorFeedback(Compressor):
-    """`inner` compressed with error feedback from `memory` (a fresh one by default).
-
-    For a rank's own gradient (key.phase 0) it compresses g + e and keeps e ← (g + e) − Q(g + e)
-    per key.slot. Re-quantizations of reduced data (phase ≥ 1, the `scatter` owner's step) pass
-    through uncompensated. inplace=True adds e into the caller's x (a scratch buffer) instead
-    of allocating g + e.
-    """
+    """`inner` with error feedback from `memory` (a fresh one by default), per key.slot, on a
+    rank's own gradient (key.phase 0; the `scatter` owner's re-quantization passes through).
+    inplace=True adds e into the caller's x (a scratch buffer) instead of allocating g + e."""
 
     stateful = True  # the residual belongs to the whole tensor: collectives never split it
 

@@ -1,13 +1,12 @@
-"""Horovod with distq's quantized gradients: the DDP hook's exchange (`GradientExchange`) over
-Horovod's asynchronous all-gather and all-to-all.
+"""Horovod with distq's quantized gradients: the DDP hook's `GradientExchange` over Horovod's
+asynchronous all-gather and all-to-all.
 
     opt = distq.comm.horovod.DistributedOptimizer(opt, model.named_parameters(), bits=2)
 
-Horovod's own `compression=` hands the compressed tensor to a summing all-reduce: that refuses
-uint8 and cannot add packed codes. This optimizer instead encodes each bucket of gradients with
-distq's codec and moves the payloads with Horovod's all-gather / all-to-all (`HorovodTransport`),
-so every rank decodes the same sum and replicas stay bit-identical. As in Horovod's own
-optimizer, a bucket's exchange starts during backward as soon as its last gradient is ready.
+Horovod's own `compression=` hands the compressed tensor to a summing all-reduce, which refuses
+uint8 and cannot add packed codes; here every rank decodes the same sum of the payloads, so
+replicas stay bit-identical. As in Horovod's optimizer, a bucket's exchange starts during
+backward as soon as its last gradient is ready.
 """
 
 from __future__ import annotations
@@ -19,18 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distq.comm.buckets import (
-    DEFAULT_CAP_MB,
-    BucketScheduler,
-    flatten_grads,
-    plan_buckets,
-    write_grads,
-)
+from distq.comm.buckets import DEFAULT_CAP_MB, BucketedExchange
 from distq.comm.exchange import (
     CompressionStats,
     ExchangeSettings,
     GradientExchange,
-    keep_mask,
     parameter_widths,
 )
 from distq.comm.extras import require
@@ -79,9 +71,8 @@ class DistributedOptimizer(OptimizerWrapper):
             of its gradients has arrived `backward_passes_per_step` times (False: all of them
             in `step()`).
         backward_passes_per_step: backward passes accumulated per `step()` (Horovod's name).
-        **exchange: QuantizedCommState's exchange options (bits, bucket_size, clip, collective
-            'scatter' or 'allgather', compressor, error_feedback, min_numel, seed, nonfinite,
-            error_every, segment, bits_by_name), with the same defaults and checks.
+        **exchange: what crosses the wire, `ExchangeSettings`'s options, as for the DDP hook
+            (collective 'scatter' or 'allgather').
 
     To clip the averaged gradient, call `synchronize()`, clip, then `step()` inside
     `with opt.skip_synchronize():`. `set_keep_mask(fn)` leaves entries off the wire as in the
@@ -99,7 +90,7 @@ class DistributedOptimizer(OptimizerWrapper):
         backward_passes_per_step: int = 1,
         **exchange: Any,
     ) -> None:
-        settings = ExchangeSettings(**exchange)
+        settings = ExchangeSettings.of(**exchange)
         if settings.collective == "hierarchical":
             raise ValueError(
                 "collective='hierarchical'; allowed: scatter, allgather (hierarchical needs "
@@ -112,59 +103,39 @@ class DistributedOptimizer(OptimizerWrapper):
                 f"backward_passes_per_step={backward_passes_per_step}; allowed: an int >= 1"
             )
         super().__init__(optimizer)
-        named = (
-            list(named_parameters)
-            if named_parameters is not None
-            else [(str(i), p) for i, p in enumerate(_group_params(optimizer))]
-        )
-        self.buckets = plan_buckets([p for _, p in named], bucket_cap_mb)
-        self._widths = parameter_widths(named, settings.bits_by_name)
-        self.start_iter = start_iter
-        self.exchange = GradientExchange(settings, HorovodTransport())
+        named = list(named_parameters or [])
+        if named_parameters is None:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            named = [(str(i), p) for i, p in enumerate(params)]
+        widths = parameter_widths(named, settings.bits_by_name)
+        self.exchange = GradientExchange(settings, HorovodTransport(), widths=widths)
         self.stats: CompressionStats = self.exchange.stats
         self.iter = 0
-        self._keep_mask: Callable[[nn.Parameter], Tensor | None] | None = None
+        self.scheduler = BucketedExchange(
+            self.exchange,
+            [p for _, p in named],
+            lambda: self.iter,
+            start_iter,
+            bucket_cap_mb,
+            overlap,
+            backward_passes_per_step,
+        )
+        self.buckets = self.scheduler.buckets
         self._synchronized = False
         self._skip = False
-        self.scheduler = BucketScheduler(
-            self.buckets, self.average_bucket, overlap, backward_passes_per_step
-        )
 
     def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
-        """Exchange only the entries fn(parameter) marks (as `QuantizedCommState`'s)."""
-        if fn is not None and self.exchange.settings.error_feedback:
-            raise ValueError("a keep mask cannot be combined with error_feedback=True")
-        self._keep_mask = fn
-
-    def average_bucket(self, index: int) -> Tensor:
-        """Bucket `index`'s gradients averaged over ranks (every rank calls it in index order;
-        on the worker thread when overlapping)."""
-        params = self.buckets[index]
-        flat = flatten_grads(params)
-        if self.iter < self.start_iter:
-            return self.exchange.average_fp32(flat, f"distq.{index}.warmup")
-        lengths = [p.numel() for p in params]
-        widths = [self._widths.get(p, self.exchange.settings.bits) for p in params]
-        keep = keep_mask(params, self._keep_mask)
-        return self.exchange.average(flat, lengths, widths, index, self.iter, keep)
+        """Exchange only the entries fn(parameter) marks (`GradientExchange.set_keep_mask`)."""
+        self.exchange.set_keep_mask(fn)
 
     @torch.no_grad()
     def synchronize(self) -> None:
         """Average every gradient over ranks now (every rank must call it, in the same order)."""
-        averages = self.scheduler.finish()
-        finite = True
-        for params, flat in zip(self.buckets, averages, strict=True):
-            write_grads(flat, params)
-            finite = finite and self.exchange.is_finite(flat)
-        if self.iter >= self.start_iter:
-            self.stats.steps += 1
-        step, self.iter = self.iter, self.iter + 1
-        self._synchronized = True
-        if not finite and self.exchange.settings.nonfinite == "raise":
-            raise FloatingPointError(
-                f"non-finite gradient at step {step} on some rank (every rank raises alike; "
-                "nonfinite='propagate' hands the NaN to the optimizer)"
-            )
+        try:
+            self.scheduler.finish()
+        finally:
+            self.iter += 1
+            self._synchronized = True
 
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -187,14 +158,8 @@ class DistributedOptimizer(OptimizerWrapper):
         return loss
 
     def compression_stats(self) -> CompressionStats:
-        """Bytes sent and received by this rank, the ratio to an fp32 all-reduce, and the
-        measured quantization errors (as the DDP hook's)."""
         return self.stats
 
     def close(self) -> None:
         """Remove the gradient hooks and stop the worker thread."""
         self.scheduler.close()
-
-
-def _group_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    return [p for g in optimizer.param_groups for p in g["params"]]

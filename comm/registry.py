@@ -1,6 +1,5 @@
 """Compressors by name: one record each, saying how to build it, which widths it can send and
-its variance law (`distq.theory.exchange.VARIANCE_LAWS`). The hook, the Horovod optimizer, the
-CLI and `allreduce` read these records; nothing else lists compressor names.
+its variance law (`distq.theory.exchange.VARIANCE_LAWS`); nothing else lists compressor names.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ class CompressorRecord:
     variance: Callable[[int, int], float | None]
 
     def bits(self, bits: int | None, name: str = "bits") -> int:
-        """The width this compressor sends for a requested `bits` (None: its own); a width it
-        cannot send is refused."""
+        """The width sent for a requested `bits` (None: its own); one it cannot send is refused."""
         if bits is None:
             return self.default_bits
         if self.fixed_bits is not None and bits != self.fixed_bits:
@@ -78,9 +76,8 @@ def make_compressor(
     error_feedback: bool | ResidualMemory = False,
     scale_dtype: torch.dtype = torch.float32,
 ) -> Compressor:
-    """A compressor by name (`COMPRESSORS`); error_feedback wraps it in `ErrorFeedback` with a
-    fresh residual memory (or the `ResidualMemory` given). bits=None: the compressor's own
-    width; one it cannot send is refused."""
+    """A compressor by name (`COMPRESSORS`; bits=None: its own width), wrapped in `ErrorFeedback`
+    with a fresh residual memory (or the `ResidualMemory` given) if `error_feedback`."""
     record = compressor_record(kind)
     compressor = record.build(record.bits(bits), bucket_size, scale_dtype)
     if error_feedback is False:

@@ -1,10 +1,7 @@
-"""How payload bytes move between ranks: the four operations distq's collectives are built of,
-for torch.distributed here and for Horovod in `distq.comm.horovod`.
-
-A collective (`distq.comm.collectives`) is written once against `Transport`; each engine only
-says how it all-gathers, exchanges all-to-all, max-reduces scales and sums full-precision
-tensors. The data movements are asynchronous (`Pending`), so the pipelined exchange overlaps
-one segment's transfer with the next one's encoding on every engine.
+"""How payload bytes move between ranks: the four operations the collectives are written
+against, for torch.distributed here and for Horovod in `distq.comm.horovod`. Data movements are
+asynchronous (`Pending`), so the pipelined exchange overlaps transfers with the codec on every
+engine.
 """
 
 from __future__ import annotations
@@ -29,26 +26,24 @@ class Pending:
 
 class Transport(ABC):
     """Moves 1-D tensors among `size` ranks; this process is `rank`. Every rank issues the same
-    operations in the same order; `name` identifies one (Horovod matches operations across
-    ranks by name; it must be unique among those in flight)."""
+    operations in the same order; `name` is unique among those in flight (Horovod matches by
+    it)."""
 
     rank: int
     size: int
 
     @abstractmethod
     def all_gather(self, payload: Tensor, out: Tensor, name: str) -> Pending:
-        """Every rank's equal-sized `payload` concatenated in rank order (into `out`, size·len,
-        where the engine writes in place)."""
+        """Every rank's equal-sized `payload` in rank order (into `out` where the engine can)."""
 
     @abstractmethod
     def all_to_all(self, send: Tensor, out: Tensor, name: str) -> Pending:
-        """The j-th of `size` equal slices of `send` goes to rank j; what arrives, in rank
-        order (into `out` where the engine writes in place)."""
+        """Slice j of `send` to rank j; what arrives, in rank order (into `out` where it can)."""
 
     @abstractmethod
     def max_(self, values: Tensor, name: str) -> int:
-        """`values` ← their element-wise maximum over ranks, in place (a NaN anywhere stays
-        NaN); returns the bytes this rank sent for it (as many arrive)."""
+        """`values` ← their maximum over ranks, in place (a NaN anywhere stays NaN); returns the
+        bytes this rank sent for it (as many arrive)."""
 
     @abstractmethod
     def sum_(self, values: Tensor, name: str) -> None:

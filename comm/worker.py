@@ -1,6 +1,6 @@
-"""One thread that runs submitted exchanges in submission order, each completing a Future: the
-same order on every rank, so communication overlaps backward and no engine thread is ever
-blocked inside a future callback."""
+"""Where exchanges run: on one worker thread in submission order (the same order on every rank,
+so communication overlaps backward and no engine thread blocks inside a future callback), or
+inline."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ from torch import Tensor
 
 
 class ExchangeWorker:
-    """One thread running submitted exchanges in submission order; each completes a Future.
-
-    The thread is stopped and joined by `close()` or, at the latest, when the interpreter
-    exits: a thread that has run asynchronous gloo collectives must not still be alive when
-    C++ static destructors run (the process would abort with "terminate called without an
-    active exception")."""
+    """One thread running submitted exchanges in order, each completing a Future. It is joined
+    by `close()` or at interpreter exit: alive when C++ static destructors run after async gloo
+    collectives, it would abort the process ("terminate called without an active exception")."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -37,13 +34,24 @@ class ExchangeWorker:
             job, future = self._jobs.get()
             if job is None:
                 return
-            try:
-                future.set_result(job())
-            except Exception as exc:
-                future.set_exception(exc)
+            _settle(future, job)
 
     def close(self) -> None:
         self._stop()
+
+
+def completed(job: Callable[[], Tensor]) -> torch.futures.Future:
+    """A Future settled by running `job` here and now (inline, without a worker)."""
+    return _settle(torch.futures.Future(), job)
+
+
+def _settle(future: torch.futures.Future, job: Callable[[], Tensor]) -> torch.futures.Future:
+    """Complete `future` with job's result, or with the exception it raises."""
+    try:
+        future.set_result(job())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def _stop_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:

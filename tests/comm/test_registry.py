@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distq.comm import (
     COMPRESSORS,
@@ -19,18 +18,8 @@ from distq.comm import (
     make_compressor,
     terngrad,
 )
-from distq.comm.transport import TorchTransport
 from distq.monitor.monitor import GradientSetup
 from distq.theory.exchange import COLLECTIVES, VARIANCE_LAWS
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A real one-process gloo group (the exchange needs a transport)."""
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield TorchTransport()
-    dist.destroy_process_group()
 
 
 def averaged(settings: ExchangeSettings, transport, widths: list[int]) -> torch.Tensor:
