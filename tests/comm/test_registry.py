@@ -97,3 +97,13 @@ def test_error_feedback_memory_is_apart_from_the_compressor():
     restored = ResidualMemory()
     restored.load_state_dict(memory.state_dict())
     assert torch.equal(restored.residuals[1, 4], memory.residuals[1, 4])
+
+
+def test_an_unknown_exchange_option_is_refused_with_the_nearest_name():
+    """Every engine takes the exchange options as keywords; a typo must not pass silently."""
+    from distq.comm import QuantizedCommState
+
+    with pytest.raises(TypeError, match=r"'bitz' \(did you mean 'bits'\?\); allowed: compressor"):
+        ExchangeSettings.of(bitz=2)
+    with pytest.raises(TypeError, match="did you mean 'error_feedback'"):
+        QuantizedCommState(error_feedbak=True)
