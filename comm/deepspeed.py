@@ -44,6 +44,7 @@ class DeepSpeedExchange:
     def __init__(self, engine: Any, state: QuantizedCommState, bucket_cap_mb: float) -> None:
         self.engine = engine
         self.state = state
+        state.close()  # the DDP hook's worker thread: the buckets here have their own
         self.scheduler = BucketedExchange(
             state.exchange,
             engine.module.parameters(),

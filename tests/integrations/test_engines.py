@@ -60,6 +60,8 @@ def test_deepspeed_stage0_trains_like_ddp(tmp_path, ddp_reference):
     assert_identical_replicas(ranks)
     assert_tracks(ranks, ddp_reference)
     assert_bytes(ranks, STEPS - 2)  # QuantizedCommState's start_iter=2 holds here too
+    # one exchange thread: the buckets' (the DDP hook's own thread used to idle beside it)
+    assert [r["comm_threads"] for r in ranks] == [1, 1]
 
 
 def test_deepspeed_accumulation_and_clipping_act_on_the_averaged_gradient(tmp_path):

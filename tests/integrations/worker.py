@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -150,6 +151,7 @@ def run_deepspeed(args) -> None:
         losses,
         stats=stats_dict(exchange.state.compression_stats()),
         buckets=[sum(p.numel() for p in b) for b in exchange.buckets],
+        comm_threads=sum(t.name == "distq-comm" for t in threading.enumerate()),
     )
     dist.barrier()
 
