@@ -17,11 +17,11 @@ plot's ‖W_h‖₂ is the monitor's power iteration; benchmarks/README.md says 
 
 Each configuration and seed trains in its own process (`distq.launch.train.run`, one worker, 1
 thread), `--jobs` at a time, and writes one JSON per run as it finishes, under
-benchmarks/lstm_normalization_runs/e<epochs>/ (`--epochs`; e<epochs>-constant/ with
-`--lr-schedule constant`); a rerun skips the runs that have a result (delete a JSON to redo
-it). Then the script prints the markdown table and writes lstm_normalization.png (gradient
-norms across time steps at the end of training, and the first step's over training, seed 0)
-from the JSON files.
+benchmarks/lstm_normalization_runs/e<epochs>/ (`--epochs`; -constant with `--lr-schedule
+constant`, -c<k>k with another `--corpus-chars`); a rerun skips the runs that have a result
+(delete a JSON to redo it). Then the script prints the markdown table and writes
+lstm_normalization.png (gradient norms across time steps at the end of training, and the first
+step's over training, seed 0) from the JSON files.
 """
 
 from __future__ import annotations
@@ -67,10 +67,15 @@ BUDGET = {
 }
 
 
-def results_dir() -> Path:
-    """Where the current budget's JSONs live: e<epochs>/ (cosine LR) or e<epochs>-constant/."""
-    schedule = "" if BUDGET["lr_schedule"] == "cosine" else f"-{BUDGET['lr_schedule']}"
-    return RUNS / f"e{BUDGET['epochs']}{schedule}"
+def results_dir(corpus_chars: int) -> Path:
+    """Where a budget's JSONs live: e<epochs>/, with -constant for a constant LR and -c<k>k for
+    another corpus length than CORPUS_CHARS."""
+    name = f"e{BUDGET['epochs']}"
+    if BUDGET["lr_schedule"] != "cosine":
+        name += f"-{BUDGET['lr_schedule']}"
+    if corpus_chars != CORPUS_CHARS:
+        name += f"-c{corpus_chars // 1000}k"
+    return RUNS / name
 
 
 def run_name(scheme: str, norm: str, seed: int) -> str:
@@ -162,11 +167,11 @@ def export_sizes(out: Path) -> dict[str, int]:
 
 def run_missing(names: list[str], run_root: Path, corpus_chars: int, jobs: int) -> None:
     """Train every run without a result JSON, `jobs` processes (1 thread each) at a time."""
-    results_dir().mkdir(parents=True, exist_ok=True)
+    results_dir(corpus_chars).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: list[tuple[str, subprocess.Popen]] = []
     for name in names:
-        if (results_dir() / f"{name}.json").exists():
+        if (results_dir(corpus_chars) / f"{name}.json").exists():
             continue
         while len(running) >= jobs:
             running = _reap(running)
@@ -334,7 +339,8 @@ def main() -> int:
     run_root = Path(args.run_root)
     if args.one:
         record = run_one(args.one, run_root, args.corpus_chars)
-        (results_dir() / f"{args.one}.json").write_text(json.dumps(record, indent=1) + "\n")
+        result = results_dir(args.corpus_chars) / f"{args.one}.json"
+        result.write_text(json.dumps(record, indent=1) + "\n")
         return 0
     names = [
         run_name(scheme, norm, seed)
@@ -343,7 +349,8 @@ def main() -> int:
         for norm in args.norms
     ]
     run_missing(names, run_root, args.corpus_chars, args.jobs)
-    results = [json.loads(p.read_text()) for p in sorted(results_dir().glob("*.json"))]
+    found = sorted(results_dir(args.corpus_chars).glob("*.json"))
+    results = [json.loads(p.read_text()) for p in found]
     print(table(results))
     print(convergence_gap(results))
     plot(results, PLOT)
