@@ -43,6 +43,7 @@ class QuantizeResult:
     ptq: PTQResult
     checkpoint: Path
     config: Path
+    world_size: int
 
 
 def quantize_checkpoint(
@@ -134,7 +135,7 @@ def quantize_checkpoint(
     config_path = out / CONFIG_NAME
     config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     say(f"test accuracy after quantization: {accuracy:.2%} (full precision {fp_accuracy:.2%})")
-    return QuantizeResult(fp_accuracy, accuracy, count, result, store.latest, config_path)
+    return QuantizeResult(fp_accuracy, accuracy, count, result, store.latest, config_path, world)
 
 
 def _source_config(state: dict, source: str | Path) -> config.TrainConfig:
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"checkpoint: {result.checkpoint}\n"
-        f"  fine-tune: distq train {result.config} --epochs N   (resumes it: same world size)\n"
+        f"  fine-tune: distq train {result.config} --epochs N   (resumes it with "
+        f"{result.world_size} process(es), as the source ran)\n"
         f"  pack it:   distq export {result.checkpoint} model.safetensors"
     )
     return 0
