@@ -2,25 +2,28 @@
 teach the quantized (and sparsified) network they are projected onto.
 
 The idea is O'Neill, Dutta & Assem's (arXiv 2109.15014, "Deep Neural Compression via Concurrent
-Pruning and Self-Distillation"): prune and distill in one training run rather than train, prune,
-then distill, with the unpruned network teaching its pruned copy; their objective is a
-cross-correlation between the two copies' representations. What is distq's own:
+Pruning and Self-Distillation"): prune and distill in one training run rather than in two
+stages, the unpruned version of a network teaching its pruned version, with no separate student
+network. What is distq's own:
 
 - the teacher is no second model: it is the same network with the latent w that
   QuantizedOptimizer keeps anyway swapped in for ŵ = P(w) (the projection, distq/optim.py).
   Teacher and student share every parameter that is not quantized (biases, norms, the layers
   kept in full precision) and differ exactly by w − ŵ; the teacher moves as w trains. It costs
-  one extra forward pass per step, under torch.no_grad(), and no memory beyond one copy of ŵ;
-- the objective is Hinton, Vinyals & Dean's (2015) KL on temperature-softened logits, not the
-  paper's cross-correlation (not implemented here). With student logits z_s, teacher logits
-  z_t, p^T = softmax(z/T) over the class dimension and labels y:
+  one extra forward pass per step, under torch.no_grad(), and one copy of ŵ and the buffers;
+- the objective is Hinton, Vinyals & Dean's (2015) KL on temperature-softened logits. The
+  paper's is a cross-correlation between the two versions' representations, which it also uses
+  to inform the pruning criterion; its exact form (which representations, how off-diagonal
+  terms are weighted) was not at hand when this was written, so it is not offered. Masks here
+  come from the projection of w alone (distq/quant/sparse.py). With student logits z_s,
+  teacher logits z_t, p^T = softmax(z/T) over the class dimension and labels y:
 
       L = (1 − λ)·CE(z_s, y) + λ·T²·KL(p_t^T ‖ p_s^T),   KL(p ‖ q) = Σ_c p_c (log p_c − log q_c)
 
   averaged over the examples (and over positions for sequence logits, class dimension 1 as in
   cross_entropy). ∂/∂z_s of the KL term is T·(p_s^T − p_t^T): the T² factor keeps its
-  gradient on CE's scale as T changes (for T ≫ the logits' spread it tends to (z_s − z_t)/C,
-  logit matching). λ = 0 is plain CE and skips the teacher.
+  gradient on CE's scale as T changes (for T ≫ the logits' spread it tends to (z_s − z_t)/C
+  with C classes and zero-mean logits: logit matching). λ = 0 is plain CE and skips the teacher.
 
 Default T = 2, untuned: teacher and student are one network that fits the training set, so at
 T = 1 the teacher's softmax is close to one-hot on the label and the KL term mostly repeats CE;
