@@ -100,6 +100,17 @@ def main() -> None:
     ).stdout.strip()
     settings = [(k, lam) for k in args.sparsities for lam in (0.0, args.distill)]
     runs: list[dict] = []
+    record = {
+        "recipe": args.recipe,
+        "epochs": args.epochs,
+        "temperature": args.temperature,
+        "commit": commit,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "runs": runs,
+        "step_ms_one_process": None,
+    }
+    path = HERE / f"distillation_{args.recipe}.json"
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for sparsity, weight in settings:
@@ -114,20 +125,10 @@ def main() -> None:
                     "seconds": result["seconds"],
                 })  # fmt: skip
                 print(f"{runs[-1]}", file=sys.stderr)
-    timing = step_times(
+                path.write_text(json.dumps(record, indent=2) + "\n")  # what a cut run keeps
+    record["step_ms_one_process"] = step_times(
         args.recipe, args.sparsities[-1], args.distill, args.timing_blocks, args.timing_steps
     )
-    record = {
-        "recipe": args.recipe,
-        "epochs": args.epochs,
-        "temperature": args.temperature,
-        "commit": commit,
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(sys.argv),
-        "runs": runs,
-        "step_ms_one_process": timing,
-    }
-    path = HERE / f"distillation_{args.recipe}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print_tables(record)
 
@@ -158,6 +159,8 @@ def print_tables(record: dict) -> None:
                 f"| {ms:.1f} |"
             )
     t = record["step_ms_one_process"]
+    if t is None:
+        return
     print(
         f"\none process, 1 thread, batch 32: a step {t['plain']:.2f} ms plain, "
         f"{t['distill']:.2f} ms with distillation ({t['distill'] - t['plain']:+.2f} ms, "
