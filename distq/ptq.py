@@ -31,10 +31,11 @@ plain projection; whether the data-weighted one wins is reported per layer (`Lay
 
 What is the papers': L-OBS (Dong, Chen & Pan, NeurIPS 2017) compresses layer by layer with the
 layer-wise error E‖W x − Ŵ x‖² whose Hessian is H = E[x xᵀ], uses its full inverse (Optimal
-Brain Surgeon) to prune, and bounds how layer errors add up through the network; L-DNQ (Chen,
-Dong & Pan, AAAI 2019) quantizes with the same layer-wise objective and a few percent of the
-training data, solving it with an ADMM-style alternation between a full-precision update and
-its projection onto the quantized set. distq's simplification: the diagonal of H only (so no
+Brain Surgeon) to prune, and bounds how layer errors add up through the network; L-DNQ (Chen
+et al., AAAI 2019) quantizes with a layer-wise objective of that kind and about 1% of the
+training data, solving each layer's problem by an alternation (ADMM-style, as the paper
+describes it) between a full-precision update and its projection onto the quantized set.
+Neither paper's code is reproduced here. distq's simplification: the diagonal of H only (so no
 inverse, and the existing exact or alternating solvers), codes fixed after the projection,
 one exact least-squares refit of the values, the better of two projections kept, and the
 propagation of quantized inputs that step 1 describes. Layers whose forward never runs as a
