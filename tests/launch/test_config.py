@@ -277,13 +277,13 @@ def test_section_errors_name_the_key_and_what_is_allowed(tmp_path, text, message
 def test_sections_feed_their_constructors_keyword_arguments():
     import inspect
 
-    from distq.comm import QuantizedCommState
+    from distq.comm import ExchangeSettings
     from distq.optim import QuantizedOptimizer
 
     cfg = config.TrainConfig(sparsity=0.5, sparsity_schedule="cubic")
-    hook = inspect.signature(QuantizedCommState).parameters
     optimizer = inspect.signature(QuantizedOptimizer).parameters
-    assert set(cfg.gradients.as_kwargs()) <= set(hook)
+    # the exchange options every engine takes (QuantizedCommState(**exchange) among them)
+    assert set(cfg.gradients.as_kwargs()) <= set(ExchangeSettings.__dataclass_fields__)
     assert set(cfg.weights.as_kwargs()) | set(cfg.sparsity.optimizer_kwargs(100)) <= set(optimizer)
     schedule = cfg.sparsity.optimizer_kwargs(100)["sparsity"]
     assert (schedule.final, schedule.kind, schedule.begin, schedule.end) == (0.5, "cubic", 0, 75)
