@@ -30,6 +30,10 @@ T = 1 the teacher's softmax is close to one-hot on the label and the KL term mos
 T = 2 keeps the teacher's ranking of the other classes visible, and the T² factor keeps the term
 on CE's scale.
 
+Measured (benchmarks/README.md, ternary at 75% and 90% sparsity, λ = 0.5): no gain on digits and
+about 8 points lost on the CIFAR-style recipe, where the latent weights as a network test worse
+than ŵ: a teacher no stronger than its student.
+
 Under DDP the teacher runs on the unwrapped module: no reducer hook, no buffer broadcast, and
 its buffers (batch-norm statistics) are restored after it, so every replica ends each step as
 it would have without the teacher's forward, save for the gradients the KL term changes (the
