@@ -29,9 +29,13 @@ the k − 1 cluster boundaries are binary searches for the midpoints between adj
 differences. The loop stops when the boundaries repeat (then every weight sits at its nearest
 centroid and every centroid is the D-weighted mean of its weights: a local optimum, not always
 the global one, which tests measure by brute force over all contiguous partitions) or after
-MAX_ROUNDS rounds. A cluster left empty (or with Σd = 0) keeps its centroid. A warm codebook
-with repeated values (a collapsed one, e.g. fitted to an all-zero tensor) is replaced by the
-linear initialization for that group.
+MAX_ROUNDS rounds. A cluster left empty (no weight, or Σd = 0) is re-seeded at the weight
+with the largest weighted error dᵢ·min_j (wᵢ − c_j)² to the other centroids (k-means++'s
+farthest point, D-weighted; one at a time, each seed lowering the next one's errors): the
+objective drops by that error, so the iteration stays monotone, and no centroid stays empty
+while the group holds at least k distinct values with d > 0 (with fewer, those that cannot be
+filled keep their value). A warm codebook with repeated values (a collapsed one, e.g. fitted
+to an all-zero tensor) is replaced by the linear initialization for that group.
 
 `Projection.alpha` holds the codebook, ascending: shape (k,) per tensor, (G, k) per channel or
 block. Sparsity is not offered: a forced zero would be a (k+1)-th value.
@@ -89,10 +93,47 @@ def kmeans(w: Tensor, d: Tensor, k: int, init: Tensor | None = None) -> tuple[Te
         m, s = mass.gather(1, bounds), moment.gather(1, bounds)
         cm, cs = m[:, 1:] - m[:, :-1], s[:, 1:] - s[:, :-1]
         mean = cs / cm.clamp_min(torch.finfo(torch.float64).tiny)
-        c = torch.where(cm > 0, mean, c.to(torch.float64)).to(w.dtype).sort(dim=1).values
+        c = torch.where(cm > 0, mean, c.to(torch.float64)).to(w.dtype)
+        if not bool((cm > 0).all()):
+            c = reseed(values, weights, c, cm > 0)
+        c = c.sort(dim=1).values
     mids = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
     assignment = torch.searchsorted(mids, w.contiguous(), right=True)  # on a midpoint: upper
     return c.gather(1, assignment), c
+
+
+def reseed(values: Tensor, weights: Tensor, c: Tensor, live: Tensor) -> Tensor:
+    """The codebook c (G, k) with each centroid that is not `live` (an empty cluster) moved to
+    the weight of largest dᵢ·min_j (wᵢ − c_j)² over the live and already re-seeded centroids,
+    one hole after another; `values` (G, n) sorted, `weights` their d (float64). A hole whose
+    group has no live centroid (Σd = 0) or no weight left off the codebook keeps its value."""
+    c = c.clone()
+    rows = ((~live).any(dim=1) & live.any(dim=1)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return c
+    v, d, cc, holes = values[rows], weights[rows], c[rows], ~live[rows]
+    v64 = v.to(torch.float64)
+    inf = torch.tensor(torch.inf, dtype=torch.float64, device=c.device)
+    known = torch.where(holes, inf, cc.to(torch.float64)).sort(dim=1).values
+    right = torch.searchsorted(known, v64).clamp_max(known.shape[1] - 1)  # nearest: idx or idx-1
+    left = (right - 1).clamp_min(0)
+    dist = torch.minimum(
+        (v64 - known.gather(1, left)).square(), (v64 - known.gather(1, right)).square()
+    )
+    for _ in range(int(holes.sum(dim=1).max())):
+        error = d * dist  # d = 0: never a seed
+        gain, best = error.max(dim=1)
+        slot = holes.to(torch.uint8).argmax(dim=1)  # the first hole left in each row
+        fill = holes.any(dim=1) & (gain > 0)
+        seed = v.gather(1, best[:, None]).squeeze(1)
+        picked = torch.arange(len(rows), device=c.device)
+        cc[picked[fill], slot[fill]] = seed[fill]
+        holes[picked, slot] = False  # filled, or nothing left to gain: keeps its value
+        dist = torch.where(
+            fill[:, None], torch.minimum(dist, (v64 - seed[:, None].double()).square()), dist
+        )
+    c[rows] = cc
+    return c
 
 
 @register("shared", bits=(2, 3, 4), loss_aware=True, uniform=False, codebook=True,
