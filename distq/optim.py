@@ -1,8 +1,9 @@
 """QuantizedOptimizer: the optimizer is the quantizer (loss-aware proximal Newton step).
 
 Parameters hold the quantized ŵ; forward and backward run on it. `step()` restores the latent
-full-precision w, runs the wrapped optimizer on ∇ŵ (straight-through), clips w, and projects it
-back with the curvature d = √v̂ + ε read from the wrapped optimizer's second-moment state.
+full-precision w, runs the wrapped optimizer on ∇ŵ (straight-through; or on a learned meta
+gradient, estimator="meta": distq/meta.py), clips w, and projects it back with the curvature
+d = √v̂ + ε read from the wrapped optimizer's second-moment state.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from distq.meta import MetaGradient, check_estimator
 from distq.quant import blocks_of, get_scheme, project, scheme_bits
 from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
@@ -67,6 +69,8 @@ class QuantizedOptimizer(OptimizerWrapper):
             this the replicas diverge unless every rank seeded its model alike. Turn it off for
             a model that is not replicated over the default process group (pipeline or tensor
             parallel shards).
+        estimator: how ∇ŵ reaches the latent w: "ste" passes it straight through; "meta" maps it
+            (with w) through MetaQuant's learned meta network, trained jointly (distq/meta.py).
     """
 
     def __init__(
@@ -84,8 +88,11 @@ class QuantizedOptimizer(OptimizerWrapper):
         loss_aware: bool = True,
         quantize_modules: Iterable[ModuleType] = (),
         sync_latent: bool = True,
+        estimator: str = "ste",
     ) -> None:
         _check_options(base_optimizer, nonfinite, clip_latent, sparsity_scope)
+        check_estimator(estimator)
+        self.estimator = estimator
         self.sparsity = (
             sparsity if isinstance(sparsity, SparsitySchedule) else SparsitySchedule(sparsity)
         )
@@ -105,6 +112,11 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
         self.skipped_steps = 0
+        self.meta = (
+            MetaGradient(next(iter(self.latent.values())).device)
+            if estimator == "meta" and self.latent
+            else None
+        )
         self._project_all()
 
     def _take_weights(
@@ -167,7 +179,10 @@ class QuantizedOptimizer(OptimizerWrapper):
             return loss
         for name, p in self._params.items():
             p.copy_(self.latent[name])
+        grads = self._meta_gradients_in() if self.meta is not None else {}
         self.optimizer.step()
+        for name, g in grads.items():  # p.grad holds ∇ŵ again after the step
+            self._params[name].grad.copy_(g)
         for name, p in self._params.items():
             latent = self.latent[name]
             latent.copy_(p)
@@ -176,6 +191,17 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.steps_taken += 1
         self._project_all()
         return loss
+
+    def _meta_gradients_in(self) -> dict[str, Tensor]:
+        """Train the meta network on this step's ∇ŵ, put its gradients G in the quantized
+        parameters' .grad for the wrapped step; returns the ∇ŵ taken out."""
+        grads = {n: p.grad for n, p in self._params.items() if p.grad is not None}
+        lrs = {n: float(self._group[self._params[n]]["lr"]) for n in grads}
+        meta = self.meta.replace(grads, self.latent, lrs)
+        taken = {n: g.clone() for n, g in grads.items()}
+        for name, g in meta.items():
+            grads[name].copy_(g)
+        return taken
 
     @torch.no_grad()
     def take_rank0_latent(self) -> None:
@@ -290,6 +316,7 @@ class QuantizedOptimizer(OptimizerWrapper):
             "quantization": self.config(),
             "skipped_steps": self.skipped_steps,
             "steps_taken": self.steps_taken,
+            **({"meta": self.meta.state_dict()} if self.meta is not None else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -298,7 +325,7 @@ class QuantizedOptimizer(OptimizerWrapper):
         ŵ is not recomputed here: the iterative solvers (`Scheme.warm_start`) start from the
         previous α, so only the saved ŵ (in the model checkpoint) resumes bit-exactly.
         """
-        saved = state_dict["quantization"]
+        saved = {"estimator": "ste", **state_dict["quantization"]}  # older: straight-through
         mine = self.config()
         different = [k for k in mine if saved.get(k) != mine[k]]
         if different:
@@ -314,6 +341,8 @@ class QuantizedOptimizer(OptimizerWrapper):
             self.alpha = {n: t.clone() for n, t in state_dict["alpha"].items()}
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.steps_taken = int(state_dict.get("steps_taken", 0))
+        if self.meta is not None:
+            self.meta.load_state_dict(state_dict["meta"])
 
     def config(self) -> dict[str, Any]:
         """The settings a checkpoint must agree with to be resumed by this optimizer."""
@@ -324,6 +353,7 @@ class QuantizedOptimizer(OptimizerWrapper):
             "names": list(self.names),
             "sparsity": dataclasses.asdict(self.sparsity),
             "sparsity_scope": self.sparsity_scope,
+            "estimator": self.estimator,
         }
 
     def quantized_parameters(self) -> dict[str, nn.Parameter]:

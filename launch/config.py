@@ -24,6 +24,7 @@ from distq.launch.options import ConfigError, Options, add_flags, flat_name, opt
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
 from distq.launch.yaml_config import load_yaml
 from distq.lstm import NORMS
+from distq.meta import ESTIMATORS
 from distq.quant import SCHEMES, get_scheme
 from distq.quant.sparse import SCHEDULES, SCOPES, SparsitySchedule
 
@@ -59,6 +60,10 @@ class Weights(Options):
     nonfinite: str = option(
         "skip", "on a NaN/Inf gradient: skip the step or raise", choices=("skip", "raise")
     )
+    estimator: str = option(
+        "ste", "gradient through the quantizer: straight-through, or MetaQuant's meta network "
+        "trained jointly (distq/meta.py)", choices=ESTIMATORS,
+    )  # fmt: skip
 
     @property
     def quantized(self) -> bool:
@@ -66,6 +71,11 @@ class Weights(Options):
         return self.scheme != FULL_PRECISION
 
     def check(self) -> None:
+        if self.estimator != "ste" and not self.quantized:
+            raise ConfigError(
+                f"estimator={self.estimator!r} needs a quantization scheme; scheme is "
+                f"{FULL_PRECISION!r}"
+            )
         if not self.quantized:
             return
         allowed = get_scheme(self.scheme).bits

@@ -174,9 +174,11 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "loss_aware",
         "distill",
         "distill_temperature",
+        "estimator",
     )
-    # checkpoints from before distillation existed trained without it (its defaults)
+    # checkpoints from before distillation and the estimator existed trained without them
     before = {k: getattr(config.Run(), k) for k in ("distill", "distill_temperature")}
+    before["estimator"] = config.Weights().estimator
     saved, now = {**before, **config.flatten(state["config"])}, cfg.flat()
     different = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
