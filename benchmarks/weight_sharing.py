@@ -1,4 +1,5 @@
-"""Weight sharing (`shared`, D-weighted k-means) vs `linear` and `log` at equal bits on digits.
+"""Weight sharing (`shared`, D-weighted k-means) vs `linear` and `log` at equal bits on digits
+(or, with --recipe cifar, the CIFAR-style CNN).
 
 k = 4, 8, 16 shared values (2, 3, 4 bits) against the m-bit schemes at the same code width
 (2^m − 1 levels: linear α·{0, ±1/k, …, ±1}, log α·{0, ±2^−j}), each (scheme, bits, seed) a
@@ -7,11 +8,16 @@ alternate within each seed. Sizes: the bytes `export_packed` stores for the quan
 (codes + codebooks; their fp32 size beside), and the whole packed model from the run's summary.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/weight_sharing.py --seeds 0 1 --epochs 8
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/weight_sharing.py --recipe cifar \
+        --hidden 128 --epochs 4 --seeds 0 1
+
+Every accuracy and size goes to weight_sharing-<recipe>.json as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -44,7 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--recipe", default="digits", choices=("digits", "cifar"))
+    parser.add_argument("--hidden", type=int, default=256, help="the recipe's width")
     args = parser.parse_args()
+    task = ["--recipe", args.recipe, "--hidden", str(args.hidden)]
     configs = [(bits, scheme) for bits in BITS for scheme in SCHEMES]
     accuracy: dict[tuple[int, str], list[float]] = {c: [] for c in configs}
     sizes: dict[tuple[int, str], tuple[int, int, int]] = {}
@@ -54,7 +63,7 @@ def main() -> None:
             for bits, scheme in configs:
                 started = time.perf_counter()
                 out = work / f"{scheme}{bits}-{seed}"
-                flags = ["--scheme", scheme, "--bits", str(bits), "--grad-bits", "none"]
+                flags = [*task, "--scheme", scheme, "--bits", str(bits), "--grad-bits", "none"]
                 result = run_digits(flags, seed, args.epochs, out)
                 accuracy[bits, scheme].append(100 * result["test_accuracy"])
                 fp32, packed = quantized_bytes(out / "checkpoint.pt", out / "q.safetensors")
@@ -67,10 +76,27 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    print(
-        f"\nDigits, MLP 64-256-256-256-10, 2 workers (gloo), {args.epochs} epochs, "
-        f"seeds {args.seeds}, commit {commit}\n"
+    h = args.hidden
+    model = (
+        f"Digits, MLP 64-{h}-{h}-{h}-10"
+        if args.recipe == "digits"
+        else f"CIFAR-style synthetic set, VGG-style CNN (hidden {h})"
     )
+    print(
+        f"\n{model}, 2 workers (gloo), {args.epochs} epochs, seeds {args.seeds}, commit {commit}\n"
+    )
+    record = {
+        "commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime()), "recipe": args.recipe,
+        "hidden": h, "epochs": args.epochs, "seeds": args.seeds,
+        "runs": [
+            {"bits": b, "scheme": sc, "accuracy": accuracy[b, sc], "quantized_fp32_bytes":
+             sizes[b, sc][0], "quantized_packed_bytes": sizes[b, sc][1],
+             "model_packed_bytes": sizes[b, sc][2]}
+            for b, sc in configs
+        ],
+    }  # fmt: skip
+    out = Path(__file__).resolve().parent / f"weight_sharing-{args.recipe}.json"
+    out.write_text(json.dumps(record, indent=1) + "\n")
     print(
         "| bits | scheme | values per tensor | test accuracy % (mean ± sd) | per seed "
         "| quantized tensors packed B (fp32 B) | whole model packed B |"
