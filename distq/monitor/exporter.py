@@ -21,7 +21,10 @@ GAUGES = {
     "distq_weight_quant_error": ("D-weighted ‖ŵ − w‖²_D of a tensor", ("rank", "tensor")),
     "distq_weight_quant_error_relative": ("‖ŵ − w‖²_D / ‖w‖²_D (D-weighted)", ("rank", "tensor")),
     "distq_weight_alpha": ("scale α of a quantized tensor", ("rank", "tensor")),
-    "distq_weight_rounding_bound": ("d·α²·Δ_w²/4, the theory's weight term", ("rank", "tensor")),
+    "distq_weight_rounding_bound": (
+        "Σ over scale groups of n·α²·Δ_w²/4, the theory's weight term",
+        ("rank", "tensor"),
+    ),
     "distq_grad_quant_error_relative": ("Σ of each quantization's ‖Q(x) − x‖²/‖·‖²", ("rank",)),
     "distq_grad_clip_bias_relative": ("‖Clip(g) − g‖²/‖g‖²", ("rank",)),
     "distq_grad_clip_bias_predicted": ("the clipping bias of zero-mean Gaussian g", ("rank",)),

@@ -78,7 +78,8 @@ class Scheme:
         once there are at least two magnitudes, else 1. A weight within [−α, α] is at most
         α·Δ_w/2 from its nearest level, which is what the theory's weight error floor uses.
         A codebook's gaps are fitted to the data: its Δ_w is nominal, 2/(2^bits − 1), the gap
-        of 2^bits evenly spaced values over [−α, α] (α: the largest |value|), not a bound.
+        of 2^bits evenly spaced values over [−α, α] (α: the largest |value|), not a bound;
+        `group_spacing` reads each fitted codebook's own.
         """
         if self.codebook:
             return 2.0 / ((1 << bits) - 1)
@@ -88,6 +89,20 @@ class Scheme:
         if self.uniform:
             return 1.0 / k
         return 0.5 if k >= 2 else 1.0
+
+    def group_spacing(self, alpha: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+        """(α, Δ_w) of each scale group of a projection's `alpha`, α·Δ_w the group's largest gap
+        between adjacent levels, so a weight within the levels' range is at most α·Δ_w/2 from
+        the nearest one. For α·S: α (each scale of a two-scale scheme apart) and
+        `level_spacing(bits)`. For a codebook the gaps are fitted, not the record's: α = the
+        group's largest |value| and α·Δ_w = its largest difference between adjacent values
+        (shape: alpha's without the trailing k)."""
+        if not self.codebook:
+            scale = alpha.detach().double().abs()
+            return scale, torch.full_like(scale, self.level_spacing(bits))
+        values = alpha.detach().double().sort(dim=-1).values
+        scale = values.abs().amax(dim=-1)
+        return scale, safe_ratio(values.diff(dim=-1).amax(dim=-1), scale)
 
 
 _REGISTRY: dict[str, Scheme] = {}

@@ -50,6 +50,51 @@ def test_weight_errors_are_the_d_weighted_distance():
         assert 0 < e.error <= e.rounding_bound  # latent weights lie within ±α·(1 + Δ/2) here
 
 
+def test_the_rounding_term_sums_over_scale_groups():
+    """Per channel: Σ_c n_c·α_c²·Δ_w²/4 (the product of mean α and numel undercounts it)."""
+    model = make()
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, "linear", 3,
+                             per_channel=True)  # fmt: skip
+    train_steps(model, opt, 5)
+    for name, e in weight_errors(opt).items():
+        alpha = opt.alpha[name].double()
+        n = opt.latent[name].numel() / alpha.numel()
+        assert e.rounding_bound == pytest.approx(float((n * alpha**2 / 9 / 4).sum()), rel=1e-9)
+        assert e.alpha == pytest.approx(float(alpha.mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_codebooks_rounding_term_is_its_widest_gap_by_brute_force(per_channel):
+    """shared: α·Δ_w of a group is the largest distance from a point of [c₁, c_k] to its nearest
+    codebook value, ×2 (brute force over a fine grid and every pairwise midpoint), the term sums
+    n_g·(α·Δ_w)²/4 over the groups, and latent weights inside [c₁, c_k] are within α·Δ_w/2 of
+    ŵ (before: the record's nominal 2/(k − 1) times the codebook's mean as α)."""
+    model = make()
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, "shared", 3,
+                             per_channel=per_channel)  # fmt: skip
+    train_steps(model, opt, 5)
+    params = dict(model.named_parameters())
+    for name, e in weight_errors(opt).items():
+        codebooks = opt.alpha[name].double().reshape(-1, 8)
+        latent = opt.latent[name].double().reshape(len(codebooks), -1)
+        q = params[name].detach().double().reshape(len(codebooks), -1)
+        bound, scales, spacings = 0.0, [], []
+        for c, w, wq in zip(codebooks, latent, q, strict=True):
+            mids = ((c[:, None] + c[None, :]) / 2).flatten()
+            grid = torch.linspace(float(c.min()), float(c.max()), 4001, dtype=torch.float64)
+            points = torch.cat([grid, mids])
+            farthest = float((points[:, None] - c[None, :]).abs().amin(dim=1).max())
+            bound += w.numel() * farthest**2  # n_g·(2·farthest)²/4
+            scales.append(float(c.abs().max()))
+            spacings.append(2 * farthest / scales[-1])
+            inside = (w >= c.min()) & (w <= c.max())
+            assert inside.any()
+            assert float((wq - w)[inside].abs().max()) <= farthest + 1e-12
+        assert e.rounding_bound == pytest.approx(bound, rel=1e-9)
+        assert e.alpha == pytest.approx(sum(scales) / len(scales), rel=1e-6)
+        assert e.delta_w == pytest.approx(sum(spacings) / len(spacings), rel=1e-6)
+
+
 def test_gradient_bounds_only_where_proven():
     """Lemma 3's bucket bound for m ≥ 2 bits, clipped or not; B for the stochastic sign (the
     Lemma 3 form, 12.8 at B = 512, was shown where 236.8 was measured); none for TernGrad's
