@@ -98,8 +98,10 @@ class MetaGradient:
     """The meta network, its Adam and the inputs of the last step: `replace(...)` trains φ on the
     new gradients, then returns the meta gradients G for the latent update (module docstring)."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.net = meta_network().to(device)
+    def __init__(
+        self, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.net = meta_network().to(device=device, dtype=dtype)  # the weights' device and dtype
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=META_LR)
         # name -> (g, w, η) of the previous step: G_{k−1}(φ) is re-evaluated on them
         self.previous: dict[str, tuple[Tensor, Tensor, float]] = {}

@@ -112,9 +112,10 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
         self.skipped_steps = 0
+        first = next(iter(self.latent.values()), None)
         self.meta = (
-            MetaGradient(next(iter(self.latent.values())).device)
-            if estimator == "meta" and self.latent
+            MetaGradient(first.device, first.dtype)
+            if estimator == "meta" and first is not None
             else None
         )
         self._project_all()
