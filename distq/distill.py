@@ -76,6 +76,17 @@ def teacher_logits(model: nn.Module, optimizer: QuantizedOptimizer, inputs: Tens
             b.copy_(buffers[name])
 
 
+def distillation_terms(
+    student: Tensor, teacher: Tensor, targets: Tensor, temperature: float = 2.0
+) -> tuple[Tensor, Tensor]:
+    """The loss' two parts, unweighted: CE(student, targets) and KL(p_t^T ‖ p_s^T) (nats,
+    without the T² factor), each averaged over examples (and positions)."""
+    log_p_s = nn.functional.log_softmax(student / temperature, dim=1)
+    log_p_t = nn.functional.log_softmax(teacher.detach() / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+    return nn.functional.cross_entropy(student, targets), kl
+
+
 def distillation_loss(
     student: Tensor, teacher: Tensor, targets: Tensor, weight: float, temperature: float = 2.0
 ) -> Tensor:
@@ -84,17 +95,15 @@ def distillation_loss(
     check_options(weight, temperature)
     if weight == 0:
         return nn.functional.cross_entropy(student, targets)
-    log_p_s = nn.functional.log_softmax(student / temperature, dim=1)
-    log_p_t = nn.functional.log_softmax(teacher.detach() / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
-    return (1 - weight) * nn.functional.cross_entropy(
-        student, targets
-    ) + weight * temperature**2 * kl
+    ce, kl = distillation_terms(student, teacher, targets, temperature)
+    return (1 - weight) * ce + weight * temperature**2 * kl
 
 
 class SelfDistillation:
     """The latent weights as teacher: `loss(net, inputs, targets)` runs the teacher's forward,
-    then the student's (through `net`, e.g. the DDP wrapper) and returns the distillation loss.
+    then the student's (through `net`, e.g. the DDP wrapper) and returns the distillation loss;
+    `terms` then holds its unweighted parts {"ce": CE, "kl": KL} (detached; the monitor logs
+    them as loss_ce and loss_kl).
 
     Args:
         optimizer: the QuantizedOptimizer whose latent weights teach.
@@ -102,7 +111,7 @@ class SelfDistillation:
         temperature: T > 0 of both softmaxes (default 2: the module docstring says why).
     """
 
-    __slots__ = ("optimizer", "temperature", "weight")
+    __slots__ = ("optimizer", "temperature", "terms", "weight")
 
     def __init__(
         self, optimizer: QuantizedOptimizer, weight: float, temperature: float = 2.0
@@ -116,14 +125,19 @@ class SelfDistillation:
         self.optimizer = optimizer
         self.weight = float(weight)
         self.temperature = float(temperature)
+        self.terms: dict[str, Tensor] = {}
 
     def loss(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         """The student's loss on one batch: teacher forward first, then the student's."""
         teacher = teacher_logits(net, self.optimizer, inputs) if self.weight else None
         student = net(inputs)
         if teacher is None:
-            return nn.functional.cross_entropy(student, targets)
-        return distillation_loss(student, teacher, targets, self.weight, self.temperature)
+            loss = nn.functional.cross_entropy(student, targets)
+            self.terms = {"ce": loss.detach()}
+            return loss
+        ce, kl = distillation_terms(student, teacher, targets, self.temperature)
+        self.terms = {"ce": ce.detach(), "kl": kl.detach()}
+        return (1 - self.weight) * ce + self.weight * self.temperature**2 * kl
 
 
 def check_options(weight: float, temperature: float) -> None:

@@ -286,7 +286,8 @@ def _train_epoch(
         progress.steps_run += 1
         progress.position = Position(epoch, progress.position.step_in_epoch + 1, step)
         if monitor is not None:
-            monitor.step(step, loss.item(), time.perf_counter() - step_started)
+            terms = {} if job.distill is None else job.distill.terms  # CE and KL apart
+            monitor.step(step, loss.item(), time.perf_counter() - step_started, terms)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if _save_or_stop(job, stop, progress, loss_sum):
             break

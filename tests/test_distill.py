@@ -113,6 +113,24 @@ def test_loss_equals_the_brute_force_formula(shape, weight, temperature):
     )
 
 
+def test_the_distillers_terms_are_the_brute_force_parts_of_its_loss():
+    """`terms` after a step: CE (λ = 0 in the brute force) and KL (λ = 1, divided by T²), and
+    the loss is (1 − λ)·CE + λ·T²·KL of them."""
+    torch.manual_seed(0)
+    model = net()
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, "ternary")
+    x, y = batch(torch.Generator().manual_seed(5))
+    distiller = SelfDistillation(opt, 0.4, 3.0)
+    loss = distiller.loss(model, x, y)
+    assert set(distiller.terms) == {"ce", "kl"}
+    student = model(x).detach()
+    teacher = teacher_logits(model, opt, x)
+    ce, kl = distiller.terms["ce"].item(), distiller.terms["kl"].item()
+    assert ce == pytest.approx(brute_force(student, teacher, y, 0.0, 3.0), rel=1e-5)
+    assert kl == pytest.approx(brute_force(student, teacher, y, 1.0, 3.0) / 9, rel=1e-4)
+    assert loss.item() == pytest.approx(0.6 * ce + 0.4 * 9 * kl, rel=1e-6)
+
+
 def test_the_kl_terms_gradient_is_t_times_the_softened_difference():
     g = torch.Generator().manual_seed(3)
     student = torch.randn(5, 4, generator=g, requires_grad=True)

@@ -38,6 +38,8 @@ GAUGES = {
         ("rank", "tensor"),
     ),
     "distq_loss": ("training loss (this rank's last step)", ("rank",)),
+    "distq_loss_ce": ("--distill: the loss' cross-entropy part, unweighted", ("rank",)),
+    "distq_loss_kl": ("--distill: KL(teacher ‖ student) at T, unweighted", ("rank",)),
     "distq_step_seconds": ("wall time of the last step", ("rank",)),
     "distq_step": ("optimizer steps taken", ("rank",)),
 }

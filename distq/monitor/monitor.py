@@ -7,9 +7,10 @@ quantizations of `scatter`, and the clipping bias; every `error_every` hook step
 them beside a bound where one is proven (`GradientSetup.blowup_bound`). Alarms warn (and count)
 when a measured gradient blow-up exceeds its bound, or when the combined error (Euclidean
 relative weight error + relative gradient error) has risen `rising` checks in a row. The loss,
-step time and bytes are recorded every step. For a model with quantizable LSTM layers it also
-records, every `every` steps, ‖∂ℓ/∂h_t‖ across the time steps of the last backward and the
-spectral norms of the recurrent matrices.
+step time and bytes are recorded every step, and the loss' parts where the loss has several
+(self-distillation: `loss_ce` and `loss_kl`, distq.distill). For a model with quantizable
+LSTM layers it also records, every `every` steps, ‖∂ℓ/∂h_t‖ across the time steps of the last
+backward and the spectral norms of the recurrent matrices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from distq.theory.exchange import VARIANCE_LAWS
 log = logging.getLogger(__name__)
 
 LOG_NAME = "monitor-rank{rank}.jsonl"
+LOSS_TERMS = ("ce", "kl")  # the parts of a distillation loss (distq.distill.distillation_terms)
 
 
 @dataclass
@@ -94,14 +97,26 @@ class ConvergenceMonitor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log = (self.run_dir / LOG_NAME.format(rank=self.rank)).open("a")
 
-    def step(self, step: int, loss: float, step_seconds: float) -> dict[str, Any]:
-        """Record one optimizer step: loss, time and bytes always; gradient errors whenever the
-        hook has measured new ones; weight errors and the combined error every `every` steps."""
+    def step(
+        self,
+        step: int,
+        loss: float,
+        step_seconds: float,
+        terms: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Record one optimizer step: loss (and its parts `terms`, e.g. {"ce": …, "kl": …},
+        logged as loss_<name>), time and bytes always; gradient errors whenever the hook has
+        measured new ones; weight errors and the combined error every `every` steps."""
+        terms = terms or {}
+        unknown = sorted(set(terms) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(f"loss terms {unknown}; allowed: {', '.join(LOSS_TERMS)}")
         record: dict[str, Any] = {
             "step": step,
             "time": time.time(),
             "rank": self.rank,
             "loss": loss,
+            **{f"loss_{name}": float(value) for name, value in terms.items()},
             "step_seconds": step_seconds,
         }
         record.update(self._traffic())
@@ -235,6 +250,9 @@ class ConvergenceMonitor:
         if e is None:
             return
         e.set("distq_loss", record["loss"])
+        for name in LOSS_TERMS:
+            if f"loss_{name}" in record:
+                e.set(f"distq_loss_{name}", record[f"loss_{name}"])
         e.set("distq_step_seconds", record["step_seconds"])
         e.set("distq_step", record["step"])
         if "bytes_sent" in record:

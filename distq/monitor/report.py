@@ -52,8 +52,13 @@ def write_report(run_dir: str | Path, rank: int = 0) -> list[Path]:
     records = read_log(run_dir, rank)
     written = []
 
-    fig, ax = _figure("Training loss", "cross-entropy")
-    ax.plot(*_series(records, "loss"), lw=0.8)
+    fig, ax = _figure("Training loss", "nats")
+    ax.plot(*_series(records, "loss"), lw=0.8, label="loss")
+    parts = [k for k in ("loss_ce", "loss_kl") if any(k in r for r in records)]
+    for key, label in zip(parts, ("cross-entropy part", "KL part (unweighted)"), strict=False):
+        ax.plot(*_series(records, key), lw=0.8, label=label)
+    if parts:  # --distill: the loss and its two parts
+        ax.legend(fontsize=8)
     written.append(_save(fig, run_dir / "loss.png"))
 
     fig, ax = _figure("Weight quantization error", "‖ŵ − w‖²_D / ‖w‖²_D")

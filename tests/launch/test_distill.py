@@ -1,7 +1,9 @@
 """`--distill` in `distq train`: its config errors, λ = 0 trains exactly as before, a checkpoint
-records it, a resume continues bit-exactly and refuses another λ or T."""
+records it, a resume continues bit-exactly and refuses another λ or T, the monitor logs the
+loss' two parts."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -101,3 +103,17 @@ def test_a_checkpoint_from_before_the_option_resumes_without_distillation(tmp_pa
         train.run(tiny(tmp_path, epochs=2, resume=True, distill=0.5))
     train.run(tiny(tmp_path, epochs=2, resume=True))
     assert store.load_newest()[0]["epoch"] == 2
+
+
+def test_the_monitor_logs_the_cross_entropy_and_kl_parts_every_step(tmp_path):
+    """With --distill every record has loss_ce and loss_kl, and loss = (1 − λ)·CE + λ·T²·KL;
+    without it neither key appears."""
+    train.run(tiny(tmp_path / "on", distill=0.3, distill_temperature=2.0, monitor=True))
+    train.run(tiny(tmp_path / "off", monitor=True))
+    on = [json.loads(line) for line in (tmp_path / "on" / "monitor-rank0.jsonl").open()]
+    off = [json.loads(line) for line in (tmp_path / "off" / "monitor-rank0.jsonl").open()]
+    assert on and len(on) == len(off)
+    for r in on:
+        mixed = 0.7 * r["loss_ce"] + 0.3 * 4 * r["loss_kl"]
+        assert r["loss"] == pytest.approx(mixed, rel=1e-5) and r["loss_kl"] >= 0
+    assert not any("loss_ce" in r or "loss_kl" in r for r in off)

@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -93,6 +94,22 @@ def test_a_codebooks_rounding_term_is_its_widest_gap_by_brute_force(per_channel)
         assert e.rounding_bound == pytest.approx(bound, rel=1e-9)
         assert e.alpha == pytest.approx(sum(scales) / len(scales), rel=1e-6)
         assert e.delta_w == pytest.approx(sum(spacings) / len(spacings), rel=1e-6)
+
+
+def test_loss_terms_go_to_the_log_and_to_their_own_gauges(tmp_path):
+    exporter = MetricsExporter(0)
+    monitor = ConvergenceMonitor(tmp_path, exporter=exporter, every=100)
+    monitor.step(1, 0.9, 0.01, {"ce": 0.5, "kl": 0.125})
+    monitor.step(2, 0.8, 0.01)
+    with pytest.raises(ValueError, match=r"loss terms \['mse'\]; allowed: ce, kl"):
+        monitor.step(3, 0.8, 0.01, {"mse": 1.0})
+    monitor.close()
+    first, second = [json.loads(line) for line in (tmp_path / "monitor-rank0.jsonl").open()]
+    assert (first["loss_ce"], first["loss_kl"]) == (0.5, 0.125)
+    assert "loss_ce" not in second
+    text = generate_latest(exporter.registry).decode()
+    assert 'distq_loss_ce{rank="0"} 0.5' in text and 'distq_loss_kl{rank="0"} 0.125' in text
+    assert tmp_path / "loss.png" in write_report(tmp_path)  # the parts drawn beside the loss
 
 
 def test_gradient_bounds_only_where_proven():
