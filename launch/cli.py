@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 from distq.launch import checkpoint, train
@@ -68,18 +69,59 @@ def check_export_target(source: Path, out: Path, force: bool) -> None:
         raise ValueError(f"{out} exists; add --force to replace it")
 
 
+METHODS = (  # (name, command, what it is for): the ways of compressing built on a scheme
+    (
+        "post-training quantization",
+        "distq quantize CHECKPOINT --scheme S --calibration-fraction 0.01",
+        "a trained full-precision model and a little of its data in, quantized weights out, "
+        "layer by layer (distq.ptq); fine-tune with distq train --resume",
+    ),
+    (
+        "self-distillation",
+        "distq train --scheme S --distill 0.5",
+        "the latent full-precision weights teach the quantized/sparsified network during "
+        "training: (1-λ)·CE + λ·T²·KL (distq.distill)",
+    ),
+    (
+        "sparsification",
+        "distq train --scheme S --sparsity 0.75 --sparsity-schedule cubic",
+        "a share of zeros in every quantized tensor, chosen with the same curvature "
+        "(distq.quant.sparse; not with shared)",
+    ),
+)
+
+
 def schemes_command(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="distq schemes", description="List weight schemes.").parse_args(
-        argv
-    )
+    argparse.ArgumentParser(
+        prog="distq schemes",
+        description="List the weight schemes (distq train/quantize --scheme) with their bit "
+        "widths, level spacing Δ_w (the widest gap between levels, in units of α) and whether "
+        "the solver warm-starts from the last step, then the methods built on them.",
+    ).parse_args(argv)
     from distq.quant import SCHEMES, get_scheme
 
+    print(f"{'scheme':<15} {'bits':>4}      {'kind':<10}  {'Δ_w':<17} {'start':<5}  summary")
     for name in SCHEMES:
         spec = get_scheme(name)
         bits = str(spec.bits[0]) if len(spec.bits) == 1 else f"{spec.bits[0]}-{spec.bits[-1]}"
         kind = "loss-aware" if spec.loss_aware else "baseline"
-        print(f"{name:<15} {bits:>4} bit  {kind:<10}  {spec.summary}")
+        start = "warm" if spec.warm_start else "cold"
+        summary = spec.summary + (
+            "; a codebook + m-bit indices, no sparsity" if spec.codebook else ""
+        )
+        print(f"{name:<15} {bits:>4} bit  {kind:<10}  {_spacing(spec):<17} {start:<5}  {summary}")
+    print("\nmethods (with any scheme above unless said):")
+    for name, command, what in METHODS:
+        print(f"  {name}: {command}\n      {what}")
     return 0
+
+
+def _spacing(spec) -> str:
+    """Δ_w at each width, as fractions; a codebook's is fitted to the weights."""
+    if spec.codebook:
+        return "fitted: codebook"
+    widths = [str(Fraction(spec.level_spacing(b)).limit_denominator(1 << 10)) for b in spec.bits]
+    return ", ".join(widths[:3]) + (", …" if len(widths) > 3 else "")
 
 
 def report_command(argv: list[str]) -> int:
@@ -128,6 +170,14 @@ COMMANDS = {
     "report": report_command,
     "plan": plan_command,
 }
+SUMMARIES = {
+    "train": "train with quantized weights (and gradients, sparsity, --distill); torchrun for more",
+    "quantize": "post-training quantization of a trained full-precision checkpoint, layer by layer",
+    "export": "pack a checkpoint's low-bit weights into a safetensors file",
+    "schemes": "list the weight schemes and the methods built on them",
+    "report": "plot a run's monitor log (and a sparsified run's degree distributions)",
+    "plan": "predict bytes, step time and variance of a gradient exchange",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             sys.stderr.write(f"distq: unknown command {argv[0]!r}\n{usage}")
             return 2
-        sys.stdout.write(usage)
+        lines = [f"  {name:<9} {SUMMARIES[name]}" for name in COMMANDS]
+        sys.stdout.write(
+            usage + "\n" + "\n".join(lines) + "\n\ndistq COMMAND --help: its options\n"
+        )
         return 0 if argv else 2
     return COMMANDS[argv[0]](argv[1:])
 

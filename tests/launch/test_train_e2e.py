@@ -63,6 +63,15 @@ def test_cli_lists_schemes():
     stdout = run(sys.executable, "-m", "distq.launch.cli", "schemes")
     for name in ("binary", "ternary", "ternary-approx", "ternary2", "linear", "log", "twn"):
         assert name in stdout
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line and line[0] != " "}
+    assert rows["shared"].split()[1:6] == ["2-4", "bit", "loss-aware", "fitted:", "codebook"]
+    assert " warm " in rows["shared"] and " cold " in rows["ternary"]
+    assert rows["linear"].split()[4:7] == ["1,", "1/3,", "1/7,"]  # Δ_w at 2, 3, 4 bits
+    for command in ("distq quantize CHECKPOINT", "--distill 0.5", "--sparsity 0.75"):
+        assert command in stdout
+    usage = run(sys.executable, "-m", "distq.launch.cli", "--help")
+    for name in ("train", "quantize", "export", "schemes", "report", "plan"):
+        assert f"\n  {name} " in usage
 
 
 def test_monitor_logs_every_step_and_report_plots_it(trained):
