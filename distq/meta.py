@@ -34,12 +34,12 @@ the optimizer's update, its training through the next forward with the quantizer
 and the optimizer's transform detached, Adam at 1e-3 for φ. What is distq's own:
 
 - the form g·(1 + m_φ): the paper's code multiplies the gradient by the net's output on the weight
-  (its "MultiFC"; the runs in its README use a net without non-linearities, which makes that
-  output a learned multiple of w); here m_φ sees both inputs, each normalized per tensor by its
-  root mean square so one net serves layers of different scales; it has ReLU non-linearities
-  (one of the paper code's options; tanh doubled the CIFAR-style step on a CPU), hidden width 8
-  (the paper's 100 costs too much on a CPU at ~285k weights) and a last layer that starts at
-  zero, so training starts as exactly the STE;
+  ("MultiFC") or maps the gradient alone ("FC-Grad"); its README's command and stored runs use no
+  non-linearity, which makes either a learned multiple (of w·g, or of g). Here m_φ sees both
+  inputs, each normalized per tensor by its root mean square so one net serves layers of
+  different scales; it has ReLU non-linearities (one of the paper code's options; tanh doubled
+  the CIFAR-style step on a CPU), hidden width 8 (the paper's 100 costs too much on a CPU at
+  ~285k weights) and a last layer that starts at zero, so training starts as exactly the STE;
 - the gradient reaches φ by the formula above computed as a vector-Jacobian product at the next
   step (M_φ re-evaluated on the stored inputs of the previous step, contracted with the new
   ∇ŵ), not by putting w − η·G(φ) into the model's forward as the paper's modules do: the same
@@ -51,6 +51,10 @@ and the optimizer's transform detached, Adam at 1e-3 for φ. What is distq's own
   forward quantizers and started from a pretrained full-precision model.
 
 Measured (benchmarks/README.md, binary weights on the CIFAR-style recipe): see the table there.
+
+Cost: m_φ runs three times a step over every quantized weight (the new G, and forward and
+backward on the previous inputs), and the previous step's g and w are kept: two more copies of
+the quantized weights, in memory and in checkpoints.
 
 Under DDP every rank holds the same φ (built from a fixed seed, not the global RNG), the same
 Adam state and the same stored inputs, and computes the meta step from the averaged gradient:
