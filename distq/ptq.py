@@ -1,8 +1,8 @@
 """Post-training quantization layer by layer: a trained full-precision model and a little
 calibration data in, the same model with binary/ternary/m-bit weights out.
 
-Each quantized layer (Linear, Conv2d) computes y = W x (+ b). Its quantized weights are chosen
-to keep its outputs on the calibration inputs, not its weights:
+Each quantized layer (Linear, Conv2d, an LSTM's gate matrices) computes y = W x (+ b). Its
+quantized weights are chosen to keep its outputs on the calibration inputs, not its weights:
 
     Ŵ = argmin over α·S  E‖W x − Ŵ x̂‖²,
 
@@ -38,9 +38,18 @@ describes it) between a full-precision update and its projection onto the quanti
 Neither paper's code is reproduced here. distq's simplification: the diagonal of H only (so no
 inverse, and the existing exact or alternating solvers), codes fixed after the projection,
 one exact least-squares refit of the values, the better of two projections kept, and the
-propagation of quantized inputs that step 1 describes. Layers whose forward never runs as a
-module (the QuantLSTM's gate matrices, applied with functional.linear) and other layer types
-get the plain projection (d = 1) and say so.
+propagation of quantized inputs that step 1 describes. Other layers whose forward never runs
+as a module (weights applied with functional.linear) and other layer types get the plain
+projection (d = 1) and say so.
+
+An LSTM layer (distq.lstm.QuantLSTMLayer) applies its gate matrices with functional.linear,
+so its own forward is hooked instead: W_x's inputs are the layer's inputs x_t, W_h's the
+hidden states h_{t−1} it multiplies (the initial state, then its outputs h_1..h_{T−1}), every
+call of the layer counted (a burn-in and the scored part are two), rows over batch and time.
+The objective is the term W·v before the layer's normalization (with weight, layer or
+batch-shared norm the gates see N(W·v), which this does not model). ĥ comes from the network
+with W_x and the earlier layers quantized and W_h still full precision: the recurrence feeds
+Ŵ_h's own outputs back, which a layer-wise fit cannot see.
 
 `method="naive"` is the baseline: every selected weight projected with d = 1 (naive
 rounding onto the scheme's set), no calibration data, no refit, no propagation.
@@ -57,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from distq.lstm import QuantLSTMLayer
 from distq.quant import Projection, get_scheme, project, scheme_bits
 from distq.selection import POSITIONAL, ModuleType, select
 
@@ -172,12 +182,15 @@ def quantize_model(
             blocks = max(candidate.blocks, int(getattr(p, "distq_blocks", 1)))
             opts = {"per_channel": per_channel, "blocks": blocks}
             owner = modules.get(candidate.name.rsplit(".", 1)[0] if "." in candidate.name else "")
+            gate = _lstm_gate(modules, candidate.name)
             reason = _unsupported(owner, candidate.name) if batches else "naive rounding (d = 1)"
             moments = None
-            if reason is None:
+            if reason is None and gate is not None:
+                moments = _collect_gate(model, reference, *gate, batches)
+            elif reason is None:
                 moments = _collect(model, reference, owner, candidate.name, batches)
-                if moments.rows == 0:
-                    reason = "d = 1: its forward never ran as a module"
+            if moments is not None and moments.rows == 0:
+                reason = "d = 1: its forward never ran as a module"
             if reason is not None:
                 proj = project(p.detach(), None, scheme, bits, **opts)
                 report = LayerReport(candidate.name, reason, float("nan"), float("nan"), 0, 0)
@@ -228,6 +241,59 @@ def _unsupported(module: nn.Module | None, name: str) -> str | None:
         return None
     kind = type(module).__name__ if module is not None else "no module"
     return f"d = 1: layer-wise inputs are collected for Linear and Conv2d only ({kind})"
+
+
+def _lstm_gate(modules: dict[str, nn.Module], name: str) -> tuple[str, str] | None:
+    """(the QuantLSTMLayer's path, "ih" or "hh") when `name` is one of its gate matrices."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-1] != "weight" or parts[-2] not in ("ih", "hh"):
+        return None
+    path = ".".join(parts[:-2])
+    return (path, parts[-2]) if isinstance(modules.get(path), QuantLSTMLayer) else None
+
+
+def _gate_rows(which: str, args: tuple, output: tuple) -> Tensor:
+    """The vectors a gate matrix multiplies in one call of an LSTM layer, as rows: x_t for
+    W_x ("ih"), h_{t−1} for W_h ("hh": the initial state, then the outputs but the last)."""
+    x = args[0]
+    if which == "ih":
+        return x.reshape(-1, x.shape[-1])
+    outputs = output[0]
+    state = args[1] if len(args) > 1 else None
+    h0 = outputs.new_zeros(outputs.shape[0], outputs.shape[2]) if state is None else state[0]
+    previous = torch.cat([h0[:, None], outputs[:, :-1]], dim=1)
+    return previous.reshape(-1, previous.shape[-1])
+
+
+def _record_gate_rows(net: nn.Module, layer: nn.Module, which: str, batch: Tensor) -> list[Tensor]:
+    """`which` gate matrix's input rows of every call of `layer` while `net` runs on `batch`."""
+    seen: list[Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple, output: tuple) -> None:
+        seen.append(_gate_rows(which, args, output).detach())
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            net(batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _collect_gate(
+    model: nn.Module, reference: nn.Module, path: str, which: str, batches: list[Tensor]
+) -> _Moments:
+    """Moments of an LSTM gate matrix's inputs in the full-precision `reference` (x, h) and the
+    partly quantized `model` (x̂, ĥ), call by call (the module docstring)."""
+    layer, twin = model.get_submodule(path), reference.get_submodule(path)
+    moments = _Moments()
+    for batch in batches:
+        quantized = _record_gate_rows(model, layer, which, batch)
+        full = _record_gate_rows(reference, twin, which, batch)
+        for x, q in zip(full, quantized, strict=True):
+            moments.add(x, q)
+    return moments
 
 
 def _inputs(module: nn.Module, x: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from distq.lstm import QuantLSTM
 from distq.ptq import quantize_model
 from distq.quant import project
 
@@ -182,3 +183,86 @@ def test_a_weight_used_functionally_falls_back_to_the_plain_projection():
     [report] = result.layers
     assert report.source.startswith("d = 1") and math.isnan(report.error)
     assert torch.equal(model.inner.weight.detach(), project(w, None, "ternary").q)
+
+
+class TwoCallLSTM(nn.Module):
+    """An LSTM stack read as the char LM reads it: a burn-in call, then a call from its state."""
+
+    def __init__(self, features=5, hidden=6, depth=2, norm="none"):
+        super().__init__()
+        self.lstm = QuantLSTM(features, hidden, depth, norm)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        _, state = self.lstm(x[:, :4])
+        out, _ = self.lstm(x[:, 4:], state)
+        return self.head(out)
+
+
+def gate_inputs(model, x):
+    """Per LSTM layer, its W_x rows (x_t) and W_h rows (h_{t−1}) over both calls, by hand."""
+    rows = []
+
+    def previous(h0, out):
+        return torch.cat([h0[:, None], out[:, :-1]], 1).reshape(-1, out.shape[-1])
+
+    with torch.no_grad():
+        a, b = x[:, :4], x[:, 4:]
+        for layer in model.lstm.layers:
+            out_a, last = layer(a)
+            out_b, _ = layer(b, last)
+            X = torch.cat([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])])
+            h0 = torch.zeros(len(a), layer.hidden_size)
+            rows.append((X, torch.cat([previous(h0, out_a), previous(last[0], out_b)])))
+            a, b = out_a, out_b
+    return rows
+
+
+def relative(W, X, W_q, X_q):
+    return float(((X @ W.T - X_q @ W_q.T) ** 2).sum() / ((X @ W.T) ** 2).sum())
+
+
+@pytest.mark.parametrize(("scheme", "bits"), [("ternary", None), ("binary", None), ("linear", 3)])
+def test_lstm_gate_matrices_are_calibrated_on_their_inputs_and_beat_naive_rounding(scheme, bits):
+    """W_x on x_t and W_h on h_{t−1} over both calls (the state carried into the second); the
+    reported errors are those of the outputs W·v, with ĥ from the network whose W_x (and earlier
+    layers) are quantized; never above naive rounding's."""
+    torch.manual_seed(8)
+    model = TwoCallLSTM()
+    fp = copy.deepcopy(model)
+    x = torch.randn(32, 10, 5) * torch.logspace(-1, 1, 5)
+    result = quantize_model(model, x, scheme, bits, keep_full_precision=["last"])
+    assert [r.name for r in result.layers] == [
+        f"lstm.layers.{k}.{m}.weight" for k in (0, 1) for m in ("ih", "hh")
+    ]
+    for r in result.layers:
+        assert r.source == "inputs" and r.error <= r.naive_error * (1 + 1e-6), r
+    exact = gate_inputs(fp, x)
+    partly = copy.deepcopy(fp)  # layer 0's W_x quantized, the rest full precision: ĥ of layer 0
+    partly.lstm.layers[0].ih.weight.data.copy_(model.lstm.layers[0].ih.weight)
+    X, H = exact[0]
+    _, H_q = gate_inputs(partly, x)[0]
+    W_x, W_h = fp.lstm.layers[0].ih.weight.detach(), fp.lstm.layers[0].hh.weight.detach()
+    Q_x, Q_h = model.lstm.layers[0].ih.weight.detach(), model.lstm.layers[0].hh.weight.detach()
+    assert result.layers[0].error == pytest.approx(relative(W_x, X, Q_x, X), rel=1e-4)
+    assert result.layers[1].error == pytest.approx(relative(W_h, H, Q_h, H_q), rel=1e-4)
+    naive = project(W_h, None, scheme, bits, blocks=4).q
+    assert result.layers[1].naive_error == pytest.approx(relative(W_h, H, naive, H_q), rel=1e-4)
+    assert result.layers[1].error < result.layers[1].naive_error  # the data helps W_h too
+
+
+@pytest.mark.parametrize(("scheme", "levels"), [("ternary", (-1, 0, 1)), ("binary", (-1, 1))])
+def test_lstm_input_matrix_with_a_diagonal_second_moment_is_the_brute_force_optimum(scheme, levels):
+    """Inputs x_t (all rows over batch and time) with E[x xᵀ] diagonal: each gate's row of W_x
+    (one scale a gate block) equals the brute-force best code and scale."""
+    torch.manual_seed(9)
+    layer = QuantLSTM(3, 1, 1).double()
+    torch.manual_seed(9)
+    model = QuantLSTM(3, 1, 1).double()  # not a deepcopy: that drops the gate-block marker
+    X = diagonal_inputs([0.2, 1.0, 3.0], n=64, seed=4)
+    quantize_model(model, X.reshape(8, 8, 3), scheme, keep_full_precision=[], refit=False)
+    W = layer.layers[0].ih.weight.detach()
+    got = model.layers[0].ih.weight.detach()
+    for gate in range(4):
+        _, expected = brute_force(W[gate : gate + 1], X, levels)
+        assert torch.allclose(got[gate : gate + 1], expected, atol=1e-9), gate
