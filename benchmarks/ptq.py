@@ -16,9 +16,16 @@ quantized training − 1 point), "—" if none.
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/ptq.py --seeds 0 1 2 3 4 --epochs 15
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/ptq.py --recipe cifar --hidden 32 \
         --epochs 8 --seeds 0 1 --schemes ternary linear4 --settings hidden --ft-steps 150
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/ptq.py --recipe charlm --hidden 64 \
+        --epochs 6 --seeds 0 1 --schemes binary ternary linear4 --settings hidden
 
-Results: benchmarks/ptq.json (digits; ptq-cifar.json for the CIFAR-style recipe: every number)
-and the table printed at the end.
+The char LM (`--recipe charlm`) runs the LSTM budget of lstm_normalization.py (the first
+300,000 characters of the default corpus, depth 1, bptt 50, batch 64, lr 0.02 cosine, 10% held
+out, no LSTM norm), scores held-out bits per character (BPC) beside per-character accuracy,
+and runs no fine-tuning (its PTQ start is scored as it is).
+
+Results: benchmarks/ptq.json (digits; ptq-<recipe>.json for the others: every number) and
+the table printed at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ FRACTIONS = (0.01, 0.1, 1.0)
 STARTS = ("naive", 0.01, 1.0)  # the PTQ starts that are fine-tuned
 QUIET = {"progress": False, "monitor": False, "metrics_port": None, "checkpoint_every": None}
 HERE = Path(__file__).resolve().parent
+CHARLM_CHARS = 300_000
+CHARLM = {"depth": 1, "bptt": 50, "batch_size": 64, "lr": 0.02, "test_fraction": 0.1}
 
 
 def results_path(recipe: str) -> Path:
@@ -65,14 +74,35 @@ def name(scheme: str, bits: int | None) -> str:
 
 def trained(
     out: Path, seed: int, args: argparse.Namespace, scheme: str, bits: int | None, keep: list[str]
-) -> float:
-    """Test accuracy of a `distq train` run (one process, fp32 gradients)."""
+) -> dict:
+    """Test accuracy (and the char LM's BPC) of a `distq train` run (one process, fp32
+    gradients)."""
+    extra = {**CHARLM, "data_dir": str(args.corpus)} if args.recipe == "charlm" else {}
     cfg = config.TrainConfig(
         recipe=args.recipe, hidden=args.hidden, scheme=scheme, bits=bits, grad_bits=None,
         seed=seed, epochs=args.epochs, out_dir=str(out), keep_full_precision=keep, **QUIET,
+        **extra,
     )  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch lines
-        return train.run(cfg).test_accuracy
+        result = train.run(cfg)
+    return {"accuracy": result.test_accuracy, **_bpc(result.metrics)}
+
+
+def _bpc(metrics: dict) -> dict:
+    return {"bpc": metrics["test_bpc"]} if "test_bpc" in metrics else {}
+
+
+def scores_of(ckpt: Path) -> dict:
+    """The char LM's held-out BPC of the model in a checkpoint ({} for the other recipes)."""
+    state = checkpoint.load(ckpt)
+    run = config.from_mapping(state["config"]).run
+    data = recipes.load(run.recipe, run.test_fraction, run.seed, run.data_dir, run.bptt)
+    model = recipes.build_model(
+        run.recipe, run.hidden, run.depth, classes=data.classes, lstm_norm=run.lstm_norm,
+        bptt=run.bptt,
+    )  # fmt: skip
+    model.load_state_dict(state["model"])
+    return _bpc(recipes.extra_metrics(run.recipe, model, data.test_x, data.test_y))
 
 
 def fine_tune(ckpt: Path, target: float, steps: int, every: int, lr: float) -> dict:
@@ -116,13 +146,14 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
         keep = SETTINGS[setting]
         fp_dir = work / f"fp-{setting}-{seed}"
         fp = trained(fp_dir, seed, args, "none", None, keep)
-        record[setting] = {"fp32": fp}
-        say(f"seed {seed} {setting}: full precision {fp:.2%}", started)
+        record[setting] = {"fp32": fp["accuracy"], **_prefixed("fp32", fp)}
+        say(f"seed {seed} {setting}: full precision {fp}", started)
         for scheme, bits in (SCHEMES[s] for s in args.schemes):
             key = name(scheme, bits)
             tag = f"{setting}-{key}-{seed}".replace(" ", "")
-            qat = trained(work / f"qat-{tag}", seed, args, scheme, bits, keep)
-            row: dict = {"trained": qat, "ptq": {}, "fine_tune": {}}
+            scores = trained(work / f"qat-{tag}", seed, args, scheme, bits, keep)
+            qat = scores["accuracy"]
+            row: dict = {"trained": qat, **_prefixed("trained", scores), "ptq": {}, "fine_tune": {}}
             for start in ("naive", *FRACTIONS):
                 method = "naive" if start == "naive" else "layerwise"
                 fraction = 1.0 if start == "naive" else start
@@ -132,17 +163,25 @@ def one_seed(work: Path, seed: int, args: argparse.Namespace) -> dict:
                 )  # fmt: skip
                 row["ptq"][str(start)] = {
                     "accuracy": result.accuracy,
+                    **(scores_of(result.checkpoint) if args.recipe == "charlm" else {}),
                     "calibration_examples": 0 if method == "naive" else result.calibration_examples,
                     "layers": [_finite(vars(layer)) for layer in result.ptq.layers],
                 }
-                if start in STARTS:
+                if start in STARTS and args.recipe != "charlm":
                     row["fine_tune"][str(start)] = fine_tune(
                         result.checkpoint, qat - 0.01, args.ft_steps, args.ft_every, args.ft_lr
                     )
             record[setting][key] = row
-            ptq = ", ".join(f"{k} {v['accuracy']:.2%}" for k, v in row["ptq"].items())
-            say(f"seed {seed} {setting} {key}: trained {qat:.2%}; PTQ {ptq}", started)
+            ptq = ", ".join(
+                f"{k} {v['accuracy']:.2%} {v.get('bpc', '')}" for k, v in row["ptq"].items()
+            )
+            say(f"seed {seed} {setting} {key}: trained {scores}; PTQ {ptq}", started)
     return record
+
+
+def _prefixed(prefix: str, scores: dict) -> dict:
+    """The scores besides accuracy (the char LM's "bpc") as "<prefix>_bpc"."""
+    return {f"{prefix}_{k}": v for k, v in scores.items() if k != "accuracy"}
 
 
 def _finite(record: dict) -> dict:
@@ -165,7 +204,35 @@ def steps_cell(values: list[int | None]) -> str:
     return ", ".join("—" if v is None else str(v) for v in values)
 
 
+def bpc_cell(values: list[float]) -> str:
+    """mean ± sd (per seed) of BPC."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f} ({', '.join(f'{v:.4f}' for v in values)})"
+
+
+def charlm_table(results: dict) -> str:
+    """The char LM's table: held-out BPC (lower is better), no fine-tuning."""
+    runs = results["runs"]
+    lines = [
+        f"Char LM (LSTM hidden {results['hidden']}, depth 1, {CHARLM_CHARS:,} characters), one "
+        f"process, {results['epochs']} epochs, seeds {results['seeds']}, commit "
+        f"{results['commit']}; held-out bits per character, mean ± sd (per seed). Full "
+        f"precision: {bpc_cell([r['hidden']['fp32_bpc'] for r in runs])}",
+        "",
+        "| weights | naive rounding | PTQ 1% | PTQ 10% | PTQ 100% | quantized training |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scheme, bits in (SCHEMES[s] for s in results["schemes"]):
+        rows = [r["hidden"][name(scheme, bits)] for r in runs]
+        ptq = [bpc_cell([row["ptq"][str(k)]["bpc"] for row in rows]) for k in ("naive", *FRACTIONS)]
+        trained_cell = bpc_cell([row["trained_bpc"] for row in rows])
+        lines.append(f"| {name(scheme, bits)} | {' | '.join(ptq)} | {trained_cell} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
+    if results.get("recipe") == "charlm":
+        return charlm_table(results)
     runs = results["runs"]
     settings = results.get("settings", list(SETTINGS))
     h = results.get("hidden", 256)
@@ -204,7 +271,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--recipe", default="digits", choices=("digits", "cifar"))
+    parser.add_argument("--recipe", default="digits", choices=("digits", "cifar", "charlm"))
     parser.add_argument("--hidden", type=int, default=256, help="the recipe's width")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
@@ -221,6 +288,11 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.recipe == "charlm":
+            from distq.launch.recipes.charlm import default_corpus
+
+            args.corpus = Path(tmp) / "corpus.txt"
+            args.corpus.write_text(default_corpus(CHARLM_CHARS), encoding="utf-8")
         runs = [one_seed(Path(tmp), seed, args) for seed in args.seeds]
     results = {
         "commit": commit,
