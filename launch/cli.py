@@ -32,8 +32,22 @@ def export_command(argv: list[str]) -> int:
         print(f"distq export: error: {exc}", file=sys.stderr)
         return 2
     specs = {name: QuantSpec(**spec) for name, spec in state["quantized"].items()}
+    if state.get("channels"):  # --channel-sparsity: the pruned channels leave the model
+        from distq.channels import groups_from_state, prune_state_dict
+
+        channels = state["channels"]
+        state["model"] = prune_state_dict(
+            state["model"], groups_from_state(channels), channels["keep"]
+        )
     report = export_packed(state["model"], specs, args.out)
     print(report.to_str())
+    if state.get("channels"):
+        kept = sum(int(k.sum()) for k in channels["keep"].values())
+        total = sum(k.numel() for k in channels["keep"].values())
+        print(
+            f"channel pruning: {total - kept} of {total} channels removed; the file holds the "
+            "smaller model (distq.channels.resize_to(model, load_packed(file)) builds it)"
+        )
     return 0
 
 

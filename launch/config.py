@@ -120,6 +120,30 @@ class Sparsity(Options):
         False, "leave pruned weights' gradient entries off the wire (they freeze while pruned)",
         flat="sparse_gradients",
     )  # fmt: skip
+    channels: float = option(
+        0.0, "share of output channels removed from each conv/linear layer but the output layer "
+        "(global channel pruning, distq/channels.py); distq export writes the smaller model",
+        **SHARE, flat="channel_sparsity",
+    )  # fmt: skip
+    channel_schedule: str = option(
+        "cubic", "channel_sparsity constant from the start, or a cubic ramp from 0",
+        choices=SCHEDULES,
+    )  # fmt: skip
+    channel_begin: float = option(
+        0.0, "where the channel ramp starts, as a fraction of the run's steps", **FRACTION
+    )
+    channel_end: float = option(
+        0.5, "where the channel ramp reaches channel_sparsity, as a fraction of the steps",
+        **FRACTION,
+    )  # fmt: skip
+    channel_every: int = option(20, "steps between votes of the channel ranking", minimum=1)
+    channel_calibration: int = option(
+        256, "training examples the channel vote runs on (the same on every rank)", minimum=1
+    )
+    channel_rank_weight: float = option(
+        0.1, "weight λ of the learn-to-rank term pulling each example's channel attention "
+        "toward the global ranking (0: off)", minimum=0,
+    )  # fmt: skip
 
     def check(self) -> None:
         if self.schedule == "cubic" and not self.begin < self.end:
@@ -127,6 +151,17 @@ class Sparsity(Options):
                 f"sparsity_begin={self.begin} must be below sparsity_end={self.end} for the "
                 "cubic schedule"
             )
+        if self.channel_schedule == "cubic" and not self.channel_begin < self.channel_end:
+            raise ConfigError(
+                f"channel_begin={self.channel_begin} must be below channel_end="
+                f"{self.channel_end} for the cubic schedule"
+            )
+
+    def channel_schedule_over(self, total_steps: int) -> SparsitySchedule:
+        """ρ over a run of `total_steps`: constant, or the cubic ramp from 0 placed in it."""
+        begin = round(self.channel_begin * total_steps)
+        end = max(round(self.channel_end * total_steps), begin + 1)
+        return SparsitySchedule(self.channels, self.channel_schedule, 0.0, begin, end)
 
     def optimizer_kwargs(self, total_steps: int) -> dict[str, Any]:
         """QuantizedOptimizer's `sparsity` (the schedule, its ramp placed in a run of

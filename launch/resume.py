@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distq.channels import ChannelPruner
 from distq.comm import QuantizedCommState, prime_buckets
 from distq.launch import checkpoint, config, rng
 from distq.launch.environment import DistEnv, on_main
@@ -60,6 +61,7 @@ class RunState:
     schedule: torch.optim.lr_scheduler.LRScheduler
     comm: QuantizedCommState | None
     store: checkpoint.CheckpointStore
+    pruner: ChannelPruner | None = None  # --channel-sparsity: masks and rankings
 
     def save(self, position: Position, epoch_loss_sum: float) -> Path | None:
         """Gather every rank's own state (RNG, hook state, loss so far) to rank 0, which writes
@@ -88,6 +90,8 @@ class RunState:
             "quantized": quantized_specs(self.optimizer),
             "ranks": ranks,
         }
+        if self.pruner is not None:
+            payload["channels"] = self.pruner.state_dict()
         return self.store.save(payload, position.step)
 
     def restore(
@@ -105,6 +109,8 @@ class RunState:
             self.schedule.load_state_dict(state["schedule"])
             if self.comm is not None:
                 self.comm.load_state_dict(mine["comm"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(state["channels"])
         except (ValueError, KeyError, TypeError) as exc:  # saved under settings not compared above
             raise config.ConfigError(f"cannot resume from {path}: {exc}") from None
         self._apply_lr_and_weight_decay()
@@ -171,6 +177,13 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "sparsity_begin",
         "sparsity_end",
         "sparsity_scope",
+        "channel_sparsity",
+        "channel_schedule",
+        "channel_begin",
+        "channel_end",
+        "channel_every",
+        "channel_calibration",
+        "channel_rank_weight",
         "loss_aware",
         "distill",
         "distill_temperature",
@@ -178,6 +191,8 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
     )
     # checkpoints from before distillation and the estimator existed trained without them
     before = {k: getattr(config.Run(), k) for k in ("distill", "distill_temperature")}
+    unpruned = config.flatten({"sparsity": config.Sparsity().as_kwargs()})
+    before.update((k, v) for k, v in unpruned.items() if k.startswith("channel_"))  # nor pruning
     before["estimator"] = config.Weights().estimator
     saved, now = {**before, **config.flatten(state["config"])}, cfg.flat()
     different = [

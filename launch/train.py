@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from distq.channels import ChannelPruner, ChannelTopologyError, count_macs, rewrite
 from distq.comm import QuantizedCommState
 from distq.distill import SelfDistillation
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
@@ -181,11 +182,42 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
     if comm is not None and cfg.sparsity.gradients:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
-    state = RunState(cfg, env, model, net, optimizer, schedule, comm, store)
+    pruner = _build_pruner(cfg, model, data, optimizer, ramp_epochs * batches.steps_per_epoch)
+    state = RunState(cfg, env, model, net, optimizer, schedule, comm, store, pruner)
     distill = (
         SelfDistillation(optimizer, run.distill, run.distill_temperature) if run.distill else None
     )
     return Job(cfg, env, device, data, batches, state, found, distill)
+
+
+def _build_pruner(
+    cfg: config.TrainConfig,
+    model: nn.Module,
+    data: recipes.Split,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+) -> ChannelPruner | None:
+    """The channel pruner of --channel-sparsity (None without it): it votes on the first
+    channel_calibration training examples after a shuffle seeded by the run's seed, the same
+    examples on every rank."""
+    sparsity = cfg.sparsity
+    if not sparsity.channels:
+        return None
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.run.seed))
+    calibration = data.train_x[order[: sparsity.channel_calibration].to(data.train_x.device)]
+    try:
+        return ChannelPruner(
+            model,
+            sparsity.channel_schedule_over(total_steps),
+            calibration,
+            sparsity.channel_every,
+            sparsity.channel_rank_weight,
+            optimizer,
+        )
+    except ChannelTopologyError as exc:
+        raise config.ConfigError(
+            f"channel_sparsity={sparsity.channels} on the {cfg.run.recipe} model: {exc}"
+        ) from None
 
 
 def _resume(job: Job) -> Progress:
@@ -305,8 +337,13 @@ def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
         loss = nn.functional.cross_entropy(state.net(x), y)
     else:  # the teacher's forward (latent weights, unwrapped module), then the student's
         loss = job.distill.loss(state.net, x, y)
-    loss.backward()
+    if state.pruner is None:
+        loss.backward()
+    else:  # the learn-to-rank term joins the objective; the task loss is what is reported
+        (loss + state.pruner.regularizer()).backward()
     state.optimizer.step()
+    if state.pruner is not None:
+        state.pruner.step(step)
     check_finite(state.model, state.optimizer, step, job.cfg.run.lr)
     state.schedule.step()
     return loss
@@ -382,7 +419,21 @@ def _finish(job: Job, progress: Progress, summary: QuantizationSummary) -> Train
             f"packed ({summary.fp32_bytes / summary.packed_bytes:.1f}x)\ncheckpoint: "
             f"{ckpt_path}  (pack it: distq export {ckpt_path} model.safetensors)"
         )
+        if job.state.pruner is not None:
+            job.say(_pruned_line(job.state.pruner, job.state.model, job.data.test_x[:1]))
     return result
+
+
+def _pruned_line(pruner: ChannelPruner, model: nn.Module, example: torch.Tensor) -> str:
+    """Channels kept and multiply-accumulates per example before and after the rewrite."""
+    kept, total = sum(pruner.kept().values()), sum(g.channels for g in pruner.groups)
+    before = count_macs(model, example)
+    after = count_macs(rewrite(model, pruner.keep), example)
+    return (
+        f"channel pruning: {kept} of {total} channels kept; {before / 1e6:.2f} M -> "
+        f"{after / 1e6:.2f} M multiply-accumulates per example ({1 - after / before:.1%} fewer); "
+        "distq export writes the smaller model"
+    )
 
 
 def _close(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> None:
