@@ -1,7 +1,6 @@
-"""Gradient buckets for engines without DDP's reducer (DeepSpeed, Horovod): parameters grouped
-in a fixed order (the same on every rank, so collectives are issued in the same order), each
-bucket's exchange started during backward as soon as its gradients are in, and the averages
-written back into `.grad`."""
+"""Gradient buckets for engines without DDP's reducer (DeepSpeed, Horovod): parameters grouped in
+the same order on every rank, each bucket's exchange started during backward as soon as its
+gradients are in, and the averages written back into `.grad`."""
 
 from __future__ import annotations
 
@@ -47,25 +46,18 @@ def flatten_grads(params: list[nn.Parameter]) -> Tensor:
 
 def write_grads(flat: Tensor, params: list[nn.Parameter]) -> None:
     """Copy `flat` back into the gradients (creating any that were missing)."""
-    offset = 0
-    for p in params:
-        values = flat[offset : offset + p.numel()].view_as(p)
+    for p, values in zip(params, flat.split([p.numel() for p in params]), strict=True):
         if p.grad is None:
-            p.grad = values.to(p.dtype, copy=True)
+            p.grad = values.view_as(p).to(p.dtype, copy=True)
         else:
-            p.grad.copy_(values)
-        offset += p.numel()
+            p.grad.copy_(values.view_as(p))
 
 
 class BucketedExchange:
     """`exchange` over buckets of `params` (`plan_buckets`), at the step `step()` gives (fp32
-    before `start_iter`).
-
-    With `overlap`, a bucket's exchange starts on a worker thread, in bucket order, as soon as
-    every gradient of it and of the buckets before it has arrived `passes` times (arrivals count
-    only while `counting()`); `finish()` starts the rest (unused parameters), waits, and writes
-    the averages into `.grad`.
-    """
+    before `start_iter`). With `overlap`, a bucket's exchange starts on a worker thread, in
+    bucket order, once every gradient of it and of the buckets before it has arrived `passes`
+    times (counted while `counting()`); `finish()` starts the rest, waits, and writes `.grad`."""
 
     def __init__(
         self,
@@ -78,29 +70,27 @@ class BucketedExchange:
         passes: int = 1,
         counting: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.exchange, self.step, self.start_iter = exchange, step, start_iter
+        self.gradient_exchange, self.step, self.start_iter = exchange, step, start_iter
         self.buckets = plan_buckets(params, cap_mb)
         self.passes, self.counting = passes, counting
         self.worker = ExchangeWorker() if overlap else None
         self.arrived: dict[nn.Parameter, int] = {}
         self.futures: list[torch.futures.Future] = []
-        self.handles = []
-        if overlap:
-            self.handles = [
-                p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b
-            ]
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b
+        ]
 
     def average_bucket(self, index: int) -> Tensor:
         """Bucket `index`'s gradients averaged over the ranks, in a vector of its own (never a
         view of the exchange's scratch buffer, which the next bucket reuses)."""
-        params, step = self.buckets[index], self.step()
+        params, step, exchange = self.buckets[index], self.step(), self.gradient_exchange
         flat = flatten_grads(params)
         if step < self.start_iter:
-            return self.exchange.average_fp32(flat, f"distq.{index}.warmup")
-        return self.exchange.average_params(params, flat, index, step, out=flat)
+            return exchange.average_fp32(flat, f"distq.{index}.warmup")
+        return exchange.average_params(params, flat, index, step, out=flat)
 
     def _on_grad(self, param: nn.Parameter) -> None:
-        if not self.counting():
+        if self.worker is None or not self.counting():
             return
         self.arrived[param] = self.arrived.get(param, 0) + 1
         while len(self.futures) < len(self.buckets) and all(
@@ -122,7 +112,7 @@ class BucketedExchange:
         and raise on every rank alike under nonfinite='raise' if one is NaN/Inf."""
         for index in range(len(self.futures), len(self.buckets)):
             self._start(index)
-        exchange, step, finite = self.exchange, self.step(), True
+        exchange, step, finite = self.gradient_exchange, self.step(), True
         for params, future in zip(self.buckets, self.futures, strict=True):
             flat = future.wait()
             write_grads(flat, params)

@@ -31,21 +31,15 @@ TESTED_VERSIONS = ("0.19.",)
 FLAG = "enable_backward_allreduce"
 
 
-class DeepSpeedExchange:
+class DeepSpeedExchange(BucketedExchange):
     """Averages a DeepSpeed engine's gradients over ranks through `state`'s exchange at each
-    gradient-accumulation boundary (see the module docstring). Made by `quantize_engine`.
-
-    `state` keeps its meaning from the DDP hook: `start_iter` fp32 warm-up exchanges,
-    `compression_stats()`, and `state_dict()` for the step counter and error-feedback
-    residuals. On a boundary backward each bucket's exchange starts as soon as its gradients
-    are in (`state.overlap`; else all when backward ends); backward returns once all are done.
-    """
+    gradient-accumulation boundary (see the module docstring); made by `quantize_engine`.
+    `state` keeps its DDP-hook meaning: `start_iter` fp32 warm-up steps, `compression_stats()`,
+    and `state_dict()` for the step counter and error-feedback residuals."""
 
     def __init__(self, engine: Any, state: QuantizedCommState, bucket_cap_mb: float) -> None:
-        self.engine = engine
-        self.state = state
         state.close()  # the DDP hook's worker thread: the buckets here have their own
-        self.scheduler = BucketedExchange(
+        super().__init__(
             state.exchange,
             engine.module.parameters(),
             lambda: state.iter,
@@ -54,37 +48,27 @@ class DeepSpeedExchange:
             state.overlap,
             counting=engine.is_gradient_accumulation_boundary,
         )
-        self.buckets = self.scheduler.buckets
+        self.engine, self.state = engine, state
         self._queued = False
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._on_grad)
-            for bucket in self.buckets
-            for p in bucket
-        ]
 
-    def _on_grad(self, _param: Tensor) -> None:
-        """First gradient of a boundary backward: finish the exchange when this backward ends."""
-        if self._queued or not self.engine.is_gradient_accumulation_boundary():
-            return
-        self._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._exchange)
-
-    def _exchange(self) -> None:
-        self._queued = False
-        self.exchange()
+    def _on_grad(self, param: Tensor) -> None:
+        """On the first gradient of a boundary backward, queue `exchange` for when it ends."""
+        if not self._queued and self.counting():
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.exchange)
+        super()._on_grad(param)
 
     def exchange(self) -> None:
         """Average every parameter's gradient over ranks now (all ranks must call it)."""
+        self._queued = False
         try:
-            self.scheduler.finish()
+            self.finish()
         finally:
             self.state.iter += 1
 
     def remove(self) -> None:
         """Unregister the hooks and give the engine its own all-reduce back."""
-        for handle in self._handles:
-            handle.remove()
-        self.scheduler.close()
+        self.close()
         setattr(self.engine, FLAG, True)
 
 

@@ -1,10 +1,6 @@
 """The gradient exchange every engine shares: clip → noise key → compress → exchange → decode →
-count bytes → non-finite check → divide, for the gradient buckets an adapter lays out.
-
-The DDP hook, DeepSpeed and Horovod adapters decide when a bucket is ready and where its average
-goes; `GradientExchange` decides what crosses the wire and counts it. `ExchangeSettings` is what
-must match for two runs to send the same bytes.
-"""
+count bytes → non-finite check → divide, for the gradient buckets an adapter (DDP hook, DeepSpeed,
+Horovod) lays out and writes back."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import difflib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -177,32 +173,19 @@ class ExchangeSettings:
         return COMPRESSORS[self.compressor].build(bits, self.bucket_size, torch.float32)
 
     def config(self) -> dict[str, Any]:
-        """The settings a checkpoint records (they must match to resume bit-exactly)."""
-        compressor = self.compressor
-        if not isinstance(compressor, str):
-            compressor = f"{type(compressor).__name__}({compressor.wire})"
-        return {
-            "bits": self.bits,
-            "bucket_size": self.bucket_size,
-            "clip": self.clip,
-            "collective": self.collective,
-            "error_feedback": self.error_feedback,
-            "compressor": compressor,
-            "seed": self.seed,
-            "bits_by_name": self.bits_by_name,
-            "min_numel": self.min_numel,
-            "segment": self.segment,
-        }
+        """The settings a checkpoint records (they must match to resume bit-exactly): all but
+        `nonfinite` and `error_every`, a compressor object by its class and wire format."""
+        config = {f.name: getattr(self, f.name) for f in fields(self)}
+        del config["nonfinite"], config["error_every"]
+        if not isinstance(self.compressor, str):
+            config["compressor"] = f"{type(self.compressor).__name__}({self.compressor.wire})"
+        return config
 
 
 class GradientExchange:
-    """Averages gradient buckets over the ranks of a `Transport` through quantized codes.
-
-    `widths` maps parameters to their `bits_by_name` width; `set_keep_mask` leaves entries off
-    the wire. One float32 scratch buffer (padded for `scatter`) is shared by all buckets, which
-    are averaged one at a time, so no step pays for fresh pages. The transport may be connected
-    later (`connect`), as the DDP hook does once torch.distributed is up.
-    """
+    """Averages gradient buckets over the ranks of a `Transport` through quantized codes, one at
+    a time in one shared float32 scratch buffer (padded for `scatter`), so no step pays for fresh
+    pages. `widths`: parameters' `bits_by_name` widths. The transport may come later (`connect`)."""
 
     def __init__(
         self,
@@ -231,9 +214,8 @@ class GradientExchange:
         self.transport, self.topology = transport, topology
 
     def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
-        """Exchange only the entries fn(parameter) marks (a bool tensor; None: all); every rank
-        must give the same masks (as QuantizedOptimizer.mask_of does for pruned weights); the
-        other entries come back as zeros."""
+        """Exchange only the entries fn(parameter) marks (a bool tensor; None: all), the same
+        masks on every rank (as QuantizedOptimizer.mask_of); the others come back as zeros."""
         if fn is not None and self.settings.error_feedback:
             raise ValueError(
                 "a keep mask cannot be combined with error_feedback=True: the residuals would "
@@ -278,16 +260,18 @@ class GradientExchange:
         in the same order."""
         n, numel = self.transport.size, buffer.numel()
         self.stats.fp32_allreduce_bytes += fp32_allreduce_bytes(numel, n)
-        if keep is None:
-            return self._average(buffer, lengths, widths, index, step, out)
-        kept = [int(part.sum()) for part in keep.split(lengths)]
-        average = self._average(buffer[keep], kept, widths, index, step, None)
+        if keep is not None:
+            kept = [int(part.sum()) for part in keep.split(lengths)]
+            average = self._sum(buffer[keep], kept, widths, index, step).div_(n)
+            out = buffer.new_zeros(numel, dtype=torch.float32) if out is None else out.zero_()
+            out[keep] = average.to(out.dtype)
+            return out
+        total = self._sum(buffer, lengths, widths, index, step)
         if out is None:
-            out = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
-        else:
-            out.zero_()
-        out[keep] = average.to(out.dtype)
-        return out
+            return total.div_(n)
+        if out.dtype == total.dtype:  # divide and write back in one pass
+            return torch.div(total, n, out=out)
+        return out.copy_(total.div_(n))
 
     def average_params(
         self,
@@ -298,9 +282,17 @@ class GradientExchange:
         out: Tensor | None = None,
     ) -> Tensor:
         """`average` of a bucket of `params`' gradients flattened in `buffer`, at their widths
-        and with their keep masks."""
+        and with their keep masks (a parameter without one: all its entries)."""
         widths = [self.widths.get(p, self.settings.bits) for p in params]
-        keep = keep_mask(params, self.keep)
+        masks = [None if self.keep is None else self.keep(p) for p in params]
+        keep = None
+        if any(m is not None for m in masks):
+            keep = torch.cat(
+                [
+                    (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
+                    for m, p in zip(masks, params, strict=True)
+                ]
+            )
         return self.average(buffer, [p.numel() for p in params], widths, index, step, keep, out)
 
     def average_fp32(self, buffer: Tensor, name: str = "distq.fp32") -> Tensor:
@@ -308,20 +300,20 @@ class GradientExchange:
         self.transport.sum_(buffer, name)
         return buffer.div_(self.transport.size)
 
-    def _average(
-        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int,
-        out: Tensor | None,
-    ) -> Tensor:  # fmt: skip
+    def _sum(
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
+    ) -> Tensor:
+        """Σ over ranks of the bucket's clipped, quantized values (fp32 below `min_numel`)."""
         n, numel = self.transport.size, buffer.numel()
         if numel < self.settings.min_numel:
             work = buffer.to(torch.float32, copy=True)
             self.transport.sum_(work, f"distq.{index}.fp32")
             self.stats.uncompressed_bytes_sent += fp32_allreduce_bytes(numel, n)
-            return _divided(work, n, out)
-        groups = _groups_by_width(lengths, widths, buffer.device)
-        if len(groups) > 1:
-            return _divided(self._average_mixed(buffer, lengths, groups, index, step), n, out)
-        compressor = self.compressor_for(groups[0][0])
+            return work
+        distinct = sorted(set(widths))
+        if len(distinct) > 1:
+            return self._sum_mixed(buffer, lengths, widths, index, step)
+        compressor = self.compressor_for(distinct[0])
         collective = self.settings.collective
         work = self._work_buffer(working_length(numel, n, compressor, collective), buffer)
         work[numel:].zero_()  # scatter's padding
@@ -335,8 +327,7 @@ class GradientExchange:
         if measure:
             self._measure(x, original, compressor, self._key(step, slot))
         target = work if collective == "scatter" else x
-        summed = self._exchange(target, compressor, slot, step, measure)
-        return _divided(summed[:numel], n, out)
+        return self._exchange(target, compressor, slot, step, measure)[:numel]
 
     def _clip_into(self, x: Tensor, buffer: Tensor, lengths: list[int]) -> None:
         """x ← buffer clipped per tensor at clip·rms (float32)."""
@@ -348,18 +339,22 @@ class GradientExchange:
         else:  # the rms of half-precision sums is too coarse: clip the float32 copy
             clip_by_rms_(x.copy_(buffer), clip, lengths)
 
-    def _average_mixed(
-        self, buffer: Tensor, lengths: list[int], groups: list, index: int, step: int
+    def _sum_mixed(
+        self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
     ) -> Tensor:
         """The sum of a bucket whose tensors have different widths (bits_by_name): one exchange
-        per width over its elements (this path copies each group)."""
+        per width over its elements (copied; errors are measured on one-width buckets only)."""
         flat = buffer.to(torch.float32, copy=True)
         if self.settings.clip is not None:
             clip_by_rms_(flat, self.settings.clip, lengths)
-        for part, (width, mask) in enumerate(groups):  # errors are measured on 1-width buckets
-            flat[mask] = self._exchange(
-                flat[mask], self.compressor_for(width), index * SLOTS_PER_BUCKET + part, step
-            )
+        device = buffer.device
+        per_element = torch.repeat_interleave(
+            torch.tensor(widths, device=device), torch.tensor(lengths, device=device)
+        )
+        for part, width in enumerate(sorted(set(widths))):
+            mask = per_element == width
+            slot = index * SLOTS_PER_BUCKET + part
+            flat[mask] = self._exchange(flat[mask], self.compressor_for(width), slot, step)
         return flat
 
     def _key(self, step: int, slot: int) -> Key:
@@ -402,14 +397,25 @@ class GradientExchange:
     def _measure(
         self, x: Tensor, original: Tensor | None, compressor: Compressor, key: Key
     ) -> None:
-        """Record the first quantization's error and the clipping bias relative to ‖g‖² of the
-        unclipped gradient (`original`; None: x is unclipped), on the first ERROR_SAMPLE
-        elements, with the scales and noise the exchange sends."""
+        """Record the first quantization's error ‖Q(x) − x‖² and the clipping bias relative to ‖g‖²
+        of the unclipped gradient (`original`; None: x is unclipped), on the first ERROR_SAMPLE
+        elements, with the codes the exchange sends: the same noise and scales (one scale: x's;
+        shared scales: max-reduced over the ranks, or the node leaders, at the same steps)."""
+        plain, wire = self._plain[compressor.wire.bits], compressor.wire
         sample = _error_sample(x, compressor)
+        if wire.bucket_size is not None and not wire.shared_scale:  # the sample's own scales
+            payload = plain.compress(sample, key)
+        else:
+            scales = plain.scales(x if wire.bucket_size is None else sample, key)
+            if wire.shared_scale:
+                topology = self.topology
+                over = self.transport if topology is None else TorchTransport(topology.leader_group)
+                scales = shared_scales(scales, over, "distq.measure", Traffic())
+            payload = plain.compress(sample, key, scales=scales)
+        diff = plain.decode_rows_into(payload.view(1, -1), torch.empty_like(sample)).sub_(sample)
+        error = float(torch.dot(diff, diff))
         g = sample if original is None else original
         norm = float(torch.dot(g, g))
-        plain = self._plain[compressor.wire.bits]
-        error = _quantization_error(x, sample, plain, key, self._scale_transport())
         stats = self.stats
         stats.measured_step = key.step
         if norm == 0:
@@ -420,16 +426,9 @@ class GradientExchange:
         moved = g - sample
         stats.clip_bias = float(torch.dot(moved, moved)) / norm
 
-    def _scale_transport(self) -> Transport:
-        """Where shared scales are agreed on: the node leaders for `hierarchical`."""
-        if self.topology is None:
-            return self.transport
-        return TorchTransport(self.topology.leader_group)
-
     def is_finite(self, average: Tensor) -> bool:
-        """Whether an average holds only finite values (alike on every rank). A float32 sum is
-        NaN/Inf iff an element is (or it overflows 3e38, as unusable) and, unlike
-        isfinite(x).all(), allocates nothing of the bucket's size."""
+        """Whether an average holds only finite values (alike on every rank): its float32 sum is
+        NaN/Inf iff an element is (or it overflows, as unusable), and allocates nothing."""
         return bool(torch.isfinite(average.sum(dtype=torch.float32)))
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -459,8 +458,6 @@ def parameter_widths(
 ) -> dict[nn.Parameter, int]:
     """{parameter: bits} for parameters matched by bits_by_name (exact name or regex); an entry
     that matches nothing is refused with the names there are."""
-    if not bits_by_name:
-        return {}
     named = list(named_parameters)
     widths, used = {}, set()
     for name, p in named:
@@ -476,45 +473,6 @@ def parameter_widths(
     return widths
 
 
-def keep_mask(
-    params: list[nn.Parameter], fn: Callable[[nn.Parameter], Tensor | None] | None
-) -> Tensor | None:
-    """A bucket's flat mask of entries to exchange from fn(parameter) (None: all of them)."""
-    if fn is None:
-        return None
-    masks = [fn(p) for p in params]
-    if all(m is None for m in masks):
-        return None
-    return torch.cat(
-        [
-            (m if m is not None else torch.ones_like(p, dtype=torch.bool)).reshape(-1)
-            for m, p in zip(masks, params, strict=True)
-        ]
-    )
-
-
-def _divided(total: Tensor, n: int, out: Tensor | None) -> Tensor:
-    """total / n, in place, or written into `out` in the same pass (any float dtype)."""
-    if out is None:
-        return total.div_(n)
-    if out.dtype == total.dtype:
-        return torch.div(total, n, out=out)
-    return out.copy_(total.div_(n))
-
-
-def _groups_by_width(
-    lengths: list[int], widths: list[int], device: torch.device
-) -> list[tuple[int, Tensor | None]]:
-    """(bits, element mask) per distinct width in a bucket; mask None when the bucket has one."""
-    distinct = sorted(set(widths))
-    if len(distinct) == 1:
-        return [(distinct[0], None)]
-    per_element = torch.repeat_interleave(
-        torch.tensor(widths, device=device), torch.tensor(lengths, device=device)
-    )
-    return [(w, per_element == w) for w in distinct]
-
-
 def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
     """The leading whole buckets of x, at most ERROR_SAMPLE elements (all of x if shorter than a
     bucket): they encode with kernels compiled already, where a partial one would compile more."""
@@ -523,22 +481,3 @@ def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
         return x[:ERROR_SAMPLE]
     whole = min(ERROR_SAMPLE, x.numel()) // bucket * bucket
     return x[: whole or x.numel()]
-
-
-def _quantization_error(
-    x: Tensor, sample: Tensor, compressor: Compressor, key: Key, transport: Transport
-) -> float:
-    """‖Q(sample) − sample‖² for the leading `sample` of x with the codes the exchange sends: the
-    same noise and scales (one scale: x's; shared scales: max-reduced over `transport`, which
-    every rank does at the same steps)."""
-    wire = compressor.wire
-    if wire.bucket_size is not None and not wire.shared_scale:  # the sample's own scales
-        payload = compressor.compress(sample, key)
-    else:
-        scales = compressor.scales(x if wire.bucket_size is None else sample, key)
-        if wire.shared_scale:
-            scales = shared_scales(scales, transport, "distq.measure", Traffic())
-        payload = compressor.compress(sample, key, scales=scales)
-    diff = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(sample))
-    diff.sub_(sample)
-    return float(torch.dot(diff, diff))

@@ -2,10 +2,8 @@
 
     ddp.register_comm_hook(QuantizedCommState(bits=2, clip=2.5), quantized_hook)
 
-A sibling of torch's PowerSGD hook: a small state object plus a plain function. The state is the
-DDP adapter of `GradientExchange` (DDP's buckets, warm-up and parameter names); buckets are
-exchanged in bucket order on a worker thread over a process group of distq's own, so
-communication overlaps the rest of backward and no gloo thread blocks inside a future callback.
+A state object plus a plain function, as torch's PowerSGD hook; buckets are exchanged in order on
+a worker thread over distq's own process group, so communication overlaps the rest of backward.
 """
 
 import warnings
@@ -31,30 +29,20 @@ __all__ = ["QuantizedCommState", "prime_buckets", "quantized_hook"]
 
 
 class QuantizedCommState:
-    """State of `quantized_hook`.
+    """State of `quantized_hook`, the DDP adapter of a `GradientExchange` (`**exchange`:
+    `ExchangeSettings`'s options). `start_iter` iterations are reduced in full precision first
+    (DDP rebuilds its buckets after iteration 1, so at least 2); `model` resolves the names of
+    `bits_by_name`; `overlap=False` exchanges inline instead of on a worker thread.
 
-    Args:
-        process_group: the group DDP reduces over (None: the default group).
-        start_iter: iterations reduced in full precision first. DDP rebuilds its buckets after
-            iteration 1, so per-bucket state is only valid from 2 on (values < 2 are refused).
-        model: the model (or DDP module) whose parameter names `bits_by_name` refers to.
-        overlap: run exchanges on a worker thread while backward continues (False: inline).
-        **exchange: what crosses the wire, `ExchangeSettings`'s options (compressor, bits,
-            bucket_size, clip, collective, error_feedback, min_numel, seed, nonfinite,
-            error_every, segment, bits_by_name), the same for DeepSpeed and Horovod.
-
-    With nonfinite='raise', `loss.backward()` raises FloatingPointError on every rank alike
-    after DDP has finished its backward, so the model stays usable (zero the gradients and go
-    on). The state may be built before `torch.distributed` is initialized (as torch's
-    PowerSGDState, e.g. for Lightning's `DDPStrategy(ddp_comm_state=...)`): its process groups
-    are made when the hook first runs. `set_keep_mask(fn)` leaves gradient entries off the wire
-    (see `GradientExchange.set_keep_mask`).
+    With nonfinite='raise', `loss.backward()` raises FloatingPointError on every rank alike after
+    DDP has finished its backward, so the model stays usable. The state may be built before
+    torch.distributed is initialized (as PowerSGDState, e.g. for Lightning's `DDPStrategy`): its
+    process group is made when the hook first runs.
     """
 
     __slots__ = (
         "_exchange",
         "_nonfinite_at",
-        "_priming",
         "_worker",
         "iter",
         "overlap",
@@ -84,7 +72,6 @@ class QuantizedCommState:
         self.start_iter = start_iter
         self.overlap = overlap
         self.iter = 0
-        self._priming = False
         self._nonfinite_at: tuple[int, int] | None = None  # (bucket, step) of a NaN/Inf average
         self._worker = ExchangeWorker() if overlap else None
         if dist.is_initialized():
@@ -112,9 +99,8 @@ class QuantizedCommState:
         return self._exchange
 
     def bind(self) -> None:
-        """Create distq's own process group (once; the hook calls it on its first run), so
-        distq's collectives never interleave with DDP's or the user's. Every rank of the group
-        must call it in the same order."""
+        """Create distq's own process group once (every rank alike; the hook does on its first
+        run), so distq's collectives never interleave with DDP's or the user's."""
         if self._exchange.transport is not None:
             return
         if not dist.is_initialized():
@@ -131,8 +117,7 @@ class QuantizedCommState:
         self._exchange.set_keep_mask(fn)
 
     def quantizations(self) -> int:
-        """How many times a gradient value is quantized on its way: 1 (allgather), 2 (scatter,
-        and hierarchical across nodes), 0 (hierarchical on one node: full precision)."""
+        """How many times a gradient value is quantized on its way (0: full precision)."""
         return self.exchange.quantizations()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -158,14 +143,11 @@ class QuantizedCommState:
         ]
         if different:
             raise ValueError("hook state was saved with other settings: " + "; ".join(different))
-        exchange = self.exchange
         self.iter = int(state["iter"])
-        world, rank = exchange.transport.size, dist.get_rank()
-        if (state["world_size"], state["rank"]) == (world, rank):
-            exchange.load_residuals(state["residuals"])
-            return
-        exchange.reset_residuals()
-        if state["residuals"]:
+        world, rank = self.exchange.transport.size, dist.get_rank()
+        same = (state["world_size"], state["rank"]) == (world, rank)
+        self.exchange.load_residuals(state["residuals"] if same else {})
+        if not same and state["residuals"]:
             warnings.warn(
                 f"hook state from world size {state['world_size']} (rank {state['rank']}) "
                 f"loaded at world size {world} (rank {rank}): error-feedback residuals reset",
@@ -198,9 +180,9 @@ def quantized_hook(
     state.bind()
     buffer = bucket.buffer()
     step, last = state.iter, bucket.is_last()
-    if last and not state._priming:
+    if last:
         state.iter += 1
-    if step < state.start_iter or state._priming:  # DDP's buckets not rebuilt yet: plain all-reduce
+    if step < state.start_iter:  # DDP's buckets not rebuilt yet: plain all-reduce
         work = dist.all_reduce(buffer, group=state.process_group, async_op=True)
         world = dist.get_world_size(state.process_group)
         return work.get_future().then(lambda fut: fut.value()[0].div_(world))
@@ -225,18 +207,18 @@ def quantized_hook(
 def prime_buckets(ddp: nn.Module, state: QuantizedCommState, *inputs: Any) -> None:
     """Make a fresh DDP model rebuild its buckets before training resumes, so the resumed run
     quantizes in the layout of the run it continues (DDP reduces its first iteration in one
-    bucket): one zero-loss forward/backward on `inputs`, in full precision and not counted as a
-    step; buffers, gradients and the RNG state are restored, so the resume is bit-exact."""
+    bucket): one zero-loss forward/backward on `inputs` as a full-precision warm-up iteration,
+    not counted; buffers, gradients and the RNG state are restored, so the resume is bit-exact."""
     module = ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
     buffers = {name: b.clone() for name, b in module.named_buffers()}
-    rng = torch.get_rng_state()
-    state._priming = True
+    rng, step = torch.get_rng_state(), state.iter
+    state.iter = 0  # below start_iter: the hook all-reduces in full precision
     try:
         output = ddp(*inputs)
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         sum(o.float().sum() for o in outputs if torch.is_tensor(o)).mul(0.0).backward()
     finally:
-        state._priming = False
+        state.iter = step
     for p in ddp.parameters():
         p.grad = None
     with torch.no_grad():
@@ -246,10 +228,10 @@ def prime_buckets(ddp: nn.Module, state: QuantizedCommState, *inputs: Any) -> No
 
 
 def _raise_after_backward_if_nonfinite(state: QuantizedCommState) -> None:
-    """Have this backward raise FloatingPointError once DDP has finished it, if an average was
-    NaN/Inf: a callback queued from a callback runs after DDP's own, and its exception reaches
-    `loss.backward()` with its type (a failed future becomes DDP's "Unable to cast" error, and
-    one raised in the hook leaves DDP's reducer half-finished)."""
+    """Have this backward raise FloatingPointError after DDP's own callback if an average was
+    NaN/Inf: a callback queued from a callback runs last and reaches `loss.backward()` with its
+    type (a failed future becomes DDP's "Unable to cast" error; raising in the hook leaves DDP's
+    reducer half-finished)."""
     engine = torch.autograd.Variable._execution_engine
 
     def check() -> None:

@@ -4,9 +4,7 @@ asynchronous all-gather and all-to-all.
     opt = distq.comm.horovod.DistributedOptimizer(opt, model.named_parameters(), bits=2)
 
 Horovod's own `compression=` hands the compressed tensor to a summing all-reduce, which refuses
-uint8 and cannot add packed codes; here every rank decodes the same sum of the payloads, so
-replicas stay bit-identical. As in Horovod's optimizer, a bucket's exchange starts during
-backward as soon as its last gradient is ready.
+uint8 and cannot add packed codes; here every rank decodes the same sum of the payloads.
 """
 
 from __future__ import annotations
@@ -56,28 +54,16 @@ class HorovodTransport(Transport):
 
 
 class DistributedOptimizer(OptimizerWrapper):
-    """Wraps `optimizer`: `step()` first averages the gradients over Horovod ranks through
-    distq's quantized exchange, then steps the wrapped optimizer.
+    """Wraps `optimizer` (any, QuantizedOptimizer too): `step()` first averages the gradients
+    over Horovod ranks through distq's exchange (`**exchange`: `ExchangeSettings`'s options;
+    collective 'scatter' or 'allgather'), then steps the wrapped optimizer.
 
-    Args:
-        optimizer: any torch optimizer (also distq's QuantizedOptimizer, for low-bit weights).
-        named_parameters: the model's (name, parameter) pairs; they fix the bucket order, which
-            must be the same on every rank, and the names `bits_by_name` matches. None: the
-            optimizer's parameters in group order.
-        start_iter: steps averaged in fp32 first (not counted in `compression_stats()`), as the
-            DDP hook's warm-up; 0: every step is quantized.
-        bucket_cap_mb: gradient megabytes per exchange.
-        overlap: start a bucket's exchange on a worker thread during backward, as soon as each
-            of its gradients has arrived `backward_passes_per_step` times (False: all of them
-            in `step()`).
-        backward_passes_per_step: backward passes accumulated per `step()` (Horovod's name).
-        **exchange: what crosses the wire, `ExchangeSettings`'s options, as for the DDP hook
-            (collective 'scatter' or 'allgather').
-
-    To clip the averaged gradient, call `synchronize()`, clip, then `step()` inside
-    `with opt.skip_synchronize():`. `set_keep_mask(fn)` leaves entries off the wire as in the
-    DDP hook. Broadcast the initial weights first (`hvd.broadcast_parameters`), or seed every
-    rank alike.
+    `named_parameters` fix the bucket order (the same on every rank) and the names of
+    `bits_by_name` (None: the optimizer's parameters in group order). `start_iter` steps are
+    averaged in fp32 first, as the DDP hook's warm-up. With `overlap`, a bucket's exchange
+    starts during backward once each of its gradients has arrived `backward_passes_per_step`
+    times (False: all in `step()`). To clip the average: `synchronize()`, clip, then `step()`
+    inside `with opt.skip_synchronize():`. Broadcast the initial weights first.
     """
 
     def __init__(
@@ -125,7 +111,7 @@ class DistributedOptimizer(OptimizerWrapper):
         self._skip = False
 
     def set_keep_mask(self, fn: Callable[[nn.Parameter], Tensor | None] | None) -> None:
-        """Exchange only the entries fn(parameter) marks (`GradientExchange.set_keep_mask`)."""
+        """As `GradientExchange.set_keep_mask`: only the entries fn(parameter) marks are sent."""
         self.exchange.set_keep_mask(fn)
 
     @torch.no_grad()

@@ -1,27 +1,23 @@
-"""How payload bytes move between ranks: the four operations the collectives are written
-against, for torch.distributed here and for Horovod in `distq.comm.horovod`. Data movements are
-asynchronous (`Pending`), so the pipelined exchange overlaps transfers with the codec on every
-engine.
-"""
+"""How payload bytes move between ranks: the four operations the collectives are written against,
+for torch.distributed here and Horovod in `distq.comm.horovod`; data movements are asynchronous
+(`Pending`), so the pipelined exchange overlaps transfers with the codec on every engine."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+@dataclass(frozen=True)
 class Pending:
     """A data movement in flight; `wait()` blocks until it is done and returns what arrived."""
 
-    def __init__(self, wait: Callable[[], Tensor]) -> None:
-        self._wait = wait
-
-    def wait(self) -> Tensor:
-        return self._wait()
+    wait: Callable[[], Tensor]
 
 
 class Transport(ABC):

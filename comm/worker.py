@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+Job = Callable[[], Tensor]
+
 
 class ExchangeWorker:
     """One thread running submitted exchanges in order, each completing a Future. It is joined
@@ -22,31 +24,21 @@ class ExchangeWorker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="distq-comm", daemon=True)
         self._thread.start()
-        self._stop = weakref.finalize(self, _stop_thread, self._jobs, self._thread)
+        self.close = weakref.finalize(self, _stop, self._jobs, self._thread)  # once, or at exit
 
-    def submit(self, job: Callable[[], Tensor]) -> torch.futures.Future:
+    def submit(self, job: Job) -> torch.futures.Future:
         future: torch.futures.Future = torch.futures.Future()
         self._jobs.put((job, future))
         return future
 
     def _loop(self) -> None:
-        while True:
-            job, future = self._jobs.get()
-            if job is None:
-                return
-            _settle(future, job)
-
-    def close(self) -> None:
-        self._stop()
+        for job, future in iter(self._jobs.get, None):
+            completed(job, future)
 
 
-def completed(job: Callable[[], Tensor]) -> torch.futures.Future:
-    """A Future settled by running `job` here and now (inline, without a worker)."""
-    return _settle(torch.futures.Future(), job)
-
-
-def _settle(future: torch.futures.Future, job: Callable[[], Tensor]) -> torch.futures.Future:
-    """Complete `future` with job's result, or with the exception it raises."""
+def completed(job: Job, future: torch.futures.Future | None = None) -> torch.futures.Future:
+    """`future` (a new one by default) completed here and now with job's result or exception."""
+    future = torch.futures.Future() if future is None else future
     try:
         future.set_result(job())
     except Exception as exc:
@@ -54,6 +46,6 @@ def _settle(future: torch.futures.Future, job: Callable[[], Tensor]) -> torch.fu
     return future
 
 
-def _stop_thread(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
-    jobs.put((None, None))
+def _stop(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
+    jobs.put(None)
     thread.join(timeout=10)
