@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256, help="the recipe's width")
     args = parser.parse_args()
     task = ["--recipe", args.recipe, "--hidden", str(args.hidden)]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()  # the code the runs start from
     configs = [(bits, scheme) for bits in BITS for scheme in SCHEMES]
     accuracy: dict[tuple[int, str], list[float]] = {c: [] for c in configs}
     sizes: dict[tuple[int, str], tuple[int, int, int]] = {}
@@ -73,9 +76,6 @@ def main() -> None:
                     f"({time.perf_counter() - started:.0f} s)",
                     file=sys.stderr,
                 )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     h = args.hidden
     model = (
         f"Digits, MLP 64-{h}-{h}-{h}-10"
