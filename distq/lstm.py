@@ -155,13 +155,21 @@ class QuantLSTMLayer(nn.Module):
             nn.init.uniform_(self.ih.weight, -bound, bound)
             nn.init.uniform_(self.hh.weight, -bound, bound)
             self.bias[hidden_size : 2 * hidden_size] = 1.0
-        set_blocks(self.ih.weight, GATES)
-        set_blocks(self.hh.weight, GATES)
+        self._mark_gate_blocks()
         self.norm_x = make_norm(norm, features)
         self.norm_h = make_norm(norm, features)
         self.norm = norm
         self.probe_gradients = True
         self._grad_norms: list[Tensor | None] = []
+
+    def _mark_gate_blocks(self) -> None:
+        set_blocks(self.ih.weight, GATES)
+        set_blocks(self.hh.weight, GATES)
+
+    def __setstate__(self, state: dict) -> None:
+        """Mark the gates again: `copy.deepcopy` builds fresh Parameters without the marking."""
+        super().__setstate__(state)
+        self._mark_gate_blocks()
 
     def forward(
         self, x: Tensor, state: tuple[Tensor, Tensor] | None = None

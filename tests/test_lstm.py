@@ -2,6 +2,8 @@
 every normalization, each normalization's invariance to the scale of W, per-gate-block scales
 in the optimizer and the packed export, and the recorded ‖∂ℓ/∂h_t‖."""
 
+import copy
+
 import pytest
 import torch
 
@@ -106,6 +108,16 @@ def test_gate_matrices_are_marked_with_four_blocks():
     assert blocks_of(layer.bias) == 1
     with pytest.raises(ValueError, match="does not split"):
         set_blocks(torch.nn.Parameter(torch.zeros(6, 2)), 4)
+
+
+def test_copies_and_pickles_keep_the_gate_blocks(tmp_path):
+    """A deep copy (EMA, teacher copies) or a pickled model still gets one scale per gate."""
+    model = QuantLSTM(3, 5, depth=2)
+    torch.save(model, tmp_path / "model.pt")
+    for copy_ in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        marked = {n: blocks_of(p) for n, p in copy_.named_parameters() if blocks_of(p) > 1}
+        assert sorted(marked) == [f"layers.{i}.{m}.weight" for i in (0, 1) for m in ("hh", "ih")]
+        assert set(marked.values()) == {4}
 
 
 @pytest.mark.parametrize("scheme", ["binary", "bwn", "ternary", "twn"])
