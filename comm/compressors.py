@@ -1,20 +1,16 @@
-"""Gradient compressors: what the bytes on the wire are.
+"""Gradient compressors: a flat float tensor to one uint8 payload of its `WireFormat` and back,
+one scale per bucket, deterministic given the `Key` (every rank decodes bit-identical values).
 
-Each compressor declares its `WireFormat` and turns a flat float tensor into one uint8 payload
-(`compress`) and back (`decompress`), with a scale per bucket of `bucket_size` elements (None: one
-per input); deterministic given its `Key`, so every rank decodes bit-identical values.
-
-- `StochasticQuantizer` (ICLR 2019, "Analysis of Quantized Models"; QSGD/TernGrad family):
-  levels r/k, k = 2^(m−1) − 1, scale s = max|g| of the bucket, stochastic rounding between the two
-  nearest levels: unbiased, E‖Q(g) − g‖² ≤ Δ_g·‖g‖_∞·‖g‖₁ per bucket with Δ_g = 1/k.
-  m = 1 is the unbiased stochastic sign: ±s with P(+s) = (1 + g/s)/2.
+- `StochasticQuantizer` (ICLR 2019, "Analysis of Quantized Models"): levels r/k, k = 2^(m−1) − 1,
+  s = max|g| per bucket, stochastic rounding to the two nearest levels: unbiased,
+  E‖Q(g) − g‖² ≤ Δ_g·‖g‖_∞·‖g‖₁ per bucket, Δ_g = 1/k; m = 1: ±s with P(+s) = (1 + g/s)/2.
 - `terngrad`: the 2-bit case with the scale max-reduced across ranks (one per tensor by default).
 - `SignCompressor`: sign(g)·mean|g| per bucket (1 bit; biased, use with error feedback).
-Error feedback is `distq.comm.feedback`; the compressors by name are `distq.comm.registry`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
@@ -40,14 +36,16 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(self, x: Tensor, key: Key, scales: Tensor | None = None, start: int = 0) -> Tensor:
-        """Payload for x (float32, 1-D); `scales` overrides the local ones (shared scales).
-
-        x[i] draws the noise of element start + i of `key`'s stream, so the pieces of a tensor
-        compressed one after another (start = their offsets) get the whole tensor's codes."""
+        """Payload for x (float32, 1-D), `scales` overriding the local ones; x[i] draws the noise
+        of element start + i of `key`'s stream, so pieces of a tensor get the whole one's codes."""
 
     @abstractmethod
+    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+        """Decode into `out` (out += decoded if `accumulate`); returns out."""
+
     def decompress(self, payload: Tensor, numel: int) -> Tensor:
         """float32 values encoded in `payload`."""
+        return self.decompress_into(payload, torch.empty(numel, device=payload.device))
 
     def with_bits(self, bits: int) -> Compressor:
         """This compressor sending `bits` per element; one with a single width refuses others."""
@@ -57,11 +55,6 @@ class Compressor(ABC):
                 f"per element; allowed: {self.wire.bits}"
             )
         return self
-
-    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        """Decode into `out` (out += decoded if `accumulate`); returns out."""
-        values = self.decompress(payload, out.numel())
-        return out.add_(values) if accumulate else out.copy_(values)
 
     # -- many payloads of equal length at once (the collectives' chunks) ------------------------
     def compress_rows(
@@ -110,21 +103,18 @@ BLOCK_ELEMENTS = 1 << 20  # elements per kernel call: bounds the codec's scratch
 
 
 class BucketCodec(Compressor):
-    """Codes c ∈ [0, 2^bits) decoded as (c − k)·s/k per bucket (k = 0: (2c − 1)·s).
-
-    Subclasses choose the scale (`_row_stats`, `_finish_scales`) and the codes (`_codes`,
-    `_row_codes`): compiled `kernels`, packing fused in for 1, 2, 4 and 8 bits. Blocks of about
-    BLOCK_ELEMENTS bound the scratch memory: nothing input-sized but payload and output.
-    """
+    """Codes c ∈ [0, 2^bits) decoded as (c − k)·s/k per bucket (k = 0: (2c − 1)·s), by compiled
+    `kernels` (packing fused in for 1, 2, 4, 8 bits); subclasses choose the scales and the codes.
+    Blocks of BLOCK_ELEMENTS bound the scratch memory: nothing input-sized but payload, output."""
 
     def __init__(self, wire: WireFormat, k: int) -> None:
         self.wire = wire
         self.k = k
         self._width = wire.bucket_size or ROW_WIDTH
         self._row_bytes = self._width * wire.bits // 8
-        self._aligned = self._width * wire.bits % 8 == 0  # every row starts on a byte
-        self._fused = self._aligned and wire.bits in (1, 2, 4, 8)
-        self._block_rows = max(1, BLOCK_ELEMENTS // self._width)
+        self._fused = self._width * wire.bits % 8 == 0 and wire.bits in (1, 2, 4, 8)
+        unit = 8 // math.gcd(self._width * wire.bits, 8)  # rows per byte-aligned step
+        self._block_rows = max(1, BLOCK_ELEMENTS // self._width // unit) * unit
 
     @abstractmethod
     def _row_stats(self, xb: Tensor) -> Tensor:
@@ -161,27 +151,17 @@ class BucketCodec(Compressor):
             offset = torch.tensor(start + r0 * width, device=x.device)
             codes = self._row_codes(self._block(x, r0, r1), row_scales[r0:r1], seed, offset)
             payload[r0 * self._row_bytes : r1 * self._row_bytes] = codes.view(-1)
-        # the rest (a partial last row, widths with no planar layout) is packed in element order;
-        # element indices are offset by `start`, so padding is what lies past start + numel
-        e_first, code_bytes = planar_rows * width, wire.code_nbytes(numel)
-        count, codes = torch.tensor(start + numel, device=x.device), []
+        # the rest (a partial last row, widths with no planar layout) is packed in element order,
+        # block by block (blocks start on a byte); padding is what lies past start + numel
+        code_bytes, count = wire.code_nbytes(numel), torch.tensor(start + numel, device=x.device)
         for r0, r1 in self._blocks(numel, planar_rows):
             offset = torch.tensor(start + r0 * width, device=x.device)
             xb = self._block(x, r0, r1)
             block = self._codes(xb, row_scales[r0:r1], seed, offset, count).reshape(-1)
-            if self._aligned:  # rows start on a byte: pack block by block
-                b0, b1 = r0 * self._row_bytes, min(code_bytes, r1 * self._row_bytes)
-                payload[b0:b1] = pack(block, wire.bits)[: b1 - b0]
-            else:
-                codes.append(block)
-        if codes:  # rows not byte-aligned: pack the whole code stream at once
-            tail = torch.cat(codes)[: numel - e_first]
-            payload[e_first * wire.bits // 8 : code_bytes] = pack(tail, wire.bits)
+            b0, b1 = wire.code_nbytes(r0 * width), min(code_bytes, wire.code_nbytes(r1 * width))
+            payload[b0:b1] = pack(block, wire.bits)[: b1 - b0]
         payload[code_bytes:] = s.to(wire.scale_dtype).view(torch.uint8)
         return payload
-
-    def decompress(self, payload: Tensor, numel: int) -> Tensor:
-        return self.decompress_into(payload, torch.empty(numel, device=payload.device))
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         numel, bits, width = out.numel(), self.wire.bits, self._width
@@ -197,15 +177,10 @@ class BucketCodec(Compressor):
             rows_out = out[r0 * width : r1 * width].view(r1 - r0, -1)
             self._decode(codes, row_scales[r0:r1], rows_out, 1, accumulate)
         # the rest is in element order (a partial last row, or widths with no planar layout)
-        e_first = planar_rows * width
-        tail = packed[e_first * bits // 8 :]
-        rest = None if self._aligned else unpack(tail, bits, numel - e_first)  # unpacked at once
         for r0, r1 in self._blocks(numel, planar_rows):
             e0, e1 = r0 * width, min(numel, r1 * width)
-            if self._aligned:
-                codes = unpack(packed[r0 * self._row_bytes : r1 * self._row_bytes], bits, e1 - e0)
-            else:
-                codes = rest[e0 - e_first : e1 - e_first]
+            b0, b1 = self.wire.code_nbytes(e0), self.wire.code_nbytes(e1)
+            codes = unpack(packed[b0:b1], bits, e1 - e0)
             block = self._block(codes, 0, r1 - r0)  # the last row padded
             values = kernels.compiled(kernels.level_values)(block, row_scales[r0:r1], self.k)
             piece = out[e0:e1]
@@ -218,8 +193,8 @@ class BucketCodec(Compressor):
         run(codes, s, out, self.k, self.wire.bits, parts, accumulate)
 
     def _batched(self, length: int) -> bool:
-        """Whether payloads of `length` elements encode and decode many at a time: fused codes
-        with per-bucket scales and whole buckets per payload, so rows stack into one kernel."""
+        """Whether payloads of `length` elements stack into one kernel call: fused codes,
+        per-bucket scales, whole buckets."""
         return self._fused and self.wire.bucket_size is not None and length % self._width == 0
 
     def compress_rows(
@@ -240,8 +215,7 @@ class BucketCodec(Compressor):
         return out
 
     def _spans(self, rows: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """(first row, end row, first element, end element) of each batched kernel call: whole
-        payloads together up to a block, a longer one block by block."""
+        """(rows r0..r1, elements e0..e1) of each batched call: whole payloads up to a block."""
         block = self._block_rows * self._width
         per_call = max(1, block // length)
         for r0 in range(0, rows, per_call):
@@ -249,8 +223,7 @@ class BucketCodec(Compressor):
                 yield r0, min(rows, r0 + per_call), e0, min(length, e0 + block)
 
     def _encode(self, xb: Tensor, seed: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
-        """(row-packed codes, scales as decoded) of whole buckets xb [buckets, width] whose
-        element 0 is element `first` of the key's stream."""
+        """(row-packed codes, decoded scales) of whole buckets xb, xb[0, 0] element `first`."""
         stats = self._row_stats(xb)
         s = round_up_to_wire(self._finish_scales(stats, xb.numel()), self.wire.scale_dtype)
         return self._row_codes(xb, s, seed, first), s
@@ -282,9 +255,8 @@ class BucketCodec(Compressor):
     def _split_rows(
         self, rows: Tensor, length: int, e0: int, e1: int, chosen: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(codes [rows·buckets, bucket bytes], float32 scales [rows·buckets]) of elements e0..e1
-        (whole buckets) of the `chosen` rows (default all) of payloads of `length` elements,
-        copied contiguous (1/15 of the decoded bytes at 2 bits) so one kernel reads every row."""
+        """(codes [rows·buckets, bucket bytes], float32 scales) of elements e0..e1 of the `chosen`
+        rows (default all), copied contiguous (1/15 of the decoded bytes at 2 bits) for 1 kernel."""
         at_codes, at_scales = self._slices(length, e0, e1)
         codes, scales = rows[:, at_codes], rows[:, at_scales]
         if chosen is not None:  # indexing copies: contiguous and aligned
@@ -295,8 +267,7 @@ class BucketCodec(Compressor):
         return codes.view(-1, self._row_bytes), s.view(-1)
 
     def _slices(self, length: int, e0: int, e1: int) -> tuple[slice, slice]:
-        """Where the codes and the scales of elements e0..e1 (whole buckets) lie in a payload of
-        `length` elements."""
+        """Where the codes and scales of elements e0..e1 lie in a payload of `length` elements."""
         wire, width = self.wire, self._width
         first, size = wire.code_nbytes(length), wire.scale_dtype.itemsize
         codes = slice(e0 * wire.bits // 8, e1 * wire.bits // 8)

@@ -1,8 +1,5 @@
-"""Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what a biased compressor failed
-to send this step is added to the next step's gradient. The residuals live in a
-`ResidualMemory` that the exchange owns and checkpoints; `ErrorFeedback` is the compressor view
-of it: compress(g) sends Q(g + e) and keeps e ← (g + e) − Q(g + e).
-"""
+"""Error feedback (Seide et al. 2014; Karimireddy et al. 2019): compress(g) sends Q(g + e) and
+keeps e ← (g + e) − Q(g + e) in a `ResidualMemory` that the exchange owns and checkpoints."""
 
 from __future__ import annotations
 
@@ -94,9 +91,6 @@ class ErrorFeedback(Compressor):
         self.inner.decompress_into(payload, residual).neg_().add_(x)  # e = target − Q(target)
         torch.nan_to_num_(residual, nan=0.0, posinf=0.0, neginf=0.0)
         return payload
-
-    def decompress(self, payload: Tensor, numel: int) -> Tensor:
-        return self.inner.decompress(payload, numel)
 
     def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
         return self.inner.decompress_into(payload, out, accumulate)

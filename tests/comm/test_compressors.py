@@ -29,11 +29,13 @@ from distq.comm import (
     Key,
     SignCompressor,
     StochasticQuantizer,
+    compressors,
     kernels,
     make_compressor,
     terngrad,
 )
 from distq.comm.wire import split
+from distq.packing import pack
 
 DELTA = 1e-9  # failure probability per checked element
 L = math.log(2 / DELTA)
@@ -372,6 +374,20 @@ def test_codes_are_in_the_documented_planar_layout(make, width, numel):
     codes = (values > 0).long() if q.k == 0 else levels
     code_bytes = payload[: q.wire.code_nbytes(numel)].tolist()
     assert code_bytes == reference_layout(codes.tolist(), q.wire.bits, width)
+
+
+@pytest.mark.parametrize("bits, bucket", [(3, 100), (1, 7), (2, 33), (5, 16)])
+def test_widths_off_the_planar_layout_are_one_stream_across_blocks(monkeypatch, bits, bucket):
+    """Widths with no planar layout (rows off whole bytes included) are one LSB-first stream in
+    element order, though encoded and decoded in blocks of a few rows (BLOCK_ELEMENTS = 64)."""
+    monkeypatch.setattr(compressors, "BLOCK_ELEMENTS", 64)
+    q, numel = StochasticQuantizer(bits, bucket), 1001
+    payload = q.compress(sample(numel, seed=bits) * 2, Key(seed=5, step=bits))
+    values = q.decompress(payload, numel)
+    _, scales = split(payload, numel, q.wire)
+    s = per_element(scales, numel, bucket)
+    codes = (values > 0).long() if q.k == 0 else torch.round(values / s * q.k).long() + q.k
+    assert torch.equal(payload[: q.wire.code_nbytes(numel)], pack(codes, bits))
 
 
 @pytest.mark.parametrize("start", [0, 2**31 - 64, 2**32 - 64, 3 * 2**32 + 12345])
