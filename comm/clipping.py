@@ -1,10 +1,7 @@
 """Gradient clipping at c times the root mean square per tensor before quantization (ICLR 2019
 "Analysis of Quantized Models", §4): bounding the scale max|g| by c·rms removes the √d growth of
-the quantization variance at the price of a small bias (`distq.theory.clip_bias_relative`).
-
-The paper's σ is the std of zero-mean gradient elements; r = √mean(g²) equals it for those and
-never cuts a constant or offset vector (|g_i| = r, so any c > 1 leaves it whole).
-"""
+the quantization variance for a small bias (`distq.theory.clip_bias_relative`). r = √mean(g²) is
+the paper's σ for zero-mean elements and never cuts a constant vector (|g_i| = r < c·r)."""
 
 from __future__ import annotations
 
@@ -21,13 +18,9 @@ SAFE_LOW = 1e-20
 def clip_by_rms_(
     x: Tensor, c: float, lengths: Sequence[int] | None = None, source: Tensor | None = None
 ) -> Tensor:
-    """Clip flat `x` in place, every segment to [−c·r, c·r], r = √mean(segment²); returns x.
-
-    `lengths` splits x into the tensors it concatenates (None: x is one tensor). With `source`
-    (x's shape and dtype), x ← source clipped, r of source's segments: the copy into a work
-    buffer and the clipping are then one pass. A segment holding NaN/Inf gets a NaN limit and
-    comes out NaN, so the non-finite check downstream still sees it.
-    """
+    """Clip flat `x` in place, every segment (`lengths`; None: one) to [−c·r, c·r],
+    r = √mean(segment²); returns x. With `source` (x's shape and dtype), x ← source clipped: copy
+    and clip in one pass. A segment holding NaN/Inf comes out NaN, for the non-finite check."""
     if not c > 0:
         raise ValueError(f"clip={c!r}; allowed: a positive multiple of the rms, or None")
     if source is not None and (source.shape != x.shape or source.dtype != x.dtype):
@@ -48,12 +41,9 @@ def clip_by_rms_(
 
 
 def root_mean_square(x: Tensor) -> Tensor:
-    """√mean(x²) of a flat float tensor, as a 0-d float32 tensor, for any finite magnitudes.
-
-    On CPU one float32 dot product, redone on x/max|x| when it over- or underflows (elements near
-    1e19, or all below 1e-10); on a GPU summed in float64 (no host round trip). NaN/Inf in x give
-    a NaN or Inf r.
-    """
+    """√mean(x²) of a flat float tensor as a 0-d float32 tensor, for any finite magnitudes: on
+    CPU a float32 dot product, redone on x/max|x| when it over- or underflows; on a GPU summed in
+    float64 (no host round trip). NaN/Inf in x give a NaN or Inf r."""
     n = x.numel()
     if x.is_cuda:
         return (torch.linalg.vector_norm(x, dtype=torch.float64) / n**0.5).to(torch.float32)

@@ -1,21 +1,18 @@
 """Quantized sum-reductions: every rank ends with the same, bit-identical result.
 
-- `allgather`: each rank compresses its tensor once; payloads are all-gathered, decoded and
-  summed in rank order. Sent per rank: (n−1)·P, P = payload of the whole tensor.
-- `scatter` (bandwidth-optimal): the tensor is cut into n chunks (padded so a chunk is whole
-  buckets and whole bytes); chunk j of every rank goes to rank j (all-to-all), which adds the
-  decoded chunks in rank order to its own chunk, re-quantizes the sum exactly as its peers will
-  decode it, and the owners' payloads are all-gathered. Sent per rank: 2(n−1)·P/n, independent
-  of n. When chunks compress independently (`pipelined`), the owner's own chunk never crosses
-  the wire and enters the sum unquantized: 1/n less codec work and first-stage noise.
-- `hierarchical`: a full-precision all-reduce inside each node, `scatter` between one leader per
-  node, and a broadcast inside the node: only quantized bytes cross between nodes.
+- `allgather`: every rank's payload P (the whole tensor's) is all-gathered, decoded and summed in
+  rank order. Sent per rank: (n−1)·P.
+- `scatter` (bandwidth-optimal): chunk j (whole buckets and bytes) of every rank goes to rank j
+  (all-to-all), which sums the decoded chunks in rank order, re-quantizes the sum and all-gathers
+  it. Sent per rank: 2(n−1)·P/n. With `pipelined` chunks the owner's own chunk never crosses the
+  wire and enters the sum unquantized: 1/n less codec work and first-stage noise.
+- `hierarchical`: full-precision all-reduce inside each node, `scatter` between the node
+  leaders, broadcast inside the node: only quantized bytes cross between nodes.
 
-With a `segment` length and a `pipelined` compressor, the tensor moves through these stages in
-segments, and the codec's time hides behind the network's: while one segment is on the wire,
-this rank encodes the next and decodes the one before, with the codes of the whole tensor (the
-noise is indexed by element). Collectives read only the compressor's `WireFormat`, never its
-class; a NaN/Inf turns the affected buckets into NaN on every rank alike (a NaN scale travels).
+With a `segment` length and a `pipelined` compressor the stages run segment by segment, so one
+segment is on the wire while this rank encodes the next and decodes the one before (the noise is
+indexed by element: the codes are the whole tensor's). Collectives read only the `WireFormat`; a
+NaN/Inf turns the affected buckets into NaN on every rank alike (a NaN scale travels).
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ SEGMENT_ELEMENTS = 1 << 20  # the DDP hook's default pipeline segment (4 MiB of 
 
 @dataclass
 class Traffic:
-    """Payload bytes this rank sent and received (quantized exchange), and full-precision bytes
-    it sent inside its node (hierarchical only)."""
+    """Payload bytes this rank sent and received, and fp32 bytes it sent inside its node."""
 
     sent: int = 0
     received: int = 0
@@ -57,8 +53,7 @@ class Traffic:
 
 
 def shared_scales(scales: Tensor, transport: Transport, name: str, traffic: Traffic) -> Tensor:
-    """Per-bucket scales max-reduced over the ranks (TernGrad's shared scale); a NaN on any rank
-    stays NaN."""
+    """Per-bucket scales max-reduced over the ranks in place (TernGrad); a NaN stays NaN."""
     traffic.both(transport.max_(scales, f"{name}.scales"))
     return scales
 
@@ -72,8 +67,7 @@ def _compress(
     name: str,
     start: int,
 ) -> Tensor:
-    """Compress x (element `start` of its tensor), its scales first max-reduced across the ranks
-    where the wire format shares them."""
+    """Compress x (element `start` of its tensor), with `shared_scales` if the wire shares them."""
     shared = compressor.wire.shared_scale
     scales = shared_scales(compressor.scales(x, key), transport, name, traffic) if shared else None
     return compressor.compress(x, key, scales, start=start)
@@ -112,8 +106,7 @@ def chunk_length(numel: int, n: int, compressor: Compressor) -> int:
 
 
 def working_length(numel: int, n: int, compressor: Compressor, collective: str) -> int:
-    """Length of the scratch buffer a collective works in without copying: for `scatter`, the
-    tensor padded to n whole chunks; otherwise the tensor itself."""
+    """Length of a collective's scratch buffer: `scatter` pads the tensor to n whole chunks."""
     return n * chunk_length(numel, n, compressor) if collective == "scatter" else numel
 
 
@@ -284,14 +277,11 @@ def quantized_sum(
 ) -> tuple[Tensor, Traffic]:
     """The bit-identical Σ over ranks of (quantized) x by the named collective.
 
-    The bytes move over `transport` (default: torch.distributed on `group`; `hierarchical` is
-    torch.distributed only, over `topology` or one discovered on `group`). inplace=True lets the
-    collective overwrite x and work in it (the result may share its memory): with
-    `working_length(...)` elements, nothing else of its size is allocated but one decoded row at
-    a time. `buffers` caches receive buffers between calls; a dict `errors` gets
-    "requant_relative_error", the relative error of scatter's second quantization; `segment`
-    (elements) pipelines the exchange (None: one piece); `name` prefixes the operations' names
-    (unique per call in flight, for engines that match operations by name).
+    Bytes move over `transport` (default: torch.distributed on `group`; `hierarchical` needs
+    torch.distributed, over `topology` or one discovered on `group`). inplace=True lets it work in
+    x (with `working_length(...)` elements nothing else of its size is allocated); `buffers`
+    caches receive buffers; a dict `errors` gets scatter's "requant_relative_error"; `segment`
+    pipelines (None: one piece); `name` prefixes the operations' names (unique per call in flight).
     """
     collective_record(collective)  # refuses an unknown name
     if not inplace:

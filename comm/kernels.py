@@ -1,9 +1,7 @@
 """The codec's elementwise kernels: pure torch functions that torch.compile fuses into one pass
-(6x faster encodes, 1.9x faster decodes than eager on CPU: benchmarks/README.md).
-
-DISTQ_COMPILE=0 runs them eagerly. Both modes give the same codes for the max-scaled quantizers; a
-sum-based scale (sign) may differ in its last bit, but every rank runs the same mode.
-"""
+(6x faster encodes, 1.9x faster decodes than eager on CPU: benchmarks/README.md). DISTQ_COMPILE=0
+runs them eagerly: the same codes for max scales; a sum-based (sign) scale may differ in its last
+bit, but every rank runs the same mode."""
 
 from __future__ import annotations
 
@@ -97,13 +95,10 @@ def sign_codes(xb: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
 
 
 def _packed(xb: Tensor, bits: int, code, offset: Tensor | None = None) -> Tensor:
-    """Row-packed bytes of code(x_slice, index_slice) of whole rows, bits 1, 2, 4, 8.
-
-    A row of w codes is p = 8/bits planes of w/p: byte j holds codes j, j + w/p, …, j + (p−1)·w/p
-    at bits 0, bits, …, (p−1)·bits, so every plane is a contiguous slice of the row.
-    `index_slice` is the element index mod 2³² in int32 lanes (all the hash needs; whole rows
-    need no padding test), or None without `offset` (codes that need no noise).
-    """
+    """Row-packed bytes of code(x_slice, index_slice) of whole rows, bits 1, 2, 4, 8: byte j of a
+    row of w codes holds codes j + t·w/p at bits t·bits (p = 8/bits planes, each a contiguous
+    slice). `index_slice`: element index mod 2³² in int32 (all the hash needs), None without
+    `offset`."""
     per_byte = 8 // bits
     rows, width = xb.shape
     plane = width // per_byte
@@ -175,13 +170,10 @@ def decode_sum_into(
 
 @cache
 def compiled(fn: Callable) -> Callable:
-    """`fn` through torch.compile, or `fn` itself if compiling is off or fails.
-
-    Only dim 0 (bucket rows) is dynamic: a constant bucket width lets inductor vectorize (~1.8x
-    faster than dynamic shapes). Each combination of the non-tensor arguments (k, bits, ...)
-    compiles its own copy of `fn` (new code object, dynamo's cache key): dynamo's recompile limit
-    counts per function and past it runs eagerly, and the process-wide limit is the user's.
-    """
+    """`fn` through torch.compile, or `fn` itself if compiling is off or fails. Only dim 0 (rows)
+    is dynamic: a constant bucket width lets inductor vectorize (~1.8x faster). Each combination of
+    the non-tensor arguments compiles its own copy of `fn` (a new code object): dynamo's recompile
+    limit counts per function, and the process-wide limit is the user's."""
     if os.environ.get("DISTQ_COMPILE", "1") == "0":
         return fn
     variants: dict[tuple, Callable] = {}

@@ -1,7 +1,5 @@
-"""Keys of the counter-based rounding noise: u_i = hash(i, key) (`kernels.hash_uniform`), the key
-folded from (seed, step, rank, slot, phase). The same numbers on any machine and thread count and
-after a resume; independent across ranks, steps and buckets.
-"""
+"""Keys of the counter-based rounding noise u_i = hash(i, key) (`kernels.hash_uniform`): the same
+on any machine, thread count and resume; independent across ranks, steps and buckets."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """Compressors by name: one record each, saying how to build it, which widths it can send and
-its variance law (`distq.theory.exchange.VARIANCE_LAWS`); nothing else lists compressor names.
-"""
+its variance law (`distq.theory.exchange.VARIANCE_LAWS`); nothing else lists compressor names."""
 
 from __future__ import annotations
 

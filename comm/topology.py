@@ -32,8 +32,7 @@ class Topology:
 
     @classmethod
     def discover(cls, group: dist.ProcessGroup | None = None) -> Topology:
-        """Collective: all ranks of `group` must call it together, in the same order. The node
-        names are all-gathered once; every rank creates every group, in the same order."""
+        """Collective: all ranks of `group` call it together; every rank creates every group."""
         ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
         names: list[str | None] = [None] * len(ranks)
         dist.all_gather_object(names, node_name(), group=group)
