@@ -1,13 +1,8 @@
-"""PyTorch Lightning with distq's quantized DDP hook, on any device.
+"""PyTorch Lightning with distq's quantized DDP hook, on any device:
+`pl.Trainer(strategy=DDPStrategy(), callbacks=[QuantizedCommHook(bits=2)], ...)`.
 
-    trainer = pl.Trainer(strategy=DDPStrategy(), callbacks=[QuantizedCommHook(bits=2)], ...)
-
-Why a callback: Lightning (`DDPStrategy._register_ddp_hooks`) registers the hook given as
-`DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)` only when the device is CUDA and drops it
-silently on CPU; and a `QuantizedCommState` needs the process group, which Lightning creates only
-inside `fit`. So the callback registers the hook at `on_fit_start`, once the group and the DDP
-model exist and before the first backward.
-"""
+A callback because Lightning registers `DDPStrategy(ddp_comm_hook=...)` only on CUDA (silently
+dropped on CPU), and the state needs the process group, which exists only inside `fit`."""
 
 from __future__ import annotations
 
@@ -22,15 +17,10 @@ pl = require("pytorch_lightning")
 
 
 class QuantizedCommHook(pl.Callback):
-    """Registers distq's DDP hook on the trainer's DDP model at the start of `fit`.
-
-    - `QuantizedCommHook(**state_options)` with a plain `DDPStrategy()`: builds
-      `QuantizedCommState(**state_options)` and registers `quantized_hook`.
-    - `QuantizedCommHook()` beside `DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)` (the
-      process group initialized before the state is built, e.g. under torchrun): registers that
-      hook where Lightning did not (off CUDA), and only records the state where it did.
-    Either way the state (byte counters in `compression_stats()`) is `self.state` afterwards.
-    """
+    """Registers distq's DDP hook at the start of `fit`: `QuantizedCommState(**state_options)`
+    with a plain `DDPStrategy()`, or, with no options, `DDPStrategy(ddp_comm_state=...,
+    ddp_comm_hook=...)`'s (built under torchrun) where Lightning did not register it (off CUDA).
+    The state (`compression_stats()`) is `self.state` afterwards."""
 
     def __init__(self, **state_options: Any) -> None:
         self.state_options = state_options

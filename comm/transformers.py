@@ -1,15 +1,9 @@
-"""The Hugging Face Trainer with distq's quantized DDP hook, on any device.
+"""The Hugging Face Trainer with distq's quantized DDP hook, on any device:
+`Trainer(model, args, train_dataset=data, callbacks=[QuantizedCommCallback(bits=2)])`.
 
-    trainer = Trainer(model, args, train_dataset=data, callbacks=[QuantizedCommCallback(bits=2)])
-
-Why a callback that searches for the DDP model: the Trainer wraps the model in DDP (through
-Accelerate) only inside `train()`, once the process group exists, and hands callbacks the
-unwrapped model, never `trainer.model_wrapped`. At `on_train_begin`, after the wrap and before
-the first forward, the callback finds that model's DDP wrapper among the live objects (one pass
-over the garbage collector's list: ~0.1 s with transformers loaded, once per `train()`).
-Gradient accumulation (the hook runs once per optimizer step) and `ddp_static_graph` work, though
-not both at once (the plain Trainer fails there too: torch's reducer asserts).
-"""
+The Trainer wraps the model in DDP only inside `train()` and hands callbacks the unwrapped model,
+so `on_train_begin` finds the DDP wrapper among the live objects (~0.1 s, once per `train()`).
+Gradient accumulation and `ddp_static_graph` work, not both at once (torch's reducer asserts)."""
 
 from __future__ import annotations
 
@@ -42,13 +36,9 @@ def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
 
 
 class QuantizedCommCallback(transformers.TrainerCallback):
-    """Registers distq's DDP hook on the Trainer's DDP model when training begins.
-
-    `QuantizedCommCallback(**state_options)` builds `QuantizedCommState(**state_options)` and
-    registers `quantized_hook`; the state (byte counters, `compression_stats()`) is
-    `callback.state` afterwards. In a single process it logs a warning and registers nothing; a
-    distributed Trainer without DDP (DeepSpeed, FSDP) is a ValueError.
-    """
+    """Registers `quantized_hook` with `QuantizedCommState(**state_options)` (then
+    `callback.state`) on the Trainer's DDP model when training begins; one process: a warning,
+    nothing registered; a distributed Trainer without DDP (DeepSpeed, FSDP): ValueError."""
 
     def __init__(self, **state_options: Any) -> None:
         self.state_options = state_options
