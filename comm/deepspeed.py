@@ -4,12 +4,9 @@ backend and no 1-bit Adam any more).
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     exchange = quantize_engine(engine, QuantizedCommState(bits=2, clip=2.5))
 
-The contract: DeepSpeed's `engine.enable_backward_allreduce` flag gates its gradient all-reduce
-after backward (1-bit Adam used the same flag). `quantize_engine` turns it off; on the backward
-that ends a gradient-accumulation window the accumulated gradients are averaged by the state's
-`GradientExchange` before backward returns, and DeepSpeed then clips (every rank sees the same
-norm) and steps, so replicas stay bit-identical. Supported: ZeRO stage 0 in fp32; other
-configurations are refused by name.
+`quantize_engine` turns off the gradient all-reduce that `engine.enable_backward_allreduce` gates
+(1-bit Adam's contract); the backward that ends a gradient-accumulation window returns with the
+gradients averaged by the state's exchange, and DeepSpeed clips and steps alike on every rank.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ __all__ = ["QuantizedCommState", "prime_buckets", "quantized_hook"]
 
 class QuantizedCommState:
     """State of `quantized_hook`, the DDP adapter of a `GradientExchange` (`**exchange`:
-    `ExchangeSettings`'s options). `start_iter` iterations are reduced in full precision first
-    (DDP rebuilds its buckets after iteration 1, so at least 2); `model` resolves the names of
-    `bits_by_name`; `overlap=False` exchanges inline instead of on a worker thread.
+    `ExchangeSettings`'s options) for DDP's `process_group` (None: the default group).
+    `start_iter` iterations are reduced in full precision first (DDP rebuilds its buckets after
+    iteration 1, so at least 2); `model` resolves the names of `bits_by_name`; `overlap=False`
+    exchanges inline instead of on a worker thread.
 
     With nonfinite='raise', `loss.backward()` raises FloatingPointError on every rank alike after
     DDP has finished its backward, so the model stays usable. The state may be built before
