@@ -97,6 +97,12 @@ METHODS = (  # (name, command, what it is for): the ways of compressing built on
         "training: (1-λ)·CE + λ·T²·KL (distq.distill)",
     ),
     (
+        "learned estimator",
+        "distq train --scheme S --estimator meta",
+        "a small meta network learns the latent weights' gradient from the quantized weights' "
+        "in place of the straight-through estimator (distq.meta; MetaQuant)",
+    ),
+    (
         "sparsification",
         "distq train --scheme S --sparsity 0.75 --sparsity-schedule cubic",
         "a share of zeros in every quantized tensor, chosen with the same curvature "

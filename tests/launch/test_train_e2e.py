@@ -67,7 +67,8 @@ def test_cli_lists_schemes():
     assert rows["shared"].split()[1:6] == ["2-4", "bit", "loss-aware", "fitted:", "codebook"]
     assert " warm " in rows["shared"] and " cold " in rows["ternary"]
     assert rows["linear"].split()[4:7] == ["1,", "1/3,", "1/7,"]  # Δ_w at 2, 3, 4 bits
-    for command in ("distq quantize CHECKPOINT", "--distill 0.5", "--sparsity 0.75"):
+    methods = ("distq quantize CHECKPOINT", "--distill 0.5", "--estimator meta", "--sparsity 0.75")
+    for command in methods:
         assert command in stdout
     usage = run(sys.executable, "-m", "distq.launch.cli", "--help")
     for name in ("train", "quantize", "export", "schemes", "report", "plan"):
