@@ -54,8 +54,8 @@ def test_local_optimum_always_and_the_brute_force_optimum_mostly_on_tiny_tensors
     """Lloyd's iteration ends at a local optimum every time, but a local one: on these 240 fixed
     cases (n = 5..9 weights, k = 2..4) from the linear initialization it reaches the optimum over
     all contiguous partitions in 165 (69%; 147 before emptied clusters were re-seeded; with so
-    few weights per cluster a worse partition is often a fixed point). The optimum itself is a fixed point: started from its codebook, the
-    solver returns it."""
+    few weights per cluster a worse partition is often a fixed point). The optimum itself is a
+    fixed point: started from its codebook, the solver returns it."""
     optimal = cases = 0
     for seed in range(80):
         g = torch.Generator().manual_seed(seed)
