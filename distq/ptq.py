@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from distq.lstm import QuantLSTMLayer
-from distq.quant import Projection, get_scheme, project, scheme_bits
+from distq.quant import Projection, blocks_of, get_scheme, project, scheme_bits
 from distq.selection import POSITIONAL, ModuleType, select
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def quantize_model(
     try:
         for candidate in chosen:
             p = params[candidate.name]
-            blocks = max(candidate.blocks, int(getattr(p, "distq_blocks", 1)))
+            blocks = max(candidate.blocks, blocks_of(p))
             opts = {"per_channel": per_channel, "blocks": blocks}
             owner = modules.get(candidate.name.rsplit(".", 1)[0] if "." in candidate.name else "")
             gate = _lstm_gate(modules, candidate.name)
