@@ -26,11 +26,11 @@ belongs to):
 * τ anneals geometrically from τ₀ to τ₁ over the steps. θ gets Adam at `lr`; copies of the
   weights the model trains (never the model's own) get Adam at `weight_lr`, the paper's joint
   quantization training (0: frozen, the widths are chosen for the given weights).
-* Result: m_t = argmax_m θ_{t,m}, then a repair that makes Σ n_t m_t ≤ B·Σ n_t hold exactly
-  (integer arithmetic on the bits; B read as the exact rational value of the float): while over,
-  take the downgrade with the least loss of log p per bit saved; then, while bits are left, the
-  upgrade that fits with the least loss of log p per bit added (none fits at the end). At B =
-  min M every tensor gets min M, at B = max M every tensor gets max M.
+* Result: the most probable widths under the final p_t that satisfy Σ n_t m_t ≤ B·Σ n_t exactly
+  (`fit_budget`: integer arithmetic on the bits, B read as the exact rational value of the
+  float; a knapsack by dynamic programming), then upgrades while one fits in the bits left. It is
+  argmax_m θ_{t,m} whenever that fits and leaves no upgrade room. At B = min M every tensor gets
+  min M, at B = max M every tensor gets max M.
 
 Bits count weights only (a scale per group is not counted), as `QuantizedOptimizer.stored_bits`.
 """
@@ -55,6 +55,8 @@ from distq.selection import quantizable, select_quantized, unwrap
 log = logging.getLogger(__name__)
 
 Batch = tuple[object, Tensor]
+DP_CELLS = 20_000_000  # tensors × capacity units the budget's knapsack fills at most (int8 each)
+DP_UNITS = 1_000_000  # capacity units at most (a few float64 vectors of this length)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def search(
         logp = torch.log_softmax(theta, dim=1)
         expected_bits = float((share * (logp.exp() @ levels)).sum())
     first = [widths[j] for j in logp.argmax(dim=1).tolist()]
-    picked = fit_budget(logp.tolist(), [sizes[n] for n in chosen], widths, budget, first)
+    picked = fit_budget(logp.tolist(), [sizes[n] for n in chosen], widths, budget)
     bits = dict(zip(chosen, picked, strict=True))
     total = sum(sizes.values())
     result = BitSearch(
@@ -211,54 +213,63 @@ def fit_budget(
     sizes: Sequence[int],
     candidates: Sequence[int],
     budget: float,
-    start: Sequence[int] | None = None,
+    *,
+    fill: bool = True,
 ) -> list[int]:
-    """Widths from `candidates` (ascending) with Σ n_t·m_t ≤ budget·Σ n_t exactly, near `start`
-    (default: each row's argmax of `logp`, the log-probabilities over candidates).
+    """The most probable widths within the budget: m_t from `candidates` (ascending) maximizing
+    Σ_t ℓ_{t,m_t} (`logp`: each tensor's log-probabilities over candidates) subject to
+    Σ n_t·m_t ≤ budget·Σ n_t, exactly (integers; budget as its exact binary value).
 
-    While over the budget, the downgrade (t, m → m' < m) with the least (ℓ_{t,m} − ℓ_{t,m'}) per
-    bit saved, n_t·(m − m'); then, while an upgrade fits in the bits left, the fitting one with the
-    least loss of ℓ per bit added. Ties go to the earlier tensor, then the smaller move. Greedy,
-    not the optimum of the multiple-choice knapsack; on exit no single upgrade fits.
+    A multiple-choice knapsack, solved by dynamic programming over the bits above all-min(M) in
+    units u: u = the gcd of the moves' bits n_t·(m − min M), exact, unless tensors × capacity
+    passes DP_CELLS or the capacity passes DP_UNITS; then u grows to fit and every move's bits
+    round up to whole units (still within the budget; optimal for a budget at most T·u bits
+    lower). fill: then, while an upgrade fits in the bits left, the fitting one that loses least
+    ℓ per bit added (ties: earlier tensor, then smaller move); on exit no single upgrade fits.
     """
     widths = list(candidates)
-    if start is None:
-        start = [widths[max(range(len(row)), key=row.__getitem__)] for row in logp]
-    index = [widths.index(m) for m in start]
-    cap = math.floor(Fraction(budget) * sum(sizes))  # budget as its exact binary value
+    total = sum(sizes)
+    cap = math.floor(Fraction(budget) * total)
+    spare = cap - widths[0] * total
+    if spare < 0:
+        raise ValueError(f"budget={budget} is below every tensor at {widths[0]} bits")
+    extra = [[n * (m - widths[0]) for m in widths] for n in sizes]
+    unit = max(math.gcd(*(e for row in extra for e in row)), 1)
+    most = max(1, min(DP_UNITS, DP_CELLS // len(sizes)))  # capacity units allowed
+    if spare // unit > most:
+        unit = max(unit, -(-spare // most))
+    capacity = spare // unit
+    cost = [[-(-e // unit) for e in row] for row in extra]
+    best = torch.zeros(capacity + 1, dtype=torch.float64)  # best[c]: max Σℓ within c units
+    choice = torch.zeros(len(sizes), capacity + 1, dtype=torch.int8)
+    for t, row in enumerate(logp):
+        new = best + row[0]
+        for j in range(1, len(widths)):
+            if cost[t][j] <= capacity:
+                taken = best[: capacity + 1 - cost[t][j]] + row[j]
+                better = taken > new[cost[t][j] :]
+                new[cost[t][j] :][better] = taken[better]
+                choice[t, cost[t][j] :][better] = j
+        best = new
+    index, left = [0] * len(sizes), capacity
+    for t in reversed(range(len(sizes))):
+        index[t] = int(choice[t, left])
+        left -= cost[t][index[t]]
     used = sum(n * widths[j] for n, j in zip(sizes, index, strict=True))
-
-    def best(moves: Iterable[tuple[int, int]]) -> tuple[int, int] | None:
-        """The (tensor, candidate index) among `moves` losing the least log p per bit moved."""
-        scored = []
-        for t, j in moves:
-            moved = sizes[t] * abs(widths[j] - widths[index[t]])
-            scored.append(((logp[t][index[t]] - logp[t][j]) / moved, t, abs(j - index[t]), j))
-        if not scored:
-            return None
-        _, t, _, j = min(scored)
-        return t, j
-
-    while used > cap:
-        move = best((t, j) for t in range(len(sizes)) for j in range(index[t]))
-        if move is None:
-            raise ValueError(f"budget={budget} is below every tensor at {widths[0]} bits")
-        t, j = move
-        used -= sizes[t] * (widths[index[t]] - widths[j])
-        index[t] = j
-    while True:
-        fits = (
-            (t, j)
+    while fill:
+        moves = [
+            ((logp[t][index[t]] - logp[t][j]) / (sizes[t] * (widths[j] - widths[index[t]])), t,
+             j - index[t], j)
             for t in range(len(sizes))
             for j in range(index[t] + 1, len(widths))
             if sizes[t] * (widths[j] - widths[index[t]]) <= cap - used
-        )
-        move = best(fits)
-        if move is None:
-            return [widths[j] for j in index]
-        t, j = move
+        ]
+        if not moves:
+            break
+        _, t, _, j = min(moves)
         used += sizes[t] * (widths[j] - widths[index[t]])
         index[t] = j
+    return [widths[j] for j in index]
 
 
 def _batches(batches: Iterable[Batch]) -> Iterator[Batch]:
