@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from distq.meta import MetaGradient, check_estimator
-from distq.quant import blocks_of, get_scheme, project, scheme_bits
+from distq.quant import SCHEMES, Projection, blocks_of, get_scheme, project, scheme_bits
 from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
     POSITIONAL,
@@ -47,6 +48,10 @@ class QuantizedOptimizer(OptimizerWrapper):
         model: the model (or its DDP wrapper), before or after wrapping it in DDP (see
             sync_latent).
         scheme, bits: a name in `distq.quant.SCHEMES` and its bit width (m-bit schemes only).
+        bits_by_name: {parameter name or regex: bits} for quantized tensors that take another
+            width than `bits` (schemes of several widths only: linear, log, shared), as the
+            gradient exchange's bits_by_name does for gradients; `set_bits` changes widths
+            later (a bit allocation, distq/bit_allocation.py).
         keep_full_precision: names, regexes or "first"/"last" of layers to leave unquantized
             (by default the first quantizable layer and the last, a language model's output head).
         quantize_modules: further layer types whose `weight` to quantize, as classes or class
@@ -89,6 +94,7 @@ class QuantizedOptimizer(OptimizerWrapper):
         quantize_modules: Iterable[ModuleType] = (),
         sync_latent: bool = True,
         estimator: str = "ste",
+        bits_by_name: Mapping[str, int] | None = None,
     ) -> None:
         _check_options(base_optimizer, nonfinite, clip_latent, sparsity_scope)
         check_estimator(estimator)
@@ -107,7 +113,17 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.sync_latent = sync_latent
         self._synced = False
         super().__init__(base_optimizer)
-        self._take_weights(unwrap(model), keep_full_precision, tuple(quantize_modules))
+        module = unwrap(model)
+        self._take_weights(module, keep_full_precision, tuple(quantize_modules))
+        self.bits_by_name = dict(bits_by_name or {})
+        self.tensor_bits: dict[str, int] = {
+            **dict.fromkeys(self.names, self.bits),
+            **self._widths(self.bits_by_name),
+        }
+        self.allocated = False  # whether set_bits chose the widths (saved with the checkpoint)
+        self.summary: QuantizationSummary = summarize(
+            module, self.names, self.scheme, self.tensor_bits
+        )
         self._group = self._groups_by_parameter()
         self.latent: dict[str, Tensor] = {n: p.detach().clone() for n, p in self._params.items()}
         self.alpha: dict[str, Tensor] = {}
@@ -130,7 +146,6 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.names = [c.name for c in chosen]
         if not self.names:
             self._warn_nothing_quantized(module, keep, quantize_modules)
-        self.summary: QuantizationSummary = summarize(module, self.names, self.scheme, self.bits)
         self._param_names = {p: n for n, p in params.items()}
         in_optimizer = {p for g in self.param_groups for p in g["params"]}
         missing = [n for n in self.names if params[n] not in in_optimizer]
@@ -227,18 +242,83 @@ class QuantizedOptimizer(OptimizerWrapper):
         sparsities = self.current_sparsities(curvatures)
         for name, p in self._params.items():
             opts = {"alpha_init": self.alpha[name]} if warm_start and name in self.alpha else {}
-            proj = project(
-                self.latent[name],
-                curvatures[name],
-                self.scheme,
-                self.bits,
-                per_channel=self.per_channel,
-                blocks=self.blocks[name],
-                sparsity=sparsities[name],
-                **opts,
-            )
+            bits, d = self.tensor_bits[name], curvatures[name]
+            proj = self.project_at(name, bits, d, sparsities[name], **opts)
             p.copy_(proj.q)
             self.alpha[name] = proj.alpha
+
+    def project_at(
+        self, name: str, bits: int, d: Tensor | None, sparsity: float, **opts: Any
+    ) -> Projection:
+        """The projection of tensor `name`'s latent w at `bits` bits with curvature `d`, under
+        this optimizer's scale layout (per channel, blocks) and κ = `sparsity`."""
+        return project(
+            self.latent[name],
+            d,
+            self.scheme,
+            bits,
+            per_channel=self.per_channel,
+            blocks=self.blocks[name],
+            sparsity=sparsity,
+            **opts,
+        )
+
+    # -- per-tensor widths ----------------------------------------------------------------------
+    def _widths(self, bits_by_name: Mapping[str, int]) -> dict[str, int]:
+        """{quantized name: bits} for the tensors `bits_by_name` matches (its exact name, else
+        the first regex that matches all of the name); ValueError for a scheme of one width, a width
+        the scheme cannot take, or an entry that matches no quantized tensor."""
+        if not bits_by_name:
+            return {}
+        spec = get_scheme(self.scheme)
+        if len(spec.bits) == 1:
+            several = [s for s in SCHEMES if len(get_scheme(s).bits) > 1]
+            raise ValueError(
+                f"bits_by_name needs a scheme of several widths ({', '.join(several)}); scheme "
+                f"{self.scheme!r} has only {spec.bits[0]} bit(s)"
+            )
+        for pattern, width in bits_by_name.items():
+            try:
+                scheme_bits(self.scheme, width)
+            except ValueError as exc:
+                raise ValueError(f"bits_by_name[{pattern!r}]: {exc}") from None
+        widths, used = {}, set()
+        for name in self.names:
+            exact = [name] if name in bits_by_name else []
+            found = exact or [p for p in bits_by_name if re.fullmatch(p, name)][:1]
+            if found:
+                widths[name] = bits_by_name[found[0]]
+                used.add(found[0])
+        unused = sorted(set(bits_by_name) - used)
+        if unused:
+            raise ValueError(
+                f"bits_by_name entries {unused} match no quantized parameter; quantized: "
+                f"{self.names}"
+            )
+        return widths
+
+    @torch.no_grad()
+    def set_bits(self, bits_by_name: Mapping[str, int]) -> None:
+        """Quantize the tensors `bits_by_name` matches (names or regexes, checked as the
+        constructor's) at those widths from now on, and project them again. A tensor whose
+        width changes starts its solver cold (a codebook's α has 2^bits entries)."""
+        widths = {**self.tensor_bits, **self._widths(bits_by_name)}
+        self._take_widths(widths)
+        self.allocated = True
+        self._project_all()
+
+    def _take_widths(self, widths: Mapping[str, int]) -> None:
+        """Make `widths` the tensors' widths (dropping the warm start of those that change) and
+        the summary's."""
+        for name, width in widths.items():
+            if width != self.tensor_bits[name]:
+                self.alpha.pop(name, None)
+        self.tensor_bits = dict(widths)
+        rows = tuple(
+            dataclasses.replace(r, bits=self.tensor_bits[r.name]) if r.quantized else r
+            for r in self.summary.rows
+        )
+        self.summary = QuantizationSummary(self.summary.scheme, rows)
 
     def current_sparsities(self, curvatures: dict[str, Tensor | None]) -> dict[str, float]:
         """κ per quantized tensor at this step (the schedule's, split globally if asked)."""
@@ -253,9 +333,21 @@ class QuantizedOptimizer(OptimizerWrapper):
 
     @property
     def stored_bits(self) -> int:
-        """Bits per code a packed export needs: a binary code with zeros has three levels."""
+        """Bits per code a packed export needs, when every tensor has the same width (else
+        ValueError: `stored_bits_of` gives each tensor's)."""
+        widths = {self.stored_bits_of(n) for n in self.names} or {self.stored_bits_of("")}
+        if len(widths) > 1:
+            raise ValueError(
+                f"the quantized tensors have widths {sorted(widths)}; read each with stored_bits_of"
+            )
+        return widths.pop()
+
+    def stored_bits_of(self, name: str) -> int:
+        """Bits per code a packed export of tensor `name` needs: a binary code with zeros has
+        three levels."""
+        bits = self.tensor_bits.get(name, self.bits)
         sparse = self.sparsity.final > 0 or self.sparsity.initial > 0
-        return 2 if (self.bits == 1 and sparse) else self.bits
+        return 2 if (bits == 1 and sparse) else bits
 
     def masks(self) -> dict[str, Tensor]:
         """name -> bool tensor of the entries ŵ keeps (non-zero), for every quantized tensor."""
@@ -318,6 +410,7 @@ class QuantizedOptimizer(OptimizerWrapper):
             "skipped_steps": self.skipped_steps,
             "steps_taken": self.steps_taken,
             **({"meta": self.meta.state_dict()} if self.meta is not None else {}),
+            **({"tensor_bits": dict(self.tensor_bits)} if self.allocated else {}),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -326,7 +419,8 @@ class QuantizedOptimizer(OptimizerWrapper):
         ŵ is not recomputed here: the iterative solvers (`Scheme.warm_start`) start from the
         previous α, so only the saved ŵ (in the model checkpoint) resumes bit-exactly.
         """
-        saved = {"estimator": "ste", **state_dict["quantization"]}  # older: straight-through
+        # older checkpoints: straight-through, one width for all
+        saved = {"estimator": "ste", "bits_by_name": {}, **state_dict["quantization"]}
         mine = self.config()
         different = [k for k in mine if saved.get(k) != mine[k]]
         if different:
@@ -334,6 +428,7 @@ class QuantizedOptimizer(OptimizerWrapper):
                 f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different
             )
             raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
+        self._load_widths(state_dict.get("tensor_bits"))
         self.optimizer.load_state_dict(state_dict["base"])
         self._group = self._groups_by_parameter()  # the load made new group dicts
         with torch.no_grad():
@@ -345,6 +440,24 @@ class QuantizedOptimizer(OptimizerWrapper):
         if self.meta is not None:
             self.meta.load_state_dict(state_dict["meta"])
 
+    def _load_widths(self, saved: Mapping[str, int] | None) -> None:
+        """Take the widths a bit allocation chose before the checkpoint (`saved`; None: the
+        constructor's); refused when this optimizer has allocated other widths already."""
+        widths = dict(saved) if saved is not None else dict(self.tensor_bits)
+        if saved is not None:
+            self._widths(widths)  # the checkpoint's names and widths must fit this optimizer
+        if self.allocated and widths != self.tensor_bits:
+            changed = {
+                n: (widths.get(n), b) for n, b in self.tensor_bits.items() if widths.get(n) != b
+            }
+            raise ValueError(
+                "checkpoint holds other weight widths than this optimizer's allocation "
+                f"(name: (checkpoint, now)): {changed}"
+            )
+        if saved is not None:
+            self._take_widths(widths)
+            self.allocated = True
+
     def config(self) -> dict[str, Any]:
         """The settings a checkpoint must agree with to be resumed by this optimizer."""
         return {
@@ -355,6 +468,7 @@ class QuantizedOptimizer(OptimizerWrapper):
             "sparsity": dataclasses.asdict(self.sparsity),
             "sparsity_scope": self.sparsity_scope,
             "estimator": self.estimator,
+            "bits_by_name": dict(self.bits_by_name),
         }
 
     def quantized_parameters(self) -> dict[str, nn.Parameter]:
@@ -364,8 +478,13 @@ class QuantizedOptimizer(OptimizerWrapper):
     def __repr__(self) -> str:
         return (
             f"QuantizedOptimizer({type(self.optimizer).__name__}, scheme={self.scheme!r}, "
-            f"bits={self.bits}, quantized={len(self.names)} tensors)"
+            f"bits={self._bits_text()}, quantized={len(self.names)} tensors)"
         )
+
+    def _bits_text(self) -> str:
+        """The width for repr: one number, or the range of per-tensor widths."""
+        widths = sorted(set(self.tensor_bits.values())) or [self.bits]
+        return str(widths[0]) if len(widths) == 1 else f"{widths[0]}..{widths[-1]} per tensor"
 
 
 def _check_options(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -220,12 +220,13 @@ class QuantizationSummary:
 
 
 def summarize(
-    model: nn.Module, quantized: Iterable[str], scheme: str, bits: int
+    model: nn.Module, quantized: Iterable[str], scheme: str, bits: int | Mapping[str, int]
 ) -> QuantizationSummary:
-    """The summary table for `model` when the parameters named in `quantized` get `bits` bits."""
-    chosen = set(quantized)
+    """The summary table for `model` when the parameters named in `quantized` get `bits` bits
+    (one width for all; or {name: bits} per tensor, whose names are then the quantized ones)."""
+    widths = bits if isinstance(bits, Mapping) else dict.fromkeys(quantized, bits)
     rows = tuple(
-        TensorPlan(name, tuple(p.shape), name in chosen, bits if name in chosen else 32)
+        TensorPlan(name, tuple(p.shape), name in widths, widths.get(name, 32))
         for name, p in unwrap(model).named_parameters()
     )
     return QuantizationSummary(scheme, rows)

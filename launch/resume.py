@@ -32,7 +32,7 @@ def quantized_specs(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
     for n in optimizer.names:
         specs[n] = {
             "scheme": optimizer.scheme,
-            "bits": optimizer.stored_bits,
+            "bits": optimizer.stored_bits_of(n),
             "per_channel": optimizer.per_channel,
         }
         if optimizer.blocks[n] > 1 and not optimizer.per_channel:

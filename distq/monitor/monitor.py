@@ -216,6 +216,7 @@ class ConvergenceMonitor:
                     "alpha": e.alpha,
                     "delta_w": e.delta_w,
                     "rounding_bound": e.rounding_bound,
+                    "bits": e.bits,
                 }
                 for name, e in tensors.items()
             },

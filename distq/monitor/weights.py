@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from distq.optim import QuantizedOptimizer
-from distq.quant import get_scheme, scheme_bits
+from distq.quant import get_scheme
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class WeightError:
     delta_w: float  # mean level spacing over groups, in units of α (a codebook's: fitted)
     numel: int
     rounding_bound: float  # Σ_groups n_g·(α_g·Δ_w,g)²/4: every weight halfway between levels
+    bits: int  # the tensor's width (QuantizedOptimizer.tensor_bits)
 
     @property
     def relative(self) -> float:
@@ -46,13 +47,13 @@ def weight_errors(optimizer: QuantizedOptimizer) -> dict[str, WeightError]:
     two levels of its group's widest gap, exceeded only by weights beyond the outer levels.
     """
     scheme = get_scheme(optimizer.scheme)
-    bits = scheme_bits(optimizer.scheme, optimizer.bits)
     out = {}
     for name, p in optimizer.quantized_parameters().items():
         w = optimizer.latent[name].float()
         d = optimizer.curvature(p)
         d = torch.ones_like(w) if d is None else d.float()
         moved = (p.detach().float() - w).square()
+        bits = optimizer.tensor_bits[name]  # each tensor's own width (bits_by_name, set_bits)
         scale, spacing = scheme.group_spacing(optimizer.alpha[name], bits)
         out[name] = WeightError(
             error=float((d * moved).sum()),
@@ -63,5 +64,6 @@ def weight_errors(optimizer: QuantizedOptimizer) -> dict[str, WeightError]:
             delta_w=float(spacing.mean()),
             numel=w.numel(),
             rounding_bound=w.numel() * float((scale * spacing).square().mean()) / 4,
+            bits=bits,
         )
     return out
