@@ -3,28 +3,41 @@ the rewritten (smaller, dense) model against the unpruned one and against unstru
 at the same parameter count.
 
 Training: `distq train` in this process (one worker), recipe cifar (the synthetic set made from
-the seed), ternary weights (first convolution and classifier full precision), unpruned and with
---channel-sparsity ρ, where ρ is the smallest multiple of 0.01 that removes >= 50% of the
-multiply-accumulates (ρ of each prunable layer's output channels; cubic ramp over the first half
-of the steps, a vote every 20 steps on 256 training examples, learn-to-rank weight λ = 0.1).
-`--unstructured` also trains `--sparsity κ --sparsity-scope global` (κ: the share of the
-quantized tensors' weights that channel pruning removed) for its accuracy. The pruned
-checkpoint is packed with distq export's rewrite, loaded back into a model resized to the file
-and scored: that is the accuracy reported.
+the seed), ternary weights (first convolution and classifier full precision). Kinds (`--kinds`):
+- unpruned;
+- channels: --channel-sparsity ρ, ρ the smallest multiple of 0.01 that removes >= 50% of the
+  multiply-accumulates (ρ of each prunable layer's output channels; cubic ramp over the first
+  `--channel-end` of the steps, a vote every 20 steps on 256 training examples, learn-to-rank
+  weight λ = 0.1);
+- global: the same with ChannelPruner(allocation="global", floor=`--floor`) and ρ =
+  `--global-rho` of the multiply-accumulates (distq.channels' global allocation; the training
+  CLI has no option for it yet, so the pruner is given to distq.launch.train with those
+  arguments bound);
+- unstructured: `--sparsity κ --sparsity-scope global` (κ: the share of the quantized tensors'
+  weights that uniform channel pruning removed), for its accuracy.
+A pruned checkpoint is packed with distq export's rewrite, loaded back into a model resized to
+the file and scored: that is the accuracy reported. With `--run-root`, runs live in
+DIR/<kind>-s<seed>-e<epochs> and a finished one there (summary.json) is read, not retrained, so
+runs trained apart (e.g. one process per `--kinds K --seeds S`) are gathered by one more call.
 
-Latency: seed 0's trained models in eval mode, fp32, one thread, in one process: unpruned, the
-rewritten pruned model, and the unpruned model with its smallest-|w| weights zeroed per tensor
-down to the pruned model's parameter count (unstructured sparsity; dense kernels, as a packed
-file unpacks to). Batches of 1 and 64 images, the models' forwards interleaved round-robin,
-median of `--repeats` (batch 1) and `--repeats // 10` (batch 64) timed forwards after warm-up.
+Latency: the first seed's trained models in eval mode, fp32, one thread, in one process:
+unpruned, the rewritten pruned models, the unpruned model with its smallest-|w| weights zeroed
+per tensor down to the uniformly pruned model's parameter count (unstructured sparsity; dense
+kernels, as a packed file unpacks to), and `floor`, the same network keeping 1 channel per layer
+(what does not shrink with the channels: per-call overhead). Batches of 1 and 64 images, the
+models' forwards interleaved round-robin, median of `--repeats` (batch 1) and `--repeats // 10`
+(batch 64) timed forwards after warm-up; twice: eager PyTorch, and TorchScript (traced and
+frozen, which folds each batch norm into its convolution and drops Python dispatch), every model
+alike. Per layer: each module of the eager models timed alone on its own input, interleaved.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/channel_pruning.py --seeds 0 1 \\
-        --epochs 6 --hidden 128 --unstructured
+        --epochs 6 --hidden 128 --kinds unpruned channels unstructured
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -38,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distq.channels import (
+    ChannelPruner,
     channel_groups,
     count_macs,
     groups_from_state,
@@ -50,6 +64,7 @@ from distq.launch import checkpoint, config, recipes, train
 from distq.quant.sparse import max_nonzeros
 
 HERE = Path(__file__).resolve().parent
+KINDS = ("unpruned", "channels", "global", "unstructured")
 
 
 def macs_at(model: nn.Module, rho: float, example: torch.Tensor) -> int:
@@ -76,8 +91,9 @@ def settings(
         "seed": seed, "out_dir": str(out), "progress": False, "monitor": False,
         "metrics_port": None, "checkpoint_every": None, "keep_checkpoints": 1,
     }  # fmt: skip
-    if kind == "channels":
-        base["channel_sparsity"] = rho
+    if kind in ("channels", "global"):
+        base["channel_sparsity"] = args.global_rho if kind == "global" else rho
+        base["channel_end"] = args.channel_end
     elif kind == "unstructured":
         base.update(sparsity=kappa, sparsity_schedule="cubic", sparsity_scope="global")
     return base
@@ -122,16 +138,23 @@ def unstructured_like(model: nn.Module, params: int) -> tuple[nn.Module, int]:
     return model, zeroed
 
 
-def latencies(models: dict[str, nn.Module], repeats: int) -> dict[str, dict[str, float]]:
-    """Median ms of a forward at batch 1 and 64, models interleaved round-robin."""
+def latencies(
+    models: dict[str, nn.Module], repeats: int, script: bool = False
+) -> dict[str, dict[str, float]]:
+    """Median ms of a forward at batch 1 and 64, models interleaved round-robin; `script`: each
+    model traced and frozen by TorchScript first (batch norms folded into the convolutions)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
+    if script:
+        with torch.no_grad():
+            example = torch.zeros(1, 3, 32, 32)
+            models = {n: torch.jit.freeze(torch.jit.trace(m, example)) for n, m in models.items()}
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch, runs in ((1, repeats), (64, max(5, repeats // 10))):
         x = torch.randn(batch, 3, 32, 32, generator=g)
         times: dict[str, list[float]] = {name: [] for name in models}
         with torch.no_grad():
-            for _ in range(3):  # warm-up
+            for _ in range(3):  # warm-up (TorchScript optimises during its first calls)
                 for model in models.values():
                     model(x)
             for _ in range(runs):
@@ -144,13 +167,54 @@ def latencies(models: dict[str, nn.Module], repeats: int) -> dict[str, dict[str,
     return out
 
 
+def layer_latencies(models: dict[str, nn.Sequential], repeats: int) -> dict[str, dict]:
+    """Median ms of each module of each (flat) Sequential model run alone on the input it sees
+    in the model's forward, at batch 1 and 64, modules and models interleaved round-robin."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    out: dict[str, dict] = {name: {} for name in models}
+    for batch, runs in ((1, repeats), (64, max(5, repeats // 10))):
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        inputs: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for name, model in models.items():
+                h, inputs[name] = x, []
+                for layer in model:
+                    inputs[name].append(h)
+                    h = layer(h)
+            times = {name: [[] for _ in model] for name, model in models.items()}
+            for run in range(runs + 3):  # the first 3: warm-up
+                for name, model in models.items():
+                    for i, layer in enumerate(model):
+                        started = time.perf_counter()
+                        layer(inputs[name][i])
+                        if run >= 3:
+                            times[name][i].append((time.perf_counter() - started) * 1e3)
+        for name, model in models.items():
+            out[name][f"batch{batch}_ms"] = [
+                [f"{i} {type(layer).__name__}", statistics.median(times[name][i])]
+                for i, layer in enumerate(model)
+            ]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256, help="the CNN's widths: hidden / 8 ...")
     parser.add_argument("--repeats", type=int, default=200, help="timed forwards at batch 1")
-    parser.add_argument("--unstructured", action="store_true", help="also train unstructured")
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=["unpruned", "channels"],
+        help="which models to train (unpruned and channels are needed for the table)",
+    )  # fmt: skip
+    for flag, help_text in (
+        ("--channel-end", "where the channel ramp ends, as a fraction of the steps"),
+        ("--global-rho", "global: the share of multiply-accumulates removed"),
+        ("--floor", "global: the share of each layer's channels always kept"),
+    ):
+        parser.add_argument(flag, type=float, default=0.5, help=help_text)
+    parser.add_argument("--run-root", type=Path, help="keep runs here; finished ones are reused")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
@@ -159,40 +223,63 @@ def main() -> None:
     torch.manual_seed(0)
     reference = recipes.build_model("cifar", args.hidden, 3)
     rho = rho_for_half(reference, example)
-    kinds = ["unpruned", "channels", *(["unstructured"] if args.unstructured else [])]
+    kinds = [k for k in KINDS if k in args.kinds]
     record: dict = {
         "commit": commit, "date": time.strftime("%Y-%m-%d"), "hidden": args.hidden,
-        "epochs": args.epochs, "seeds": args.seeds, "rho": rho, "runs": {k: {} for k in kinds},
+        "epochs": args.epochs, "seeds": args.seeds, "rho": rho, "channel_end": args.channel_end,
+        "global_rho": args.global_rho, "floor": args.floor, "runs": {k: {} for k in kinds},
     }  # fmt: skip
     path = HERE / "channel_pruning.json"
-    # unpruned and pruned for every seed first, the timing after seed 0's, unstructured last
+    # every pruned kind after unpruned for every seed, the timing once the first seed's are in,
+    # unstructured last (its κ comes from the uniform channel pruning of its seed)
     order = [(seed, kind) for seed in args.seeds for kind in kinds if kind != "unstructured"]
     order += [(seed, "unstructured") for seed in args.seeds if "unstructured" in kinds]
     with tempfile.TemporaryDirectory() as tmp:
+        root = args.run_root or Path(tmp)
         states: dict[tuple[str, int], dict] = {}
         kappa: dict[int, float] = {}
         for seed, kind in order:
-            out = Path(tmp) / f"{kind}-{seed}"
+            out = root / f"{kind}-s{seed}-e{args.epochs}"
             started = time.perf_counter()
             cfg = config.TrainConfig(**settings(kind, rho, kappa.get(seed, 0.0), seed, args, out))
-            result = train.run(cfg)
+            run = train_or_read(cfg, kind, args)
+            run.setdefault("seconds", time.perf_counter() - started)
             state = checkpoint.load(out / "checkpoint.pt")
-            run = {"accuracy": result.test_accuracy, "seconds": time.perf_counter() - started}
-            if kind == "channels":
+            if kind in ("channels", "global"):
                 data = recipes.load("cifar", 0.2, seed)
                 run["exported_accuracy"], run["file_bytes"] = exported_accuracy(
                     state, data, Path(tmp)
                 )
+                run["kept"] = {n: int(k.sum()) for n, k in state["channels"]["keep"].items()}
+            if kind == "channels":
                 kappa[seed] = removed_share(state)
                 run["kappa"] = round(kappa[seed], 4)
-                run["kept"] = {n: int(k.sum()) for n, k in state["channels"]["keep"].items()}
             record["runs"][kind][seed] = run
             states[(kind, seed)] = state
             print(f"seed {seed} {kind}: {run}", flush=True)
-            if kind == "channels" and seed == args.seeds[0]:
+            pruned = [k for k in ("channels", "global") if k in kinds]
+            if seed == args.seeds[0] and kind == pruned[-1]:
                 record.update(timings(states, seed, args.repeats, example))
             path.write_text(json.dumps(record, indent=2) + "\n")  # what a cut run keeps
     print_table(record)
+
+
+def train_or_read(cfg: config.TrainConfig, kind: str, args: argparse.Namespace) -> dict:
+    """Train the run of `cfg`, or read its result where a finished one is in its folder."""
+    summary = Path(cfg.run.out_dir) / "summary.json"
+    if args.run_root is not None and summary.is_file():
+        done = json.loads(summary.read_text())
+        return {"accuracy": done["test_accuracy"], "seconds": done["seconds"], "reused": True}
+    pruner = train.ChannelPruner
+    if kind == "global":  # no CLI option yet: the pruner is built with these arguments bound
+        train.ChannelPruner = functools.partial(
+            ChannelPruner, allocation="global", floor=args.floor
+        )
+    try:
+        result = train.run(cfg)
+    finally:
+        train.ChannelPruner = pruner
+    return {"accuracy": result.test_accuracy, "seconds": result.seconds}
 
 
 def removed_share(state: dict) -> float:
@@ -204,34 +291,38 @@ def removed_share(state: dict) -> float:
 
 
 def timings(states: dict, seed: int, repeats: int, example: torch.Tensor) -> dict:
-    """Latency, parameters and multiply-accumulates of seed's unpruned, pruned and unstructured
-    models."""
+    """Latency (eager, TorchScript, per layer), parameters and multiply-accumulates of seed's
+    unpruned, pruned, unstructured and floor (1 channel per layer) models."""
     unpruned = model_of(states[("unpruned", seed)])
-    chosen = states[("channels", seed)]
-    pruned = rewrite(model_of(chosen), chosen["channels"]["keep"])
-    params = sum(p.numel() for p in pruned.parameters())
-    sparse, zeroed = unstructured_like(model_of(states[("unpruned", seed)]), params)
-    full = count_macs(unpruned, example)
+    models = {"unpruned": unpruned}
+    for kind in ("channels", "global"):
+        if (kind, seed) in states:
+            chosen = states[(kind, seed)]
+            models[kind] = rewrite(model_of(chosen), chosen["channels"]["keep"])
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    macs = {k: count_macs(m, example) for k, m in models.items()}
+    if "channels" in models:
+        sparse, zeroed = unstructured_like(model_of(states[("unpruned", seed)]), params["channels"])
+        models["unstructured"] = sparse
+        params["unstructured"] = sum(p.numel() for p in sparse.parameters()) - zeroed
+        macs["unstructured"] = macs["unpruned"]  # dense kernels: every multiply still runs
+    one = {g.producer: torch.arange(g.channels) == 0 for g in channel_groups(unpruned)}
+    models["floor"] = rewrite(unpruned, one)
+    params["floor"] = sum(p.numel() for p in models["floor"].parameters())
+    macs["floor"] = count_macs(models["floor"], example)
     return {
-        "latency": latencies(
-            {"unpruned": unpruned, "channels": pruned, "unstructured": sparse}, repeats
-        ),
-        "params": {
-            "unpruned": sum(p.numel() for p in unpruned.parameters()),
-            "channels": params,
-            "unstructured": sum(p.numel() for p in sparse.parameters()) - zeroed,
-        },
-        "macs": {
-            "unpruned": full,
-            "channels": count_macs(pruned, example),
-            "unstructured": full,  # dense kernels: every multiply still runs
-        },
+        "latency": latencies(models, repeats),
+        "latency_torchscript": latencies(models, repeats, script=True),
+        "layer_latency": layer_latencies(models, repeats),
+        "params": params,
+        "macs": macs,
     }
 
 
 def print_table(record: dict) -> None:
-    """The README table of a record."""
+    """The README tables of a record: one row per model, then per layer where timed."""
     runs, lat, macs, params = record["runs"], record["latency"], record["macs"], record["params"]
+    script = record.get("latency_torchscript")
 
     def acc(kind: str) -> str:
         values = [100 * r.get("exported_accuracy", r["accuracy"]) for r in runs[kind].values()]
@@ -239,20 +330,48 @@ def print_table(record: dict) -> None:
         each = ", ".join(f"{v:.2f}" for v in values)
         return f"{statistics.mean(values):.2f}{spread} ({each})"
 
-    print("| model | params | MACs / image | MACs | latency b=1 (ms) | b=64 (ms) | vs unpruned "
-          "b=1 / b=64 | test accuracy % |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    base = lat["unpruned"]
-    for kind in ("unpruned", "channels", "unstructured"):
-        name = {"unpruned": "unpruned", "channels": f"channel-pruned ρ = {record['rho']}",
-                "unstructured": "unstructured, same params"}[kind]  # fmt: skip
-        cell = acc(kind) if runs.get(kind) else "not trained"
-        print(
-            f"| {name} | {params[kind]:,} | {macs[kind] / 1e6:.2f} M | "
-            f"{macs[kind] / macs['unpruned']:.1%} | {lat[kind]['batch1_ms']:.2f} | "
-            f"{lat[kind]['batch64_ms']:.1f} | {lat[kind]['batch1_ms'] / base['batch1_ms']:.2f}x / "
-            f"{lat[kind]['batch64_ms'] / base['batch64_ms']:.2f}x | {cell} |"
+    def times(table: dict, kind: str) -> str:
+        b1, b64 = table[kind]["batch1_ms"], table[kind]["batch64_ms"]
+        base = table["unpruned"]
+        return (
+            f"{b1:.3f} | {b64:.1f} | {b1 / base['batch1_ms']:.2f}x / "
+            f"{b64 / base['batch64_ms']:.2f}x"
         )
+
+    names = {
+        "unpruned": "unpruned",
+        "channels": f"channel-pruned, uniform ρ = {record['rho']}",
+        "global": f"channel-pruned, global ρ = {record.get('global_rho')} of MACs, "
+        f"floor {record.get('floor')}",
+        "unstructured": "unstructured, same params as uniform",
+        "floor": "1 channel per layer (overhead floor)",
+    }
+    head = "| model | params | MACs / image | MACs | eager b=1 (ms) | b=64 (ms) | vs unpruned "
+    head += "b=1 / b=64 |"
+    head += " TorchScript b=1 (ms) | b=64 (ms) | vs unpruned b=1 / b=64 |" if script else ""
+    print(head + " test accuracy % |")
+    print("|---" * (head.count("|") - 1 + 1) + "|")
+    for kind in [k for k in names if k in lat]:
+        cell = acc(kind) if runs.get(kind) else ("—" if kind == "floor" else "not trained")
+        row = (
+            f"| {names[kind]} | {params[kind]:,} | {macs[kind] / 1e6:.2f} M | "
+            f"{macs[kind] / macs['unpruned']:.1%} | {times(lat, kind)} |"
+        )
+        print(row + (f" {times(script, kind)} |" if script else "") + f" {cell} |")
+    layers = record.get("layer_latency")
+    if layers:
+        kinds = list(layers)
+        print("\n| layer | " + " | ".join(f"{k} b=1 (µs)" for k in kinds) + " | "
+              + " | ".join(f"{k} b=64 (ms)" for k in kinds) + " |")  # fmt: skip
+        print("|---" * (1 + 2 * len(kinds)) + "|")
+        rows = len(layers["unpruned"]["batch1_ms"])
+        for i in range(rows):
+            b1 = [f"{1e3 * layers[k]['batch1_ms'][i][1]:.1f}" for k in kinds]
+            b64 = [f"{layers[k]['batch64_ms'][i][1]:.2f}" for k in kinds]
+            print(f"| {layers['unpruned']['batch1_ms'][i][0]} | " + " | ".join(b1 + b64) + " |")
+        sums1 = [f"{1e3 * sum(t for _, t in layers[k]['batch1_ms']):.1f}" for k in kinds]
+        sums64 = [f"{sum(t for _, t in layers[k]['batch64_ms']):.2f}" for k in kinds]
+        print("| sum | " + " | ".join(sums1 + sums64) + " |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ distq's):
 - Schedule: each prunable layer keeps K = ⌈(1 − ρ(t))·C⌉ of its C output channels (at least 1),
   ρ(t) constant or a cubic ramp (distq.quant.sparse.SparsitySchedule, Zhu & Gupta 2017). Every
   `every` steps (and at the ramp's end) the ranking is voted again and the masks follow it.
+- Global allocation (allocation="global", ours): ρ(t) is instead the share of the model's
+  multiply-accumulates removed, M(K) ≤ (1 − ρ(t))·M(C), and the layers' counts K_l are chosen
+  together. Channels leave one at a time: of each layer l above its floor ⌈floor·C_l⌉, the
+  candidate is its lowest-voted kept channel c_l; the one removed minimises ī(c_l) / ΔM_l, where
+  ī(c) = mean_n ŝ[n, c] on the calibration batch (ŝ normalised over all C_l channels, pruned
+  ones counting 0, so a thinned layer's channels weigh more) and ΔM_l the MACs its removal saves
+  at the current widths (its producer row and the consumer's matching inputs). Why: a uniform ρ
+  keeps a (1 − ρ) share of channels everywhere, while CPU time at these widths follows the
+  channel counts at full resolution more than the MACs (benchmarks/README.md); removing
+  channels by importance per MAC takes them where they cost the most.
 - Agreement without communication: the vote runs on a calibration batch every rank holds alike,
   through the replicated weights, batch norm on that batch's statistics (running statistics left
   untouched) and dropout off; so every rank derives the same masks from the same state.
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -70,6 +81,7 @@ ZERO_PRESERVING = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+ALLOCATIONS = ("uniform", "global")
 
 
 class ChannelTopologyError(ValueError):
@@ -227,6 +239,9 @@ class ChannelPruner:
         rank_weight: λ of the learn-to-rank term `regularizer()` adds to the loss (0: off).
         optimizer: the optimizer whose state pruned weights must not move with (a
             QuantizedOptimizer's latent weights and its base optimizer's momentum are zeroed).
+        allocation: "uniform" (ρ of every layer's channels) or "global" (ρ of the model's
+            multiply-accumulates, channels removed by importance per MAC across layers).
+        floor: under "global", the share of each layer's channels always kept (at least 1).
     """
 
     def __init__(
@@ -237,9 +252,15 @@ class ChannelPruner:
         every: int = 20,
         rank_weight: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None,
+        allocation: str = "uniform",
+        floor: float = 0.25,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}; allowed: a positive integer (steps)")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor={floor!r}; allowed: a share in (0, 1]")
         if not rank_weight >= 0:
             raise ValueError(f"rank_weight={rank_weight!r}; allowed: a number >= 0")
         if len(calibration) == 0:
@@ -269,6 +290,17 @@ class ChannelPruner:
         self._handles = [
             modules[g.consumer].register_forward_pre_hook(self._hook(g)) for g in self.groups
         ]
+        self.allocation = allocation
+        self._macs = MacModel(self.model, self.groups, calibration[:1])
+        self._floor = {g.producer: max(1, math.ceil(floor * g.channels)) for g in self.groups}
+        if allocation == "global":
+            least = self._macs.total(self._floor)
+            full = self._macs.total({g.producer: g.channels for g in self.groups})
+            if least > (1 - self.schedule.final) * full:
+                raise ValueError(
+                    f"sparsity={self.schedule.final} of the multiply-accumulates is out of reach "
+                    f"with floor={floor}: the floors alone keep {least / full:.1%} of them"
+                )
         self.update(0)
 
     def _hook(self, group: ChannelGroup):
@@ -317,11 +349,48 @@ class ChannelPruner:
         rho = self.schedule.at(step)
         for g in self.groups:
             pruned = ~self.keep[g.producer]
-            ranking = borda_ranking(scores[g.producer].cpu(), pruned.cpu()).to(pruned.device)
-            keep = torch.zeros_like(pruned)
-            keep[ranking[: min(max_nonzeros(g.channels, rho), int((~pruned).sum()))]] = True
-            self.ranking[g.producer], self.keep[g.producer] = ranking, keep
+            self.ranking[g.producer] = borda_ranking(scores[g.producer].cpu(), pruned.cpu()).to(
+                pruned.device
+            )
+        kept = self.kept()
+        if self.allocation == "global":
+            counts = self._global_counts(scores, kept, rho)
+        else:
+            counts = {
+                g.producer: min(max_nonzeros(g.channels, rho), kept[g.producer])
+                for g in self.groups
+            }
+        for g in self.groups:
+            keep = torch.zeros_like(self.keep[g.producer])
+            keep[self.ranking[g.producer][: counts[g.producer]]] = True
+            self.keep[g.producer] = keep
         self.apply()
+
+    def _global_counts(
+        self, scores: dict[str, Tensor], kept: dict[str, int], rho: float
+    ) -> dict[str, int]:
+        """Kept counts with M(K) ≤ (1 − ρ)·M(C): remove, one at a time, the candidate channel of
+        least ī / ΔM (module docstring), never below a layer's floor nor reviving a channel."""
+        importance = {name: s.mean(0).cpu() for name, s in scores.items()}
+        full = self._macs.total({g.producer: g.channels for g in self.groups})
+        counts = dict(kept)
+        total = self._macs.total(counts)
+        while total > (1 - rho) * full:
+            best, best_value, best_total = None, math.inf, total
+            for g in self.groups:
+                k = counts[g.producer]
+                if k <= self._floor[g.producer]:
+                    continue
+                after = self._macs.total({**counts, g.producer: k - 1})
+                channel = self.ranking[g.producer][k - 1]
+                value = float(importance[g.producer][channel]) / max(total - after, 1)
+                if value < best_value:
+                    best, best_value, best_total = g.producer, value, after
+            if best is None:  # every layer at its floor (the constructor checked the final ρ)
+                break
+            counts[best] -= 1
+            total = best_total
+        return counts
 
     def _calibration_scores(self) -> dict[str, Tensor]:
         with _calibration_mode(self.model):
@@ -404,6 +473,58 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
             own[name].copy_(value)
         for m, mode in was_training.items():
             m.train(mode)
+
+
+class MacModel:
+    """Multiply-accumulates per example of `model` as a function of the groups' kept counts:
+    M(K) = Σ over conv/linear layers of (inputs kept)·(outputs kept)·(kernel size)·(positions),
+    the positions measured once on `example` (what count_macs counts on the rewritten model)."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], example: Tensor) -> None:
+        self.layers: list[tuple[str, int, int, int]] = []  # name, inputs, outputs, kernel·positions
+        positions: dict[str, int] = {}
+
+        def record(name: str):
+            def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+                outputs = (
+                    module.out_features if isinstance(module, nn.Linear) else module.out_channels
+                )
+                positions[name] = output.numel() // (output.shape[0] * outputs)
+
+            return hook
+
+        prunable = [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+        handles = [m.register_forward_hook(record(n)) for n, m in prunable]
+        modes = {m: m.training for m in model.modules()}
+        model.eval()  # shapes only: eval mode takes a single example through a batch norm
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for m, mode in modes.items():
+                m.train(mode)
+            for handle in handles:
+                handle.remove()
+        self.feeds = {
+            g.consumer: g for g in groups
+        }  # consumer -> the group whose channels it takes
+        for name, m in prunable:
+            if isinstance(m, nn.Linear):
+                inputs, outputs, kernel = m.in_features, m.out_features, 1
+            else:
+                inputs, outputs = m.in_channels // m.groups, m.out_channels
+                kernel = math.prod(m.kernel_size)
+            self.layers.append((name, inputs, outputs, kernel * positions.get(name, 0)))
+
+    def total(self, counts: Mapping[str, int]) -> int:
+        """M(K) for `counts`: producer name -> output channels kept (others keep all)."""
+        total = 0
+        for name, inputs, outputs, per_pair in self.layers:
+            group = self.feeds.get(name)
+            if group is not None:
+                inputs = counts.get(group.producer, group.channels) * group.block
+            total += inputs * counts.get(name, outputs) * per_pair
+        return total
 
 
 # -- the rewrite --------------------------------------------------------------------------------

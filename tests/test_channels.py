@@ -1,6 +1,7 @@
 """Global channel pruning (distq.channels): the vote, the learn-to-rank term, the schedule, the
 rewrite to a smaller model, and masks that agree across real gloo ranks."""
 
+import copy
 import gc
 import itertools
 
@@ -12,6 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 from distq.channels import (
     ChannelPruner,
     ChannelTopologyError,
+    MacModel,
+    attention,
     borda_ranking,
     channel_groups,
     count_macs,
@@ -198,24 +201,31 @@ def calibration(n=64):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(5))
 
 
+def pruned_steps(model, opt, pruner, steps=15):
+    """Train `model` for `steps` steps on random batches of cnn()'s shape, yielding each step
+    number after the pruner's step."""
+    g = torch.Generator().manual_seed(9)
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        out = model(torch.randn(8, 3, 8, 8, generator=g))
+        nn.functional.cross_entropy(out, torch.randint(0, 5, (8,), generator=g)).backward()
+        opt.step()
+        pruner.step(step)
+        yield step
+
+
 def test_schedule_keeps_the_budget_and_never_revives_a_channel():
     torch.manual_seed(0)
     model = cnn()
     schedule = SparsitySchedule(0.5, "cubic", 0.0, 2, 12)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruner = ChannelPruner(model, schedule, calibration(), every=3, optimizer=opt)
-    g = torch.Generator().manual_seed(9)
     before = {n: k.clone() for n, k in pruner.keep.items()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     pruner.update(0)
     for n, b in model.named_buffers():  # the vote leaves running statistics alone
         assert torch.equal(b, buffers[n]), n
-    for step in range(1, 16):
-        opt.zero_grad()
-        out = model(torch.randn(8, 3, 8, 8, generator=g))
-        nn.functional.cross_entropy(out, torch.randint(0, 5, (8,), generator=g)).backward()
-        opt.step()
-        pruner.step(step)
+    for step in pruned_steps(model, opt, pruner):
         for name, keep in pruner.keep.items():
             assert not (keep & ~before[name]).any(), (step, name)  # no pruned channel returns
             w = model.get_submodule(name).weight
@@ -266,6 +276,120 @@ def test_count_macs_matches_the_layer_shapes():
         nn.Linear(4 * 4 * 4, 5),
     )  # fmt: skip
     assert count_macs(model, torch.randn(1, 3, 8, 8)) == 4 * 8 * 8 * 3 * 9 + 64 * 5
+
+
+@pytest.mark.parametrize("build, example", [(cnn, (1, 3, 8, 8)), (mlp, (1, 7))])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mac_model_counts_what_count_macs_counts_on_the_rewritten_model(build, example, seed):
+    torch.manual_seed(seed)
+    model = build()
+    x = torch.randn(*example)
+    macs = MacModel(model, channel_groups(model), x)
+    keep = random_keep(model, seed)
+    counts = {name: int(k.sum()) for name, k in keep.items()}
+    assert macs.total(counts) == count_macs(rewrite(model, keep), x)
+    full = {g.producer: g.channels for g in channel_groups(model)}
+    assert macs.total(full) == count_macs(model, x)
+
+
+def test_global_allocation_removes_dead_channels_first_and_keeps_the_mac_budget():
+    """Half of layer 7.0's channels carry nothing (ī = 0): a budget their removal meets takes
+    them and nothing else, where a uniform ρ would thin every layer."""
+    torch.manual_seed(0)
+    model = cnn()
+    with torch.no_grad():
+        model[7][0].weight[:3] = 0
+        model[7][0].bias[:3] = 0
+    x = calibration()
+    full = count_macs(model, x[:1])
+    dead = {g.producer: torch.ones(g.channels, dtype=torch.bool) for g in channel_groups(model)}
+    dead["7.0"] = torch.arange(6) >= 3
+    saved = full - count_macs(rewrite(model, dead), x[:1])
+    rho = 0.9 * saved / full
+    pruner = ChannelPruner(model, rho, x, allocation="global", floor=0.25)
+    assert pruner.kept() == {"0": 8, "3": 12, "7.0": 3, "9": 10}
+    assert (pruner.keep["7.0"] == (torch.arange(6) >= 3)).all()
+    assert count_macs(rewrite(model, pruner.keep), x[:1]) <= (1 - rho) * full
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_global_allocation_matches_a_brute_force_greedy(seed):
+    """Each removal minimises ī / ΔM, with ī the mean attention over the calibration batch
+    (batch norms on its statistics) and ΔM measured by count_macs on rewritten models."""
+    torch.manual_seed(seed)
+    model = cnn()
+    randomize(model, seed)
+    x = calibration()
+    groups = channel_groups(model)
+    scores = {}
+    probe = copy.deepcopy(model).train()
+    for g in groups:
+        last = isinstance(probe.get_submodule(g.producer), nn.Linear)
+
+        def record(module, args, g=g, last=last):
+            scores[g.producer] = attention(args[0], g.channels, last)
+
+        probe.get_submodule(g.consumer).register_forward_pre_hook(record)
+    with torch.no_grad():
+        probe(x)
+    ranking = {g.producer: borda_ranking(scores[g.producer]) for g in groups}
+
+    def macs(counts):
+        keep = {}
+        for g in groups:
+            keep[g.producer] = torch.zeros(g.channels, dtype=torch.bool)
+            keep[g.producer][ranking[g.producer][: counts[g.producer]]] = True
+        return count_macs(rewrite(model, keep), x[:1]), keep
+
+    counts = {g.producer: g.channels for g in groups}
+    full = macs(counts)[0]
+    while macs(counts)[0] > 0.5 * full:
+        values = {}
+        for g in groups:
+            k = counts[g.producer]
+            if k > -(-0.25 * g.channels // 1):
+                saved = macs(counts)[0] - macs({**counts, g.producer: k - 1})[0]
+                channel = ranking[g.producer][k - 1]
+                values[g.producer] = float(scores[g.producer][:, channel].mean()) / saved
+        counts[min(values, key=values.get)] -= 1
+    pruner = ChannelPruner(model, 0.5, x, allocation="global", floor=0.25)
+    assert pruner.kept() == counts
+    for name, keep in macs(counts)[1].items():
+        assert torch.equal(pruner.keep[name], keep), name
+
+
+@pytest.mark.parametrize("floor", [0.25, 0.5])
+def test_global_schedule_keeps_the_mac_budget_and_the_floors_and_never_revives(floor):
+    torch.manual_seed(0)
+    model = cnn()
+    x = calibration()
+    schedule = SparsitySchedule(0.6, "cubic", 0.0, 2, 12)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = ChannelPruner(model, schedule, x, every=3, optimizer=opt, allocation="global",
+                           floor=floor)  # fmt: skip
+    full = count_macs(model, x[:1])
+    before = {n: k.clone() for n, k in pruner.keep.items()}
+    for step in pruned_steps(model, opt, pruner):
+        if step % 3 == 0 or step == 12:  # a vote: the budget of ρ(step) holds
+            assert count_macs(rewrite(model, pruner.keep), x[:1]) <= (1 - schedule.at(step)) * full
+        for group in pruner.groups:
+            keep = pruner.keep[group.producer]
+            assert not (keep & ~before[group.producer]).any(), (step, group.producer)
+            assert int(keep.sum()) >= -(-floor * group.channels // 1)
+            assert (model.get_submodule(group.producer).weight[~keep] == 0).all()
+        before = {n: k.clone() for n, k in pruner.keep.items()}
+    assert count_macs(rewrite(model, pruner.keep), x[:1]) <= 0.4 * full
+    kept = pruner.kept()
+    assert len({kept[g.producer] / g.channels for g in pruner.groups}) > 1  # not uniform
+
+
+def test_global_allocation_out_of_reach_and_bad_names_are_named():
+    with pytest.raises(ValueError, match=r"sparsity=0\.9 .*out of reach with floor=0\.5"):
+        ChannelPruner(cnn(), 0.9, calibration(), allocation="global", floor=0.5)
+    with pytest.raises(ValueError, match=r"allocation='size'.*uniform, global"):
+        ChannelPruner(cnn(), 0.5, calibration(), allocation="size")
+    with pytest.raises(ValueError, match=r"floor=0"):
+        ChannelPruner(cnn(), 0.5, calibration(), allocation="global", floor=0)
 
 
 def train_pruned_replica(rank, world_size, out_dir):
