@@ -24,10 +24,12 @@ solution is integral (the budget ends on a hull breakpoint).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -53,7 +55,7 @@ class Allocation:
     total_bits: int
     capacity: int
     lower_bound: float
-    exact: bool
+    exact: bool  # the least Σ S within the budget (a search's widths: whether they reach it)
     costs: dict[str, dict[int, float]]
     numel: dict[str, int]
 
@@ -291,23 +293,70 @@ def sensitivity_costs(
     return costs
 
 
+Search = Callable[[list[str], float, Sequence[int]], Mapping[str, int]]
+
+
 def allocate_bits(
     optimizer: QuantizedOptimizer,
     budget: float,
     candidates: Sequence[int],
     method: str = "sensitivity",
+    search: Search | None = None,
+    switch: bool = True,
 ) -> Allocation:
-    """Choose each quantized tensor's width for an average of `budget` bits per weight from
-    `candidates` by `method` (sensitivity: this module; dqmq: distq/dqmq.py when it exists),
-    and switch the optimizer to them (`QuantizedOptimizer.set_bits`)."""
+    """Each quantized tensor's width for an average of `budget` bits per weight from
+    `candidates`, by `method`: "sensitivity" (this module), or "dqmq", which calls
+    `search(names, budget, candidates)` (e.g. distq.dqmq.search_bits over the model and
+    batches) with the latent weights in the model; its widths are then scored by S and
+    `lower_bound` is the least Σ S within the budget. switch: set the optimizer to them
+    (`QuantizedOptimizer.set_bits`); False leaves it as it was."""
     if method not in METHODS:
         raise ValueError(f"bit allocation {method!r}; allowed: {', '.join(METHODS)}")
-    numel = {n: p.numel() for n, p in optimizer.quantized_parameters().items()}
-    if method == "dqmq":
+    if method == "dqmq" and search is None:
         raise ValueError(
-            "bit allocation 'dqmq' is not available: distq.dqmq has no entry point to call yet; "
-            "use 'sensitivity'"
+            "bit allocation 'dqmq' needs search=: a callable (names, budget, candidates) -> "
+            "{name: bits}, e.g. distq.dqmq.search_bits over the model and training batches"
         )
-    allocation = allocate(sensitivity_costs(optimizer, candidates), numel, budget)
-    optimizer.set_bits(allocation.bits)
-    return allocation
+    costs = sensitivity_costs(optimizer, candidates)
+    numel = {n: p.numel() for n, p in optimizer.quantized_parameters().items()}
+    best = allocate(costs, numel, budget)
+    chosen = best if method == "sensitivity" else _searched(optimizer, search, best, budget)
+    if switch:
+        optimizer.set_bits(chosen.bits)
+    return chosen
+
+
+def _searched(
+    optimizer: QuantizedOptimizer, search: Search, best: Allocation, budget: float
+) -> Allocation:
+    """The search's widths scored by S against the sensitivity optimum `best`."""
+    costs, numel, candidates = best.costs, best.numel, sorted(next(iter(best.costs.values())))
+    with latent_in_model(optimizer):
+        bits = dict(search(list(optimizer.names), budget, list(candidates)))
+    if set(bits) != set(numel) or any(m not in candidates for m in bits.values()):
+        raise ValueError(
+            f"the search returned widths {bits}; expected a candidate per {list(numel)}"
+        )
+    chosen = _result(bits, costs, numel, best.capacity, best.cost)
+    if chosen.total_bits > chosen.capacity:
+        raise ValueError(
+            f"the search's widths take {chosen.total_bits} bits, over the {chosen.capacity} allowed"
+        )
+    return dataclasses.replace(chosen, exact=chosen.cost <= best.cost)
+
+
+@contextlib.contextmanager
+def latent_in_model(optimizer: QuantizedOptimizer) -> Iterator[None]:
+    """The latent full-precision w in the quantized parameters for the block, ŵ back after it
+    (a search reads the model's weights, which hold ŵ between steps)."""
+    params = optimizer.quantized_parameters()
+    kept = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(optimizer.latent[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(kept[name])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distq.bit_allocation import METHODS as BIT_ALLOCATIONS
 from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
@@ -35,7 +36,8 @@ FRACTION = {"minimum": 0, "maximum": 1}  # a point in the run, as a fraction of 
 
 @dataclass
 class Weights(Options):
-    """Weight quantization: QuantizedOptimizer's keyword arguments (distq/optim.py)."""
+    """Weight quantization: QuantizedOptimizer's keyword arguments (distq/optim.py), and the
+    per-tensor widths a bit allocation chooses once (distq/bit_allocation.py)."""
 
     scheme: str = option(
         "ternary",
@@ -64,6 +66,29 @@ class Weights(Options):
         "ste", "gradient through the quantizer: straight-through, or MetaQuant's meta network "
         "trained jointly (distq/meta.py)", choices=ESTIMATORS,
     )  # fmt: skip
+    weight_bits_budget: float | None = option(
+        None, "average bits per quantized weight: after allocate_after steps at `bits`, each "
+        "tensor takes a width from bit_candidates within this budget (null: `bits` for all)",
+        minimum=1, maximum=8,
+    )  # fmt: skip
+    bit_allocation: str = option(
+        "sensitivity", "how weight_bits_budget chooses widths: least D-weighted quantization "
+        "error (distq/bit_allocation.py), or DQMQ's learned search (distq/dqmq.py)",
+        choices=BIT_ALLOCATIONS,
+    )  # fmt: skip
+    bit_candidates: list[int] = option([2, 3, 4], "the widths a tensor may take")
+    allocate_after: int = option(
+        100, "steps at the uniform `bits` before widths are allocated (the curvature d is "
+        "Adam's running estimate by then)", minimum=1,
+    )  # fmt: skip
+    dqmq_steps: int = option(200, "bit_allocation dqmq: steps of its search", minimum=1)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """QuantizedOptimizer's keyword arguments (the allocation's fields are read by the run)."""
+        kwargs = super().as_kwargs()
+        for name in ALLOCATION_FIELDS:
+            del kwargs[name]
+        return kwargs
 
     @property
     def quantized(self) -> bool:
@@ -77,7 +102,13 @@ class Weights(Options):
                 f"{FULL_PRECISION!r}"
             )
         if not self.quantized:
+            if self.weight_bits_budget is not None:
+                raise ConfigError(
+                    f"weight_bits_budget={self.weight_bits_budget} needs a quantization scheme; "
+                    f"scheme is {FULL_PRECISION!r}"
+                )
             return
+        self._check_allocation()
         allowed = get_scheme(self.scheme).bits
         if self.bits is None and len(allowed) > 1:
             raise ConfigError(f"scheme {self.scheme!r} needs bits: {allowed[0]}..{allowed[-1]}")
@@ -86,6 +117,35 @@ class Weights(Options):
                 f"bits={self.bits} is not allowed for scheme {self.scheme!r}; allowed: "
                 f"{', '.join(map(str, allowed))}"
             )
+
+    def _check_allocation(self) -> None:
+        """A budget needs a scheme of several widths, candidates it takes, and lies within them."""
+        if self.weight_bits_budget is None:
+            return
+        allowed = get_scheme(self.scheme).bits
+        several = [s for s in SCHEMES if len(get_scheme(s).bits) > 1]
+        if len(allowed) == 1:
+            raise ConfigError(
+                f"weight_bits_budget needs a scheme of several widths ({', '.join(several)}); "
+                f"scheme is {self.scheme!r}"
+            )
+        refused = [m for m in self.bit_candidates if m not in allowed]
+        distinct = len(set(self.bit_candidates)) == len(self.bit_candidates)
+        if refused or not distinct or not self.bit_candidates:
+            raise ConfigError(
+                f"bit_candidates={self.bit_candidates}: allowed: distinct widths of scheme "
+                f"{self.scheme!r}, {allowed[0]}..{allowed[-1]}"
+            )
+        low, high = min(self.bit_candidates, default=0), max(self.bit_candidates, default=0)
+        if not low <= self.weight_bits_budget <= high:
+            raise ConfigError(
+                f"weight_bits_budget={self.weight_bits_budget} is outside bit_candidates "
+                f"{sorted(self.bit_candidates)}; allowed: {low}..{high}"
+            )
+
+
+ALLOCATION_FIELDS = ("weight_bits_budget", "bit_allocation", "bit_candidates", "allocate_after",
+                     "dqmq_steps")  # fmt: skip
 
 
 @dataclass

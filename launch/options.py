@@ -85,16 +85,11 @@ def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
             return
         raise ConfigError(f"{name} must not be null")
     if typing.get_origin(base) is list:
-        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{name}={value!r}: expected a list of strings")
+        item = typing.get_args(base)[0]
+        if not (isinstance(value, list) and all(_is(v, item) for v in value)):
+            raise ConfigError(f"{name}={value!r}: expected a list of {_NAMES[item]}")
         return
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[base]
-    if not ok:
+    if not _is(value, base):
         raise ConfigError(f"{name}={value!r}: expected {base.__name__}")
     if base is float and not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} is not allowed; allowed: {_bounds(meta)}")
@@ -106,6 +101,20 @@ def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         raise ConfigError(f"{name}={value!r} is above the maximum {meta['max']}")
     if meta.get("above") is not None and value <= meta["above"]:
         raise ConfigError(f"{name}={value!r} is not allowed; allowed: above {meta['above']}")
+
+
+_NAMES = {str: "strings", int: "integers"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """Whether `value` is a `kind` (bool, int, float or str) as a config reads it: a bool is no
+    number, an int is a float."""
+    return {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
 
 
 def _bounds(meta: typing.Mapping[str, Any]) -> str:
@@ -135,7 +144,8 @@ def add_flags(parser: argparse._ActionsContainer, section: type[Options]) -> Non
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **shared)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, nargs="*", **shared)
+            item = _parser_for(typing.get_args(base)[0], False)
+            parser.add_argument(flag, nargs="*", type=item, **shared)
         else:
             choices = f.metadata["choices"]
             metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()

@@ -188,12 +188,14 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "distill",
         "distill_temperature",
         "estimator",
+        *config.ALLOCATION_FIELDS,
     )
     # checkpoints from before distillation and the estimator existed trained without them
     before = {k: getattr(config.Run(), k) for k in ("distill", "distill_temperature")}
     unpruned = config.flatten({"sparsity": config.Sparsity().as_kwargs()})
     before.update((k, v) for k, v in unpruned.items() if k.startswith("channel_"))  # nor pruning
     before["estimator"] = config.Weights().estimator
+    before.update((k, getattr(config.Weights(), k)) for k in config.ALLOCATION_FIELDS)  # one width
     saved, now = {**before, **config.flatten(state["config"])}, cfg.flat()
     different = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"

@@ -31,6 +31,7 @@ from distq.channels import ChannelPruner, ChannelTopologyError, count_macs, rewr
 from distq.comm import QuantizedCommState
 from distq.distill import SelfDistillation
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
+from distq.launch.allocation import allocate_widths, check_allocation_step
 from distq.launch.build import attach_comm_hook, build_monitor, build_optimizer, lr_schedule
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
@@ -145,6 +146,8 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str, owns_group: bool
         else None
     )
     _train_epochs(job, monitor, progress)
+    if isinstance(state.optimizer, QuantizedOptimizer):  # widths allocated since the announcement
+        summary = state.optimizer.summary
     result = _finish(job, progress, summary)
     _close(job, monitor, progress)
     shutdown(state.net, destroy_group=owns_group)
@@ -179,6 +182,7 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
         optimizer = build_optimizer(cfg, net, ramp_epochs * batches.steps_per_epoch)
     except ValueError as exc:  # e.g. keep_full_precision naming no layer of the model
         raise config.ConfigError(str(exc)) from None
+    check_allocation_step(cfg.weights, run.epochs * batches.steps_per_epoch)
     if comm is not None and cfg.sparsity.gradients:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
@@ -342,6 +346,8 @@ def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
     else:  # the learn-to-rank term joins the objective; the task loss is what is reported
         (loss + state.pruner.regularizer()).backward()
     state.optimizer.step()
+    if job.cfg.weights.weight_bits_budget is not None:
+        allocate_widths(job.cfg, job.env, state.optimizer, state.model, job.data, step, job.say)
     if state.pruner is not None:
         state.pruner.step(step)
     check_finite(state.model, state.optimizer, step, job.cfg.run.lr)

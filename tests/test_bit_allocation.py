@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from distq.bit_allocation import allocate, allocate_bits, capacity_of, sensitivity_costs
 from distq.quant import project
@@ -131,8 +132,34 @@ def test_allocation_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match=r"bit candidates \[5\] are not widths of scheme "
                        r"'shared'; allowed: 2\.\.4"):  # fmt: skip
         allocate_bits(opt, 3.0, [2, 3, 5])
-    with pytest.raises(ValueError, match="bit allocation 'dqmq' is not available"):
+    with pytest.raises(ValueError, match="bit allocation 'dqmq' needs search=: a callable"):
         allocate_bits(opt, 3.0, [2, 3, 4], method="dqmq")
+    over = {"0.weight": 2, "2.weight": 2, "5.weight": 2, "7.weight": 3}  # 4928 + 96 bits
+    with pytest.raises(ValueError, match="the search's widths take 5024 bits, over the 4928"):
+        allocate_bits(opt, 2.0, [2, 3], method="dqmq", search=lambda n, b, c: over)
     with pytest.raises(ValueError, match="bit allocation 'greedy'; allowed: sensitivity, dqmq"):
         allocate_bits(opt, 3.0, [2, 3, 4], method="greedy")
     assert opt.tensor_bits == dict.fromkeys(opt.names, 3) and not opt.allocated
+
+
+def test_a_search_sees_the_latent_weights_and_is_scored_by_sensitivity():
+    model = make_model()
+    opt = build(model, "linear", 3, **ALL)
+    train(model, opt, 5)
+    quantized = {n: p.clone() for n, p in opt.quantized_parameters().items()}
+    seen = {}
+
+    def search(names, budget, candidates):
+        params = dict(model.named_parameters())
+        seen.update((n, params[n].detach().clone()) for n in names)
+        assert (budget, candidates) == (3.0, [2, 3, 4])
+        return dict.fromkeys(names, 2)
+
+    a = allocate_bits(opt, 3.0, [2, 3, 4], method="dqmq", search=search)
+    assert all(torch.equal(seen[n], opt.latent[n]) for n in opt.names)
+    assert a.bits == opt.tensor_bits == dict.fromkeys(opt.names, 2)
+    assert a.cost == pytest.approx(sum(a.costs[n][2] for n in opt.names))
+    assert a.lower_bound < a.cost and not a.exact  # 2 bits everywhere is not S's optimum
+    for name, p in opt.quantized_parameters().items():  # the model holds ŵ again, at 2 bits
+        assert not torch.equal(p, quantized[name])
+        assert torch.equal(p, project(opt.latent[name], opt.curvature(p), "linear", 2).q)
