@@ -26,11 +26,11 @@ belongs to):
 * τ anneals geometrically from τ₀ to τ₁ over the steps. θ gets Adam at `lr`; copies of the
   weights the model trains (never the model's own) get Adam at `weight_lr`, the paper's joint
   quantization training (0: frozen, the widths are chosen for the given weights).
-* Result: the most probable widths under the final p_t that satisfy Σ n_t m_t ≤ B·Σ n_t exactly
-  (`fit_budget`: integer arithmetic on the bits, B read as the exact rational value of the
-  float; a knapsack by dynamic programming), then upgrades while one fits in the bits left. It is
-  argmax_m θ_{t,m} whenever that fits and leaves no upgrade room. At B = min M every tensor gets
-  min M, at B = max M every tensor gets max M.
+* Result: the most probable widths under the final p_t that satisfy Σ n_t m_t ≤ ⌊B·Σ n_t⌋
+  (`fit_budget`: integer bits, B read as the decimal it is written as, the knapsack solved by
+  distq.bit_allocation, the sensitivity baseline's solver), then upgrades while one fits in the
+  bits left: argmax_m θ_{t,m} whenever that fits and leaves no room for an upgrade. At B = min M
+  every tensor gets min M, at B = max M every tensor gets max M.
 
 Bits count weights only (a scale per group is not counted), as `QuantizedOptimizer.stored_bits`.
 """
@@ -40,33 +40,32 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from distq.bit_allocation import allocate, capacity_of
 from distq.quant import blocks_of, get_scheme, project, resolve_bits
 from distq.selection import quantizable, select_quantized, unwrap
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[object, Tensor]
-DP_CELLS = 20_000_000  # tensors × capacity units the budget's knapsack fills at most (int8 each)
-DP_UNITS = 1_000_000  # capacity units at most (a few float64 vectors of this length)
 
 
 @dataclass(frozen=True)
 class BitSearch:
     """What the search chose and why.
 
-    bits: {parameter name: width}, Σ n_t·bits_t ≤ budget·Σ n_t exactly. probs: each tensor's final
-    p_t = softmax(θ_t) over `candidates` (ascending). sizes: n_t (numel). average_bits: the chosen
-    widths' size-weighted mean; expected_bits: E[b̄] under the final p. changed: how many tensors
-    the budget repair moved off their argmax. seconds: wall time of the search.
+    bits: {parameter name: width}, Σ n_t·bits_t ≤ ⌊budget·Σ n_t⌋ (`fit_budget`). probs: each
+    tensor's final p_t = softmax(θ_t) over `candidates` (ascending). sizes: n_t (numel).
+    average_bits: the chosen widths' size-weighted mean; expected_bits: E[b̄] under the final p.
+    changed: how many tensors the budget step moved off their argmax. seconds: the search's wall
+    time.
     """
 
     bits: dict[str, int]
@@ -186,9 +185,8 @@ def search(
     with torch.no_grad():
         logp = torch.log_softmax(theta, dim=1)
         expected_bits = float((share * (logp.exp() @ levels)).sum())
-    first = [widths[j] for j in logp.argmax(dim=1).tolist()]
-    picked = fit_budget(logp.tolist(), [sizes[n] for n in chosen], widths, budget)
-    bits = dict(zip(chosen, picked, strict=True))
+    first = dict(zip(chosen, (widths[j] for j in logp.argmax(dim=1).tolist()), strict=True))
+    bits = fit_budget(dict(zip(chosen, logp.tolist(), strict=True)), sizes, widths, budget)
     total = sum(sizes.values())
     result = BitSearch(
         bits=bits,
@@ -198,7 +196,7 @@ def search(
         budget=budget,
         average_bits=sum(sizes[n] * b for n, b in bits.items()) / total,
         expected_bits=expected_bits,
-        changed=sum(a != b for a, b in zip(first, picked, strict=True)),
+        changed=sum(first[n] != bits[n] for n in chosen),
         seconds=time.perf_counter() - started,
     )
     log.info(
@@ -209,67 +207,42 @@ def search(
 
 
 def fit_budget(
-    logp: Sequence[Sequence[float]],
-    sizes: Sequence[int],
+    logp: Mapping[str, Sequence[float]],
+    sizes: Mapping[str, int],
     candidates: Sequence[int],
     budget: float,
     *,
     fill: bool = True,
-) -> list[int]:
+) -> dict[str, int]:
     """The most probable widths within the budget: m_t from `candidates` (ascending) maximizing
     Σ_t ℓ_{t,m_t} (`logp`: each tensor's log-probabilities over candidates) subject to
-    Σ n_t·m_t ≤ budget·Σ n_t, exactly (integers; budget as its exact binary value).
+    Σ n_t·m_t ≤ ⌊budget·Σ n_t⌋ (distq.bit_allocation.capacity_of: integers, the budget read as
+    the decimal it is written as).
 
-    A multiple-choice knapsack, solved by dynamic programming over the bits above all-min(M) in
-    units u: u = the gcd of the moves' bits n_t·(m − min M), exact, unless tensors × capacity
-    passes DP_CELLS or the capacity passes DP_UNITS; then u grows to fit and every move's bits
-    round up to whole units (still within the budget; optimal for a budget at most T·u bits
-    lower). fill: then, while an upgrade fits in the bits left, the fitting one that loses least
-    ℓ per bit added (ties: earlier tensor, then smaller move); on exit no single upgrade fits.
+    The multiple-choice knapsack is distq.bit_allocation.allocate's with costs −ℓ: exact by
+    Pareto dynamic programming, or past its state limit the Lagrangian method with its stated
+    gap. fill: then, while an upgrade fits in the bits left, the fitting one that loses least ℓ
+    per bit added (ties: earlier tensor, then smaller move), so on exit no single upgrade fits.
     """
     widths = list(candidates)
-    total = sum(sizes)
-    cap = math.floor(Fraction(budget) * total)
-    spare = cap - widths[0] * total
-    if spare < 0:
-        raise ValueError(f"budget={budget} is below every tensor at {widths[0]} bits")
-    extra = [[n * (m - widths[0]) for m in widths] for n in sizes]
-    unit = max(math.gcd(*(e for row in extra for e in row)), 1)
-    most = max(1, min(DP_UNITS, DP_CELLS // len(sizes)))  # capacity units allowed
-    if spare // unit > most:
-        unit = max(unit, -(-spare // most))
-    capacity = spare // unit
-    cost = [[-(-e // unit) for e in row] for row in extra]
-    best = torch.zeros(capacity + 1, dtype=torch.float64)  # best[c]: max Σℓ within c units
-    choice = torch.zeros(len(sizes), capacity + 1, dtype=torch.int8)
-    for t, row in enumerate(logp):
-        new = best + row[0]
-        for j in range(1, len(widths)):
-            if cost[t][j] <= capacity:
-                taken = best[: capacity + 1 - cost[t][j]] + row[j]
-                better = taken > new[cost[t][j] :]
-                new[cost[t][j] :][better] = taken[better]
-                choice[t, cost[t][j] :][better] = j
-        best = new
-    index, left = [0] * len(sizes), capacity
-    for t in reversed(range(len(sizes))):
-        index[t] = int(choice[t, left])
-        left -= cost[t][index[t]]
-    used = sum(n * widths[j] for n, j in zip(sizes, index, strict=True))
+    costs = {n: {m: -row[j] for j, m in enumerate(widths)} for n, row in logp.items()}
+    chosen = allocate(costs, sizes, budget).bits
+    left = capacity_of(sizes, budget, widths) - sum(sizes[n] * m for n, m in chosen.items())
+    order = list(logp)
     while fill:
         moves = [
-            ((logp[t][index[t]] - logp[t][j]) / (sizes[t] * (widths[j] - widths[index[t]])), t,
-             j - index[t], j)
-            for t in range(len(sizes))
-            for j in range(index[t] + 1, len(widths))
-            if sizes[t] * (widths[j] - widths[index[t]]) <= cap - used
+            ((costs[n][m] - costs[n][chosen[n]]) / (sizes[n] * (m - chosen[n])), order.index(n),
+             m - chosen[n], n, m)
+            for n in order
+            for m in widths
+            if m > chosen[n] and sizes[n] * (m - chosen[n]) <= left
         ]
         if not moves:
             break
-        _, t, _, j = min(moves)
-        used += sizes[t] * (widths[j] - widths[index[t]])
-        index[t] = j
-    return [widths[j] for j in index]
+        *_, n, m = min(moves)
+        left -= sizes[n] * (m - chosen[n])
+        chosen[n] = m
+    return {n: chosen[n] for n in order}
 
 
 def _batches(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -353,9 +326,9 @@ def _check_names(model: nn.Module, names: Sequence[str] | None) -> list[str]:
         )
     if not names or len(set(names)) != len(names):
         raise ValueError(f"names={list(names)}; allowed: a non-empty list of distinct names")
-    bad = [n for n in names if not params[n].is_floating_point() or params[n].dim() == 0]
+    bad = [n for n in names if not params[n].is_floating_point() or params[n].numel() == 0]
     if bad:
-        raise ValueError(f"parameter(s) {bad} are not floating-point tensors of dimension >= 1")
+        raise ValueError(f"parameter(s) {bad}: allowed: non-empty floating-point tensors")
     order = list(params)
     return sorted(names, key=order.index)
 

@@ -11,14 +11,19 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from distq import dqmq
+from distq.bit_allocation import allocate_bits
 from distq.dqmq import fit_budget, search, search_bits
+from distq.optim import QuantizedOptimizer
+
+
+def allowed(sizes, budget):
+    """⌊budget·Σ n⌋ with the budget read as the decimal it is written as (2.3 is 23/10)."""
+    return math.floor(Fraction(repr(float(budget))) * sum(sizes))
 
 
 def within(bits, sizes, budget):
-    """Σ n·m ≤ budget·Σ n in exact rational arithmetic."""
-    used = sum(sizes[n] * b for n, b in bits.items())
-    return Fraction(used) <= Fraction(budget) * sum(sizes.values())
+    """Σ n·m ≤ ⌊budget·Σ n⌋ for {name: bits} and {name: n}."""
+    return sum(sizes[n] * b for n, b in bits.items()) <= allowed(sizes.values(), budget)
 
 
 def regression(sensitive_first: bool, d: int = 16, seed: int = 0):
@@ -37,25 +42,24 @@ def regression(sensitive_first: bool, d: int = 16, seed: int = 0):
     return model, [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
 
 
-@pytest.mark.parametrize("limits", [None, (60, 7)], ids=["exact", "coarse units"])
-def test_fit_budget_holds_exactly_and_leaves_no_upgrade_that_fits(monkeypatch, limits):
-    if limits:  # a tiny knapsack: the moves' bits round up to coarse units
-        monkeypatch.setattr(dqmq, "DP_CELLS", limits[0])
-        monkeypatch.setattr(dqmq, "DP_UNITS", limits[1])
+def named(rows):
+    return {f"t{i}": row for i, row in enumerate(rows)}
+
+
+def test_fit_budget_holds_exactly_and_leaves_no_upgrade_that_fits():
     rng = random.Random(0)
     for _ in range(300):
         widths = sorted(rng.sample(range(2, 9), rng.randint(1, 4)))
         sizes = [rng.choice([1, 3, 7, 64, 577, 4096, 30_000]) for _ in range(rng.randint(1, 8))]
         budget = rng.choice([float(rng.choice(widths)), rng.uniform(widths[0], widths[-1])])
         logp = [[rng.gauss(0, 2) for _ in widths] for _ in sizes]
-        chosen = fit_budget(logp, sizes, widths, budget)
+        chosen = list(fit_budget(named(logp), named(sizes), widths, budget).values())
         assert all(m in widths for m in chosen)
         used = sum(n * m for n, m in zip(sizes, chosen, strict=True))
-        assert Fraction(used) <= Fraction(budget) * sum(sizes)
-        left = Fraction(budget) * sum(sizes) - used
+        assert used <= allowed(sizes, budget)
         for n, m in zip(sizes, chosen, strict=True):
             bigger = [w for w in widths if w > m]
-            assert not bigger or n * (bigger[0] - m) > left  # no single upgrade fits
+            assert not bigger or n * (bigger[0] - m) > allowed(sizes, budget) - used
 
 
 def test_fit_budget_is_the_most_probable_assignment_within_the_budget():
@@ -65,23 +69,15 @@ def test_fit_budget_is_the_most_probable_assignment_within_the_budget():
         sizes = [rng.randint(1, 50) for _ in range(rng.randint(1, 5))]
         budget = rng.uniform(widths[0], widths[-1])
         logp = [[rng.gauss(0, 2) for _ in widths] for _ in sizes]
-        cap = Fraction(budget) * sum(sizes)
         best = max(
             sum(row[widths.index(m)] for row, m in zip(logp, pick, strict=True))
             for pick in itertools.product(widths, repeat=len(sizes))
-            if sum(n * m for n, m in zip(sizes, pick, strict=True)) <= cap
+            if sum(n * m for n, m in zip(sizes, pick, strict=True)) <= allowed(sizes, budget)
         )
-        chosen = fit_budget(logp, sizes, widths, budget, fill=False)
+        chosen = fit_budget(named(logp), named(sizes), widths, budget, fill=False).values()
         score = sum(row[widths.index(m)] for row, m in zip(logp, chosen, strict=True))
-        assert sum(n * m for n, m in zip(sizes, chosen, strict=True)) <= cap
+        assert sum(n * m for n, m in zip(sizes, chosen, strict=True)) <= allowed(sizes, budget)
         assert score == pytest.approx(best, abs=1e-9)
-
-
-def test_fit_budget_lowers_the_tensor_that_loses_less_probability():
-    # two tensors of equal size at 4 bits, budget 3: the one that cares less about 4 bits drops
-    logp = [[math.log(0.1), math.log(0.1), math.log(0.8)], [math.log(0.4), math.log(0.1), 0.0]]
-    logp[1][2] = math.log(0.5)
-    assert fit_budget(logp, [100, 100], [2, 3, 4], 3.0) == [4, 2]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -215,4 +211,29 @@ def test_fit_budget_takes_the_most_probable_widths_that_fit():
         [0.1504, 0.774, 0.0756], [0.0822, 0.8513, 0.0664],
     ]
     logp = [[math.log(p) for p in row] for row in probs]
-    assert fit_budget(logp, [2304, 4608, 9216, 18432, 36864], [2, 3, 4], 3.0) == [3] * 5
+    sizes = named([2304, 4608, 9216, 18432, 36864])
+    assert list(fit_budget(named(logp), sizes, [2, 3, 4], 3.0).values()) == [3] * 5
+
+
+def test_search_bits_serves_as_the_allocators_dqmq_search():
+    # distq.bit_allocation calls search(names, budget, candidates) with the latent weights in the
+    # model and refuses widths over its ⌊budget·Σ n⌋ (2.3·230 = 529 bits)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 3))
+    optimizer = QuantizedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), model, "linear", 3, keep_full_precision=()
+    )
+    batches = [(torch.randn(8, 10), torch.randn(8, 3))]
+
+    def dqmq_search(names, budget, candidates):
+        return search_bits(
+            model, batches, functional.mse_loss, budget=budget, candidates=candidates,
+            names=names, steps=3,
+        )
+
+    chosen = allocate_bits(optimizer, 2.3, [2, 3, 4], "dqmq", dqmq_search, switch=False)
+    assert set(chosen.bits) == {"0.weight", "1.weight", "2.weight"}
+    assert chosen.capacity == 529 and chosen.total_bits <= 529
+    assert chosen.bits == search_bits(
+        model, batches, functional.mse_loss, budget=2.3, names=list(chosen.bits), steps=3
+    )  # the latent weights were in the model during the search, and are again
