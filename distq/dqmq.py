@@ -17,9 +17,9 @@ belongs to):
 
 * Per quantized tensor t, logits θ_t over the candidate widths M (e.g. {2, 3, 4}). Each step
   draws π_t = softmax((θ_t + g)/τ), g i.i.d. Gumbel(0, 1) (Gumbel-softmax), and the forward pass
-  uses ŵ_t = Σ_m π_{t,m}·(w_t + sg(Q_m(w_t) − w_t)), Q_m the m-bit linear projection of
-  distq.quant ("linear": α·{0, ±1/k, …, ±1}, k = 2^(m−1) − 1; d ≡ 1) and sg stop-gradient, so
-  ∂ŵ/∂w = I (straight through) and ∂ŵ/∂π_m = Q_m(w).
+  uses ŵ_t = Σ_m π_{t,m}·(w_t + sg(Q_m(w_t) − w_t)), Q_m the m-bit projection of distq.quant
+  (`scheme`, by default "linear": α·{0, ±1/k, …, ±1}, k = 2^(m−1) − 1; d ≡ 1, the optimizer's
+  scale layout) and sg stop-gradient, so ∂ŵ/∂w = I (straight through) and ∂ŵ/∂π_m = Q_m(w).
 * Size: E[b̄] = Σ_t n_t Σ_m p_{t,m}·m / Σ_t n_t with p_t = softmax(θ_t) (the distribution the
   Gumbel-max draw samples from) and n_t = numel; loss = task + λ·(E[b̄] − B)². The penalty is
   two-sided: the budget is meant to be spent, and the task loss alone always asks for more bits.
