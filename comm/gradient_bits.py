@@ -1,0 +1,157 @@
+"""Per-tensor gradient widths under a wire budget, chosen by the same curvature d that chooses the
+weight widths (issue 24 item 4; ours). The result is `bits_by_name` for `ExchangeSettings`.
+
+Cost of sending tensor i's gradient at m bits. `StochasticQuantizer` gives element j of a bucket
+with scale s_b = max|x| over the bucket, k = 2^(m−1) − 1 and f_j = frac(|x_j|·k/s_b) the value
+(⌊|x_j|k/s_b⌋ + 1)·s_b/k with probability f_j, else ⌊…⌋·s_b/k: unbiased, with variance
+(s_b/k)²·f_j(1 − f_j) (m = 1: ±s_b, variance s_b² − x_j²). So, exactly, given x,
+
+    V_m(x; w) = Σ_b (s_b²/k_m²) Σ_{j∈b} w_j f_j(1 − f_j),
+
+the value Lemma 3 bounds by Δ_g‖x‖_∞‖x‖₁ per bucket (`distq.theory.lemma3_variance_bound`).
+With n ranks the averaged gradient's error is e = (Σ_r e1_r + e2)/n: each rank's first
+quantization of x_r = Clip(g_r), and for 'scatter' the owner's second one of the sum
+S = Σ_r Q(x_r), independent given the codes, so E‖e‖²_w = (Σ_r V_m(x_r) + V_m(S))/n². V_m(S) is
+evaluated at S ≈ Σ_r x_r (the first codes' noise moves the bucket maxima; ignored).
+
+Weight w = 1/d, d = √v̂ + ε (Adam's curvature, `QuantizedOptimizer.curvature`). Why 1/d: the weight
+allocator's cost S_i(m) = Σ d(ŵ − w)² is the optimizer's own quadratic model of the loss,
+L(w + δ) − L(w) ≈ g·δ + δᵀDδ/(2η). Gradient noise e moves the weights by δ = −η·e/d in total (the
+momentum's weights (1 − β₁)β₁^t sum to one), with E[δ] = 0, so the expected loss it adds is
+E[δᵀDδ]/(2η) = (η/2)·Σ E[e_j²]/d_j: the cost is Σ E[e²]/d, the constant η/2 dropped.
+metric="update" weighs by 1/d² instead: the Euclidean error of the update itself (η²·Σ E[e²]/d²).
+The noise's effect on v̂ (second order) is ignored. Without curvature (SGD) w ≡ 1.
+
+Budget: Σ_i n_i·m_i ≤ ⌊budget·Σ_i n_i⌋ code bits, solved exactly by
+`distq.bit_allocation.allocate`. The scales (4 bytes per `bucket_size` elements) are left out of
+the budget because every width sends the same ones; what changes the bytes beyond the codes is
+padding: each width of a mixed bucket is exchanged on its own, and 'scatter' pads every exchange
+to whole chunks. `bytes_sent` predicts the exact bytes a rank sends for a layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from distq.bit_allocation import Allocation, allocate, check_candidates
+from distq.comm.clipping import clip_by_rms_
+from distq.comm.collectives import chunk_length
+from distq.comm.exchange import ExchangeSettings
+from distq.quant import levels_per_sign
+from distq.theory.exchange import collective as collective_record
+
+METRICS = ("loss", "update")
+
+Gradients = Mapping[str, Tensor]
+
+
+def quantization_error(
+    x: Tensor, bits: int, bucket_size: int | None, weight: Tensor | None = None
+) -> float:
+    """E Σ_j w_j (Q(x)_j − x_j)² of `StochasticQuantizer(bits, bucket_size)` (float32 scales) on
+    flat x, exactly (module docstring); weight None: w ≡ 1."""
+    x = x.detach().reshape(-1).to(torch.float64)
+    size = bucket_size or max(1, x.numel())
+    pad = -x.numel() % size
+    a = torch.nn.functional.pad(x.abs(), (0, pad)).view(-1, size)
+    s = a.amax(dim=1, keepdim=True).to(torch.float32).to(torch.float64)
+    k = levels_per_sign(bits)
+    if k == 0:  # 1 bit: ±s, P(+s) = (1 + x/s)/2
+        var = s.square() - a.square()
+    else:
+        y = torch.where(s > 0, a * k / s.clamp_min(1e-300), 0.0)
+        f = y - y.floor()
+        var = (s / k).square() * f * (1 - f)
+    var = var.reshape(-1)[: x.numel()]
+    if weight is not None:
+        var = var * weight.detach().reshape(-1).to(torch.float64)
+    return float(var.sum())
+
+
+def gradient_costs(
+    steps: Sequence[Sequence[Gradients]],
+    curvature: Mapping[str, Tensor | None],
+    candidates: Sequence[int],
+    settings: ExchangeSettings,
+    metric: str = "loss",
+) -> dict[str, dict[int, float]]:
+    """C_i(m) = E‖e_i‖²_w of tensor i's averaged gradient at m bits (module docstring), averaged
+    over `steps`, each a list of the ranks' {name: gradient} at one step; `curvature[name]` is
+    d (None: d ≡ 1). Refused for a compressor other than 'quantize' or widths it cannot send."""
+    if settings.compressor != "quantize":
+        raise ValueError(
+            f"compressor={settings.compressor!r}: the cost law is that of the stochastic "
+            "m-bit quantizer; allowed: compressor 'quantize'"
+        )
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
+    check_candidates(candidates)
+    for m in candidates:
+        settings.width(m, "bit candidate")
+    if not steps or not all(steps):
+        raise ValueError("gradient_costs needs at least one step of the ranks' gradients")
+    names = list(curvature)
+    twice = collective_record(settings.collective).quantizations_on(2) == 2
+    costs = {n: dict.fromkeys(candidates, 0.0) for n in names}
+    for ranks in steps:
+        for name in names:
+            d = curvature[name]
+            weight = (
+                None
+                if d is None
+                else d.reciprocal()
+                if metric == "loss"
+                else d.square().reciprocal()
+            )
+            clipped = [_clipped(r[name], settings.clip) for r in ranks]
+            parts = clipped + ([torch.stack(clipped).sum(0)] if twice else [])
+            for m in candidates:
+                error = sum(quantization_error(x, m, settings.bucket_size, weight) for x in parts)
+                costs[name][m] += error / len(ranks) ** 2 / len(steps)
+    return costs
+
+
+def _clipped(g: Tensor, clip: float | None) -> Tensor:
+    x = g.detach().reshape(-1).to(torch.float32, copy=True)
+    return x if clip is None else clip_by_rms_(x, clip)
+
+
+def allocate_gradient_bits(
+    costs: Mapping[str, Mapping[int, float]], numel: Mapping[str, int], budget: float
+) -> Allocation:
+    """The widths minimizing Σ C_i(m_i) with Σ n_i·m_i ≤ ⌊budget·Σ n_i⌋ code bits (exact,
+    `distq.bit_allocation.allocate`); `.bits` is the `bits_by_name` for `ExchangeSettings`. A
+    budget outside the candidates' range, NaN or not a number is refused naming the range."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"gradient bits budget {budget!r}; allowed: a number of bits per element")
+    return allocate(costs, numel, budget)
+
+
+def bytes_sent(
+    buckets: Sequence[Sequence[tuple[int, int]]],
+    settings: ExchangeSettings,
+    ranks: int,
+    nodes: int = 1,
+) -> int:
+    """Quantized bytes one rank sends per step for exchange buckets of (numel, bits) tensors, as
+    `GradientExchange` sends them: a bucket under `min_numel` goes fp32 (not counted here), one
+    of a single width in one exchange, a mixed one in one exchange per width."""
+    record = collective_record(settings.collective)
+    total = 0
+    for bucket in buckets:
+        if sum(n for n, _ in bucket) < settings.min_numel:
+            continue
+        for bits in sorted({b for _, b in bucket}):
+            compressor = settings.build(bits)
+            numel = sum(n for n, b in bucket if b == bits)
+            total += record.bytes_sent(
+                numel,
+                ranks,
+                nodes,
+                compressor.wire.payload_nbytes,
+                lambda n, r, c=compressor: chunk_length(n, r, c),
+            )
+    return total
