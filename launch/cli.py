@@ -147,13 +147,15 @@ def _spacing(spec) -> str:
 def report_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="distq report",
-        description="Plot a run's monitor log (loss, errors, bounds, bytes) and, for a "
-        "sparsified run, the degree distributions of its pruned layers with power-law fits.",
+        description="Plot a run's monitor log (loss, errors, bounds, bytes); for a "
+        "sparsified run, the degree distributions of its pruned layers with power-law fits; the "
+        "weight bit widths a --weight-bits-budget run chose per tensor; and the channels a "
+        "--channel-sparsity run kept per layer.",
     )
     parser.add_argument("run_dir", help="out_dir of a distq train run")
     parser.add_argument("--rank", type=int, default=0, help="whose log to plot (default 0)")
     args = parser.parse_args(argv)
-    from distq.monitor.report import write_degree_report, write_report
+    from distq.monitor.report import write_degree_report, write_layer_report, write_report
 
     try:
         paths = write_report(args.run_dir, args.rank)
@@ -161,11 +163,14 @@ def report_command(argv: list[str]) -> int:
         paths = []
         print(f"no monitor plots: {exc}", file=sys.stderr)
     table, degree_plots = write_degree_report(args.run_dir)
-    if not paths and not table:
+    notes, layer_plots = write_layer_report(args.run_dir)
+    if not paths and not table and not layer_plots:
         parser.error(f"{args.run_dir}: neither a monitor log nor a sparsified checkpoint")
     if table:
         print(table)
-    for path in [*paths, *degree_plots]:
+    for line in notes:
+        print(line)
+    for path in [*paths, *degree_plots, *layer_plots]:
         print(path)
     return 0
 
@@ -195,7 +200,7 @@ SUMMARIES = {
     "quantize": "post-training quantization of a trained full-precision checkpoint, layer by layer",
     "export": "pack a checkpoint's low-bit weights into a safetensors file",
     "schemes": "list the weight schemes and the methods built on them",
-    "report": "plot a run's monitor log (and a sparsified run's degree distributions)",
+    "report": "plot a run's monitor log (degree distributions, bit widths, channels kept)",
     "plan": "predict bytes, step time and variance of a gradient exchange",
 }
 

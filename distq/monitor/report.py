@@ -1,19 +1,27 @@
 """Plots of a run's monitor log (monitor-rank0.jsonl): loss, weight error, gradient blow-up
 against the theory's bound, and bytes on the wire, one PNG each (for an LSTM also its gradient
-norms across time steps and recurrent spectral norms); and, for a sparsified run, the
-degree distributions of its pruned layers with truncated power-law fits."""
+norms across time steps and recurrent spectral norms); for a sparsified run, the
+degree distributions of its pruned layers with truncated power-law fits; and, from the run's
+records of them, the weight bit widths a --weight-bits-budget allocation chose per tensor and
+the channels a --channel-sparsity run kept per layer."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from distq.launch.allocation import BIT_WIDTHS_NAME
 from distq.monitor.monitor import LOG_NAME
+
+BIT_WIDTHS_PLOT = "bit_widths.png"
+CHANNELS_PLOT = "channels.png"
 
 
 def read_log(run_dir: str | Path, rank: int = 0) -> list[dict]:
@@ -129,18 +137,25 @@ def write_lstm_plot(records: list[dict], path: Path, curves: int = 6) -> Path:
     return _save(fig, path)
 
 
+def _checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """run_dir/checkpoint.pt (the newest of a distq train run), None when there is none."""
+    import torch
+
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def write_degree_report(run_dir: str | Path) -> tuple[str, list[Path]]:
     """Degree distributions of the sparsified quantized tensors in run_dir/checkpoint.pt:
     a text table of truncated power-law fits and two log-log PNGs per tensor in run_dir/degrees.
     Returns ("", []) when the run has no checkpoint or no tensor with zeros."""
-    import torch
-
     from distq.theory.powerlaw import degree_report, format_degree_report
 
-    path = Path(run_dir) / "checkpoint.pt"
-    if not path.exists():
+    state = _checkpoint(run_dir)
+    if state is None:
         return "", []
-    state = torch.load(path, map_location="cpu", weights_only=True)
     sparse = {
         name: state["model"][name]
         for name in state.get("quantized", {})
@@ -151,3 +166,113 @@ def write_degree_report(run_dir: str | Path) -> tuple[str, list[Path]]:
     plot_dir = Path(run_dir) / "degrees"
     report = degree_report(sparse, plot_dir=plot_dir)
     return format_degree_report(report), sorted(plot_dir.glob("*.png"))
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """The weight width each quantized tensor was given and its size, with the allocation's
+    budget, method and step when run_dir/bit_widths.json recorded them."""
+
+    bits: dict[str, int]
+    numel: dict[str, int]
+    budget: float | None = None
+    method: str | None = None
+    step: int | None = None
+
+    @property
+    def average_bits(self) -> float:
+        """Σ n_i·m_i / Σ n_i: bits per weight over the quantized tensors (what a budget caps)."""
+        return sum(self.numel[n] * b for n, b in self.bits.items()) / sum(self.numel.values())
+
+
+def layer_widths(run_dir: str | Path) -> LayerWidths | None:
+    """Per-tensor weight widths of a run that allocated them: run_dir/bit_widths.json (written
+    at the allocation step), else the checkpoint's optimizer state `tensor_bits` (sizes from
+    its model). None for a run of one width for all tensors."""
+    path = Path(run_dir) / BIT_WIDTHS_NAME
+    if path.is_file():
+        record = json.loads(path.read_text())
+        return LayerWidths(
+            record["bits"], record["numel"], record["budget"], record["method"], record["step"]
+        )
+    state = _checkpoint(run_dir)
+    bits = (state or {}).get("optimizer", {}).get("tensor_bits")
+    if not bits:
+        return None
+    return LayerWidths(dict(bits), {n: state["model"][n].numel() for n in bits})
+
+
+def channel_counts(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
+    """producer layer -> (output channels kept, channels) of a --channel-sparsity run, in the
+    model's order, from the channel pruner's state in run_dir/checkpoint.pt (its masks are what
+    distq export removes). None when the run has no checkpoint or prunes no channels."""
+    state = _checkpoint(run_dir)
+    if state is None or "channels" not in state:
+        return None
+    channels = state["channels"]
+    return {
+        g["producer"]: (int(channels["keep"][g["producer"]].sum()), g["channels"])
+        for g in channels["groups"]
+    }
+
+
+def write_layer_report(run_dir: str | Path) -> tuple[list[str], list[Path]]:
+    """bit_widths.png (each quantized tensor's width, the budget and the average) and
+    channels.png (channels kept of each prunable layer) into run_dir, each when the run has
+    such data; returns a line per plot left out, saying why, and the plots written."""
+    run_dir = Path(run_dir)
+    notes, written = [], []
+    widths = layer_widths(run_dir)
+    if widths is None:
+        notes.append("no bit_widths.png: the run gave every quantized tensor one width")
+    else:
+        written.append(write_widths_plot(widths, run_dir / BIT_WIDTHS_PLOT))
+    counts = channel_counts(run_dir)
+    if counts is None:
+        notes.append("no channels.png: the run has no checkpoint of a --channel-sparsity run")
+    else:
+        written.append(write_channels_plot(counts, run_dir / CHANNELS_PLOT))
+    return notes, written
+
+
+def write_widths_plot(widths: LayerWidths, path: Path) -> Path:
+    """One bar per quantized tensor at its width (labelled with its size), the budget as a
+    dashed line and the size-weighted average in the title."""
+    names = list(widths.bits)
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(names)), 4), dpi=110)
+    bars = ax.bar(range(len(names)), [widths.bits[n] for n in names], color="tab:blue")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(range(len(names)), [f"{n}\n{widths.numel[n]:,}" for n in names], fontsize=7)
+    title = f"Weight bit widths per tensor: {widths.average_bits:.3f} bits per weight"
+    if widths.budget is not None:
+        ax.axhline(widths.budget, ls="--", color="tab:red", label=f"budget {widths.budget}")
+        ax.legend(fontsize=8)
+        title += f" ({widths.method}, step {widths.step})"
+    ax.set_title(title)
+    ax.set_xlabel("quantized tensor (elements)")
+    ax.set_ylabel("bits per weight")
+    ax.set_ylim(0, max(widths.bits.values()) + 1)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def write_channels_plot(counts: dict[str, tuple[int, int]], path: Path) -> Path:
+    """Per prunable layer, its channels (light) and those kept (dark), labelled kept/total;
+    the title gives the totals."""
+    names = list(counts)
+    kept = [counts[n][0] for n in names]
+    total = [counts[n][1] for n in names]
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(names)), 4), dpi=110)
+    x = range(len(names))
+    ax.bar(x, total, color="tab:gray", alpha=0.35, label="channels")
+    bars = ax.bar(x, kept, color="tab:blue", label="kept")
+    ax.bar_label(bars, [f"{k}/{t}" for k, t in zip(kept, total, strict=True)], fontsize=8)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_title(
+        f"Channels kept per layer: {sum(kept)} of {sum(total)} ({sum(kept) / sum(total):.0%})"
+    )
+    ax.set_xlabel("layer (output channels pruned)")
+    ax.set_ylabel("output channels")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
