@@ -1,10 +1,11 @@
 """Per-layer mixed precision (issue 24, item 3): uniform 3-bit weights vs widths from {2, 3, 4}
-allocated by sensitivity (distq/bit_allocation.py) at an average of 3 bits, same runs otherwise.
+allocated by sensitivity (distq/bit_allocation.py) at an average of 3 bits, same runs otherwise
+(`--uniform` and `--budgets` add other uniform widths and average budgets).
 
 Each (seed, configuration) is one `distq train` run in this process (one thread, fp32
 gradients, linear m-bit weights, the default selection: first and last layer full precision).
-"allocated" trains `--allocate-after` steps at 3 bits, then each quantized tensor takes the
-width minimizing Σ_i S_i(m_i), S_i(m) = Σ d(ŵ_m − w)², within Σ n_i·m_i ≤ 3·Σ n_i.
+"allocated, avg B" trains `--allocate-after` steps at 3 bits, then each quantized tensor takes
+the width minimizing Σ_i S_i(m_i), S_i(m) = Σ d(ŵ_m − w)², within Σ n_i·m_i ≤ B·Σ n_i.
 Configurations alternate within each seed. Sizes: the quantized tensors' code bits Σ n_i·m_i
 and the bytes `export_packed` stores for them (codes and codebooks, smallest layout).
 
@@ -45,19 +46,25 @@ HERE = Path(__file__).resolve().parent
 CHARLM = {"depth": 1, "bptt": 50, "batch_size": 64, "lr": 0.02, "test_fraction": 0.1}
 CHARLM_CHARS = 300_000
 QUIET = {"progress": False, "monitor": False, "metrics_port": None}
-CONFIGS = {
-    "uniform 3-bit": {},
-    "allocated, avg 3": {"weight_bits_budget": 3.0, "bit_candidates": [2, 3, 4]},
-}
+CANDIDATES = [2, 3, 4]
+
+
+def configurations(uniform: list[int], budgets: list[float]) -> dict[str, dict]:
+    """Name -> config changes: uniform widths, then allocations at each average budget."""
+    runs = {f"uniform {m}-bit": {"bits": m} for m in uniform}
+    for budget in budgets:
+        allocated = {"weight_bits_budget": budget, "bit_candidates": CANDIDATES}
+        runs[f"allocated, avg {budget:g}"] = allocated
+    return runs
 
 
 def one_run(out: Path, seed: int, args: argparse.Namespace, changes: dict) -> dict:
     """Scores, widths and sizes of one `distq train` run."""
     extra = {**CHARLM, "data_dir": str(args.corpus)} if args.recipe == "charlm" else {}
     cfg = config.TrainConfig(
-        recipe=args.recipe, hidden=args.hidden, scheme="linear", bits=3, grad_bits=None,
-        seed=seed, epochs=args.epochs, out_dir=str(out), allocate_after=args.allocate_after,
-        **QUIET, **extra, **changes,
+        recipe=args.recipe, hidden=args.hidden, scheme="linear", grad_bits=None, seed=seed,
+        epochs=args.epochs, out_dir=str(out), allocate_after=args.allocate_after,
+        **QUIET, **extra, **{"bits": 3, **changes},
     )  # fmt: skip
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch lines
@@ -95,8 +102,9 @@ def table(results: dict) -> str:
         else f"CIFAR-style synthetic set, VGG-style CNN (hidden {results['hidden']})"
     )
     lines = [
-        f"{task}, one process, {results['epochs']} epochs, linear weights, widths allocated after "
-        f"{results['allocate_after']} steps, seeds {results['seeds']}, commit {results['commit']}",
+        f"{task}, one process, {results['epochs']} epochs, linear weights, widths from "
+        f"{{2, 3, 4}} allocated after {results['allocate_after']} steps at 3 bits, seeds "
+        f"{results['seeds']}, commit {results['commit']}",
         "",
         "| weights | test accuracy % mean ± sd (per seed) |"
         + (" held-out BPC mean ± sd (per seed) |" if charlm else "")
@@ -121,6 +129,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--allocate-after", type=int, default=50, help="steps at 3 bits first")
+    parser.add_argument("--uniform", type=int, nargs="+", default=[3], help="uniform widths")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3.0], help="average bits")
     parser.add_argument("--table-only", action="store_true", help="print the JSON's table")
     args = parser.parse_args()
     out_json = HERE / f"mixed_precision-{args.recipe}.json"
@@ -131,7 +141,8 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    configs = configurations(args.uniform, args.budgets)
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.recipe == "charlm":
@@ -140,7 +151,7 @@ def main() -> None:
             args.corpus = work / "corpus.txt"
             args.corpus.write_text(default_corpus(CHARLM_CHARS), encoding="utf-8")
         for seed in args.seeds:
-            for i, (name, changes) in enumerate(CONFIGS.items()):
+            for i, (name, changes) in enumerate(configs.items()):
                 run = one_run(work / f"{i}-{seed}", seed, args, changes)
                 runs[name].append(run)
                 print(
@@ -149,16 +160,9 @@ def main() -> None:
                     f"({run['seconds']:.0f} s)",
                     file=sys.stderr,
                 )
-    results = {
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "recipe": args.recipe,
-        "hidden": args.hidden,
-        "epochs": args.epochs,
-        "seeds": args.seeds,
-        "allocate_after": args.allocate_after,
-        "runs": runs,
-    }
+    settings = ("recipe", "hidden", "epochs", "seeds", "allocate_after", "uniform", "budgets")
+    results = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    results.update({key: getattr(args, key) for key in settings}, runs=runs)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
