@@ -251,7 +251,7 @@ def write_widths_plot(widths: LayerWidths, path: Path) -> Path:
     ax.set_title(title)
     ax.set_xlabel("quantized tensor (elements)")
     ax.set_ylabel("bits per weight")
-    ax.set_ylim(0, max(widths.bits.values()) + 1)
+    ax.set_yticks(range(max(widths.bits.values()) + 2))
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
@@ -271,7 +271,7 @@ def write_channels_plot(counts: dict[str, tuple[int, int]], path: Path) -> Path:
     ax.set_title(
         f"Channels kept per layer: {sum(kept)} of {sum(total)} ({sum(kept) / sum(total):.0%})"
     )
-    ax.set_xlabel("layer (output channels pruned)")
+    ax.set_xlabel("layer whose output channels are pruned (its name in the model)")
     ax.set_ylabel("output channels")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
