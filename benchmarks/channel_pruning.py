@@ -24,14 +24,22 @@ Latency: the first seed's trained models in eval mode, fp32, one thread, in one 
 unpruned, the rewritten pruned models, the unpruned model with its smallest-|w| weights zeroed
 per tensor down to the uniformly pruned model's parameter count (unstructured sparsity; dense
 kernels, as a packed file unpacks to), and `floor`, the same network keeping 1 channel per layer
-(what does not shrink with the channels: per-call overhead). Batches of 1 and 64 images, the
-models' forwards interleaved round-robin, median of `--repeats` (batch 1) and `--repeats // 10`
-(batch 64) timed forwards after warm-up; twice: eager PyTorch, and TorchScript (traced and
-frozen, which folds each batch norm into its convolution and drops Python dispatch), every model
-alike. Per layer: each module of the eager models timed alone on its own input, interleaved.
+(what does not shrink with the channels: per-call overhead). Times are the thread's CPU time
+(time.thread_time), not wall time, so that other processes on a shared machine do not enter
+them. Batches of 1 and 64 images, the models' forwards interleaved round-robin, median of
+`--repeats` (batch 1) and `--repeats // 10` (batch 64) timed forwards after warm-up, and the
+ratio to unpruned as the median of the per-round ratios (paired, same round); twice:
+eager PyTorch, and TorchScript (traced and frozen, which folds each batch norm into its
+convolution and drops Python dispatch), every model alike. Per layer: each module of the eager
+models timed alone on its own input, interleaved.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/channel_pruning.py --seeds 0 1 \\
         --epochs 6 --hidden 128 --kinds unpruned channels unstructured
+
+Every run's test accuracy is also reported with its batch norms' running statistics recomputed
+on the training set (`recalibrated_accuracy`), to tell a statistics lag from a weaker model.
+`--table FILE` prints the README tables of a results file; `--conv-sweep [REPEATS]` times one
+convolution over a range of widths.
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ from distq.launch import checkpoint, config, recipes, train
 from distq.quant.sparse import max_nonzeros
 
 HERE = Path(__file__).resolve().parent
+# Latency is the timing thread's CPU time: on a shared machine it leaves out the time spent
+# waiting for a core, and with one thread it is the time the forward computes.
+clock = time.thread_time
 KINDS = ("unpruned", "channels", "global", "unstructured")
 
 
@@ -122,6 +133,44 @@ def exported_accuracy(state: dict, data: recipes.Split, folder: Path) -> tuple[f
     return recipes.accuracy(model, data.test_x, data.test_y), path.stat().st_size
 
 
+def recalibrated_accuracy(state: dict, data: recipes.Split) -> float:
+    """Test accuracy with every batch norm's running statistics recomputed over the training set
+    (cumulative averages of 250-image batches, weights fixed): what the stored statistics
+    would give if they did not lag behind the weights."""
+    model = model_of(state).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        for chunk in data.train_x.split(250):
+            model(chunk)
+    return recipes.accuracy(model.eval(), data.test_x, data.test_y)
+
+
+def conv_sweep(repeats: int) -> None:
+    """Median µs of one 3×3 convolution with C inputs and C outputs on one image, at each stage's
+    resolution of the CNN, the widths interleaved: whether time follows C² (the MACs) or C, and
+    whether multiples of 8 run faster."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    print("| resolution | C | µs | ns per MAC |\n|---|---|---|---|")
+    for res, widths in ((32, range(6, 18)), (16, range(16, 34, 2)), (8, range(40, 66, 4))):
+        convs = {c: nn.Conv2d(c, c, 3, padding=1, bias=False).eval() for c in widths}
+        xs = {c: torch.randn(1, c, res, res) for c in widths}
+        times: dict[int, list[float]] = {c: [] for c in widths}
+        with torch.no_grad():
+            for run in range(repeats + 3):
+                for c in widths:
+                    started = clock()
+                    convs[c](xs[c])
+                    if run >= 3:
+                        times[c].append((clock() - started) * 1e6)
+        for c in widths:
+            us = statistics.median(times[c])
+            print(f"| {res}×{res} | {c} | {us:.1f} | {1e3 * us / (c * c * 9 * res * res):.3f} |")
+
+
 def unstructured_like(model: nn.Module, params: int) -> tuple[nn.Module, int]:
     """`model` with the smallest-|w| entries of each conv/linear weight zeroed (ŵ's own zeros
     first), one share for all, so that `params` positions remain; returns it and the count
@@ -141,8 +190,10 @@ def unstructured_like(model: nn.Module, params: int) -> tuple[nn.Module, int]:
 def latencies(
     models: dict[str, nn.Module], repeats: int, script: bool = False
 ) -> dict[str, dict[str, float]]:
-    """Median ms of a forward at batch 1 and 64, models interleaved round-robin; `script`: each
-    model traced and frozen by TorchScript first (batch norms folded into the convolutions)."""
+    """Median ms of a forward at batch 1 and 64, models interleaved round-robin, and the median
+    over rounds of each model's time over the unpruned model's in the same round (a paired
+    ratio, robust to load that changes between rounds); `script`: each model traced and frozen
+    by TorchScript first (batch norms folded into the convolutions)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     if script:
@@ -159,11 +210,13 @@ def latencies(
                     model(x)
             for _ in range(runs):
                 for name, model in models.items():
-                    started = time.perf_counter()
+                    started = clock()
                     model(x)
-                    times[name].append((time.perf_counter() - started) * 1e3)
+                    times[name].append((clock() - started) * 1e3)
         for name in models:
             out[name][f"batch{batch}_ms"] = statistics.median(times[name])
+            ratios = [t / base for t, base in zip(times[name], times["unpruned"], strict=True)]
+            out[name][f"batch{batch}_ratio"] = statistics.median(ratios)
     return out
 
 
@@ -186,10 +239,10 @@ def layer_latencies(models: dict[str, nn.Sequential], repeats: int) -> dict[str,
             for run in range(runs + 3):  # the first 3: warm-up
                 for name, model in models.items():
                     for i, layer in enumerate(model):
-                        started = time.perf_counter()
+                        started = clock()
                         layer(inputs[name][i])
                         if run >= 3:
-                            times[name][i].append((time.perf_counter() - started) * 1e3)
+                            times[name][i].append((clock() - started) * 1e3)
         for name, model in models.items():
             out[name][f"batch{batch}_ms"] = [
                 [f"{i} {type(layer).__name__}", statistics.median(times[name][i])]
@@ -245,8 +298,9 @@ def main() -> None:
             run = train_or_read(cfg, kind, args)
             run.setdefault("seconds", time.perf_counter() - started)
             state = checkpoint.load(out / "checkpoint.pt")
+            data = recipes.load("cifar", 0.2, seed)
+            run["recalibrated_accuracy"] = recalibrated_accuracy(state, data)
             if kind in ("channels", "global"):
-                data = recipes.load("cifar", 0.2, seed)
                 run["exported_accuracy"], run["file_bytes"] = exported_accuracy(
                     state, data, Path(tmp)
                 )
@@ -324,19 +378,18 @@ def print_table(record: dict) -> None:
     runs, lat, macs, params = record["runs"], record["latency"], record["macs"], record["params"]
     script = record.get("latency_torchscript")
 
-    def acc(kind: str) -> str:
-        values = [100 * r.get("exported_accuracy", r["accuracy"]) for r in runs[kind].values()]
+    def acc(kind: str, key: str = "exported_accuracy") -> str:
+        values = [100 * r.get(key, r["accuracy"]) for r in runs[kind].values()]
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         each = ", ".join(f"{v:.2f}" for v in values)
         return f"{statistics.mean(values):.2f}{spread} ({each})"
 
     def times(table: dict, kind: str) -> str:
-        b1, b64 = table[kind]["batch1_ms"], table[kind]["batch64_ms"]
-        base = table["unpruned"]
-        return (
-            f"{b1:.3f} | {b64:.1f} | {b1 / base['batch1_ms']:.2f}x / "
-            f"{b64 / base['batch64_ms']:.2f}x"
-        )
+        t, base = table[kind], table["unpruned"]
+        ratio = [
+            t.get(f"batch{b}_ratio", t[f"batch{b}_ms"] / base[f"batch{b}_ms"]) for b in (1, 64)
+        ]
+        return f"{t['batch1_ms']:.3f} | {t['batch64_ms']:.1f} | {ratio[0]:.2f}x / {ratio[1]:.2f}x"
 
     names = {
         "unpruned": "unpruned",
@@ -349,15 +402,20 @@ def print_table(record: dict) -> None:
     head = "| model | params | MACs / image | MACs | eager b=1 (ms) | b=64 (ms) | vs unpruned "
     head += "b=1 / b=64 |"
     head += " TorchScript b=1 (ms) | b=64 (ms) | vs unpruned b=1 / b=64 |" if script else ""
-    print(head + " test accuracy % |")
-    print("|---" * (head.count("|") - 1 + 1) + "|")
+    recal = all("recalibrated_accuracy" in r for k in runs for r in runs[k].values())
+    head += " test accuracy % |" + (" batch norms recalibrated % |" if recal else "")
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
     for kind in [k for k in names if k in lat]:
         cell = acc(kind) if runs.get(kind) else ("—" if kind == "floor" else "not trained")
         row = (
             f"| {names[kind]} | {params[kind]:,} | {macs[kind] / 1e6:.2f} M | "
             f"{macs[kind] / macs['unpruned']:.1%} | {times(lat, kind)} |"
         )
-        print(row + (f" {times(script, kind)} |" if script else "") + f" {cell} |")
+        row += (f" {times(script, kind)} |" if script else "") + f" {cell} |"
+        if recal:
+            row += f" {acc(kind, 'recalibrated_accuracy')} |" if runs.get(kind) else " — |"
+        print(row)
     layers = record.get("layer_latency")
     if layers:
         kinds = list(layers)
@@ -377,5 +435,7 @@ def print_table(record: dict) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
         print_table(json.loads(Path(sys.argv[2]).read_text()))
+    elif sys.argv[1:2] == ["--conv-sweep"]:
+        conv_sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 300)
     else:
         main()
