@@ -129,6 +129,11 @@ def test_bad_budgets_are_refused(call, message):
             {"settings": ExchangeSettings(compressor="terngrad")},
             r"compressor='terngrad'.*'quantize'",
         ),
+        ({"settings": ExchangeSettings(error_feedback=True)}, r"error_feedback=True.*without"),
+        (
+            {"settings": ExchangeSettings(collective="hierarchical")},
+            r"collective='hierarchical'.*allowed: scatter, allgather",
+        ),
         ({"metric": "fisher"}, r"metric='fisher'; allowed: loss, update"),
         ({"steps": []}, r"at least one step"),
     ],
@@ -190,3 +195,37 @@ def test_allocated_widths_change_the_bytes_on_the_wire_as_predicted(tmp_path):
             per_step = {b - a for a, b in itertools.pairwise(sent[1:])}
             assert per_step == {predicted[label]}, (label, per_step, predicted)
     assert predicted["allocated"] < predicted["uniform"]
+
+
+def scatter_worker(rank, world, out, bits, draws):
+    from distq.comm.exchange import GradientExchange
+    from distq.comm.transport import TorchTransport
+
+    grads = [heavy_tailed(4096, 50 + r) for r in range(world)]
+    settings = ExchangeSettings(bits=bits, min_numel=0, error_every=10**9)
+    exchange = GradientExchange(settings, TorchTransport())
+    mean = torch.stack([_clip(g) for g in grads]).mean(0)
+    errors = []
+    for step in range(draws):
+        average = exchange.average(grads[rank].clone(), [4096], [bits], 0, step)
+        errors.append(float((average - mean).square().sum()))
+    torch.save(errors, out / f"rank{rank}.pt")
+
+
+def _clip(g):
+    from distq.comm.clipping import clip_by_rms_
+
+    return clip_by_rms_(g.clone(), 2.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cost_matches_a_real_two_rank_scatter(tmp_path, bits):
+    """C(m) with d ≡ 1 against E‖average − mean_r Clip(g_r)‖² of 300 real 2-rank scatter
+    exchanges (two quantizations): within 5% (the second one is evaluated at Σ_r Clip(g_r))."""
+    run_workers(scatter_worker, 2, tmp_path, bits, 300)
+    errors = torch.tensor(torch.load(tmp_path / "rank0.pt"), dtype=torch.float64)
+    grads = [heavy_tailed(4096, 50 + r) for r in range(2)]
+    cost = gradient_costs([[{"g": g} for g in grads]], {"g": None}, [bits], ExchangeSettings())
+    measured, stderr = float(errors.mean()), float(errors.std()) / math.sqrt(len(errors))
+    assert abs(cost["g"][bits] - measured) < 0.05 * measured + 4 * stderr, (cost, measured, stderr)
