@@ -5,12 +5,14 @@ them bit-exactly and refuses another budget, and DQMQ's search behind --bit-allo
 import argparse
 import json
 import re
+import subprocess
 
 import pytest
 import torch
 
 from distq.launch import config, train
 from distq.launch.allocation import BIT_WIDTHS_NAME
+from tests.launch.commands import QUIET, torchrun
 from tests.launch.test_distill import final, tiny
 
 MIXED = {
@@ -103,3 +105,21 @@ def test_an_allocation_past_the_run_is_refused(tmp_path):
         config.ConfigError, match=r"allocate_after=10000 is past the run's \d+ steps"
     ):
         train.run(tiny(tmp_path, **{**MIXED, "allocate_after": 10000}))
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_take_rank_0s_widths(tmp_path):
+    options = {**MIXED, "hidden": 16, "epochs": 1, "grad_bits": None, "out_dir": tmp_path}
+    del options["keep_full_precision"]  # [] below: the flag with no names
+    done = subprocess.run(
+        [*torchrun(2, **QUIET, **options), "--keep-full-precision"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("step 5: weight widths by sensitivity") == 1  # rank 0 says it
+    record = json.loads((tmp_path / BIT_WIDTHS_NAME).read_text())
+    state, _ = final(tmp_path)
+    assert state["world_size"] == 2 and state["optimizer"]["tensor_bits"] == record["bits"]
+    assert {n: s["bits"] for n, s in state["quantized"].items()} == record["bits"]
