@@ -21,6 +21,7 @@ GAUGES = {
     "distq_weight_quant_error": ("D-weighted ‖ŵ − w‖²_D of a tensor", ("rank", "tensor")),
     "distq_weight_quant_error_relative": ("‖ŵ − w‖²_D / ‖w‖²_D (D-weighted)", ("rank", "tensor")),
     "distq_weight_alpha": ("scale α of a quantized tensor", ("rank", "tensor")),
+    "distq_weight_bits": ("bits per weight of a quantized tensor", ("rank", "tensor")),
     "distq_weight_rounding_bound": (
         "Σ over scale groups of n·α²·Δ_w²/4, the theory's weight term",
         ("rank", "tensor"),

@@ -268,6 +268,7 @@ class ConvergenceMonitor:
             e.set("distq_weight_quant_error_relative", w["relative_D"], tensor=name)
             e.set("distq_weight_alpha", w["alpha"], tensor=name)
             e.set("distq_weight_rounding_bound", w["rounding_bound"], tensor=name)
+            e.set("distq_weight_bits", w["bits"], tensor=name)
         for name, r in record.get("recurrent", {}).items():
             e.set("distq_lstm_spectral_norm", r["spectral_norm"], tensor=name)
             if r.get("grad_norms"):

@@ -200,6 +200,7 @@ def test_monitor_with_a_real_hook_logs_exports_and_plots(tmp_path):
     assert json.loads((tmp_path / "alarms0.json").read_text()) == {"blowup_above_bound": 4}
     text = (tmp_path / "metrics1.txt").read_text()
     assert 'distq_weight_quant_error{rank="1",tensor="2.weight"}' in text
+    assert 'distq_weight_bits{rank="1",tensor="2.weight"} 2.0' in text  # ternary codes
     assert 'distq_wire_bytes_total{direction="sent",rank="1"}' in text
     assert 'distq_alarms_total{kind="blowup_above_bound",rank="1"} 4.0' in text
     assert "distq_grad_clip_bias_predicted{" in text
