@@ -38,8 +38,9 @@ models timed alone on its own input, interleaved.
 
 Every run's test accuracy is also reported with its batch norms' running statistics recomputed
 on the training set (`recalibrated_accuracy`), to tell a statistics lag from a weaker model.
-`--table FILE` prints the README tables of a results file; `--conv-sweep [REPEATS]` times one
-convolution over a range of widths.
+`--table FILE` prints the README tables of a results file; `--conv-sweep REPEATS [BATCH]` times
+one convolution over a range of widths; `--time-widths W,W,W,W,W,W ...` times untrained CNNs
+(hidden 128) of those kept widths against the unpruned one.
 """
 
 from __future__ import annotations
@@ -148,16 +149,16 @@ def recalibrated_accuracy(state: dict, data: recipes.Split) -> float:
     return recipes.accuracy(model.eval(), data.test_x, data.test_y)
 
 
-def conv_sweep(repeats: int) -> None:
-    """Median µs of one 3×3 convolution with C inputs and C outputs on one image, at each stage's
-    resolution of the CNN, the widths interleaved: whether time follows C² (the MACs) or C, and
-    whether multiples of 8 run faster."""
+def conv_sweep(repeats: int, batch: int = 1) -> None:
+    """Median µs of one 3×3 convolution with C inputs and C outputs on `batch` images, at each
+    stage's resolution of the CNN, the widths interleaved: whether time follows C² (the MACs)
+    or C, and whether multiples of 8 run faster."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print("| resolution | C | µs | ns per MAC |\n|---|---|---|---|")
     for res, widths in ((32, range(6, 18)), (16, range(16, 34, 2)), (8, range(40, 66, 4))):
         convs = {c: nn.Conv2d(c, c, 3, padding=1, bias=False).eval() for c in widths}
-        xs = {c: torch.randn(1, c, res, res) for c in widths}
+        xs = {c: torch.randn(batch, c, res, res) for c in widths}
         times: dict[int, list[float]] = {c: [] for c in widths}
         with torch.no_grad():
             for run in range(repeats + 3):
@@ -168,7 +169,41 @@ def conv_sweep(repeats: int) -> None:
                         times[c].append((clock() - started) * 1e6)
         for c in widths:
             us = statistics.median(times[c])
-            print(f"| {res}×{res} | {c} | {us:.1f} | {1e3 * us / (c * c * 9 * res * res):.3f} |")
+            ns = 1e3 * us / (batch * c * c * 9 * res * res)
+            print(f"| {res}×{res} | {c} | {us:.1f} | {ns:.3f} |")
+
+
+def time_widths(widths: list[str], hidden: int, repeats: int) -> None:
+    """Latency (eager and TorchScript) and MACs of the CNN with the given kept widths per
+    prunable layer ("12,12,16,16,48,48"), untrained (time does not depend on the values)."""
+    torch.manual_seed(0)
+    full = recipes.build_model("cifar", hidden, 3).eval()
+    groups = channel_groups(full)
+    models = {"unpruned": full}
+    for spec in widths:
+        counts = [int(w) for w in spec.split(",")]
+        if len(counts) != len(groups) or not all(
+            1 <= k <= g.channels for k, g in zip(counts, groups, strict=False)
+        ):
+            raise SystemExit(
+                f"widths {spec!r}: need {len(groups)} counts, each 1..the layer's channels "
+                f"({', '.join(str(g.channels) for g in groups)})"
+            )
+        keep = {
+            g.producer: torch.arange(g.channels) < k for g, k in zip(groups, counts, strict=True)
+        }
+        models[spec] = rewrite(full, keep).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    eager, script = latencies(models, repeats), latencies(models, repeats, script=True)
+    print("| widths | MACs | eager b=1 / b=64 vs unpruned | TorchScript b=1 / b=64 |")
+    print("|---|---|---|---|")
+    for name, model in models.items():
+        share = count_macs(model, example) / count_macs(full, example)
+        cells = [
+            f"{t[name]['batch1_ratio']:.2f}x / {t[name]['batch64_ratio']:.2f}x"
+            for t in (eager, script)
+        ]
+        print(f"| {name} | {share:.1%} | {cells[0]} | {cells[1]} |")
 
 
 def unstructured_like(model: nn.Module, params: int) -> tuple[nn.Module, int]:
@@ -435,7 +470,9 @@ def print_table(record: dict) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--table"]:
         print_table(json.loads(Path(sys.argv[2]).read_text()))
+    elif sys.argv[1:2] == ["--time-widths"]:
+        time_widths(sys.argv[2:], 128, 1000)
     elif sys.argv[1:2] == ["--conv-sweep"]:
-        conv_sweep(int(sys.argv[2]) if len(sys.argv) > 2 else 300)
+        conv_sweep(*(int(a) for a in sys.argv[2:4]))
     else:
         main()
