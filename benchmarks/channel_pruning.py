@@ -13,6 +13,8 @@ the seed), ternary weights (first convolution and classifier full precision). Ki
   `--global-rho` of the multiply-accumulates (distq.channels' global allocation; the training
   CLI has no option for it yet, so the pruner is given to distq.launch.train with those
   arguments bound);
+- widths: the same with ChannelPruner(widths=...) from `--widths` (channels each prunable layer
+  keeps at the ramp's end, e.g. 8,8,24,24,48,48), ρ the largest share of a layer removed;
 - unstructured: `--sparsity κ --sparsity-scope global` (κ: the share of the quantized tensors'
   weights that uniform channel pruning removed), for its accuracy.
 A pruned checkpoint is packed with distq export's rewrite, loaded back into a model resized to
@@ -76,7 +78,7 @@ HERE = Path(__file__).resolve().parent
 # Latency is the timing thread's CPU time: on a shared machine it leaves out the time spent
 # waiting for a core, and with one thread it is the time the forward computes.
 clock = time.thread_time
-KINDS = ("unpruned", "channels", "global", "unstructured")
+KINDS = ("unpruned", "channels", "global", "widths", "unstructured")
 
 
 def macs_at(model: nn.Module, rho: float, example: torch.Tensor) -> int:
@@ -103,8 +105,10 @@ def settings(
         "seed": seed, "out_dir": str(out), "progress": False, "monitor": False,
         "metrics_port": None, "checkpoint_every": None, "keep_checkpoints": 1,
     }  # fmt: skip
-    if kind in ("channels", "global"):
-        base["channel_sparsity"] = args.global_rho if kind == "global" else rho
+    if kind in ("channels", "global", "widths"):
+        base["channel_sparsity"] = {"global": args.global_rho, "widths": widths_rho(args)}.get(
+            kind, rho
+        )
         base["channel_end"] = args.channel_end
     elif kind == "unstructured":
         base.update(sparsity=kappa, sparsity_schedule="cubic", sparsity_scope="global")
@@ -303,6 +307,9 @@ def main() -> None:
     ):
         parser.add_argument(flag, type=float, default=0.5, help=help_text)
     parser.add_argument("--run-root", type=Path, help="keep runs here; finished ones are reused")
+    parser.add_argument(
+        "--widths", default="8,8,24,24,48,48", help="widths: channels each prunable layer keeps"
+    )
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
@@ -315,7 +322,8 @@ def main() -> None:
     record: dict = {
         "commit": commit, "date": time.strftime("%Y-%m-%d"), "hidden": args.hidden,
         "epochs": args.epochs, "seeds": args.seeds, "rho": rho, "channel_end": args.channel_end,
-        "global_rho": args.global_rho, "floor": args.floor, "runs": {k: {} for k in kinds},
+        "global_rho": args.global_rho, "floor": args.floor, "widths": args.widths,
+        "runs": {k: {} for k in kinds},
     }  # fmt: skip
     path = HERE / "channel_pruning.json"
     # every pruned kind after unpruned for every seed, the timing once the first seed's are in,
@@ -335,7 +343,7 @@ def main() -> None:
             state = checkpoint.load(out / "checkpoint.pt")
             data = recipes.load("cifar", 0.2, seed)
             run["recalibrated_accuracy"] = recalibrated_accuracy(state, data)
-            if kind in ("channels", "global"):
+            if kind in ("channels", "global", "widths"):
                 run["exported_accuracy"], run["file_bytes"] = exported_accuracy(
                     state, data, Path(tmp)
                 )
@@ -346,11 +354,29 @@ def main() -> None:
             record["runs"][kind][seed] = run
             states[(kind, seed)] = state
             print(f"seed {seed} {kind}: {run}", flush=True)
-            pruned = [k for k in ("channels", "global") if k in kinds]
+            pruned = [k for k in ("channels", "global", "widths") if k in kinds]
             if seed == args.seeds[0] and kind == pruned[-1]:
                 record.update(timings(states, seed, args.repeats, example))
             path.write_text(json.dumps(record, indent=2) + "\n")  # what a cut run keeps
     print_table(record)
+
+
+def widths_of(args: argparse.Namespace) -> dict[str, int]:
+    """--widths as producer name -> channels kept."""
+    torch.manual_seed(0)
+    groups = channel_groups(recipes.build_model("cifar", args.hidden, 3))
+    counts = [int(w) for w in args.widths.split(",")]
+    if len(counts) != len(groups):
+        raise SystemExit(f"--widths {args.widths}: need {len(groups)} counts")
+    return {g.producer: k for g, k in zip(groups, counts, strict=True)}
+
+
+def widths_rho(args: argparse.Namespace) -> float:
+    """The ramp's final ρ for --widths: the largest share of a layer's channels removed."""
+    torch.manual_seed(0)
+    groups = channel_groups(recipes.build_model("cifar", args.hidden, 3))
+    widths = widths_of(args)
+    return max(1 - widths[g.producer] / g.channels for g in groups)
 
 
 def train_or_read(cfg: config.TrainConfig, kind: str, args: argparse.Namespace) -> dict:
@@ -364,6 +390,8 @@ def train_or_read(cfg: config.TrainConfig, kind: str, args: argparse.Namespace) 
         train.ChannelPruner = functools.partial(
             ChannelPruner, allocation="global", floor=args.floor
         )
+    elif kind == "widths":
+        train.ChannelPruner = functools.partial(ChannelPruner, widths=widths_of(args))
     try:
         result = train.run(cfg)
     finally:
@@ -384,7 +412,7 @@ def timings(states: dict, seed: int, repeats: int, example: torch.Tensor) -> dic
     unpruned, pruned, unstructured and floor (1 channel per layer) models."""
     unpruned = model_of(states[("unpruned", seed)])
     models = {"unpruned": unpruned}
-    for kind in ("channels", "global"):
+    for kind in ("channels", "global", "widths"):
         if (kind, seed) in states:
             chosen = states[(kind, seed)]
             models[kind] = rewrite(model_of(chosen), chosen["channels"]["keep"])
@@ -431,6 +459,7 @@ def print_table(record: dict) -> None:
         "channels": f"channel-pruned, uniform ρ = {record['rho']}",
         "global": f"channel-pruned, global ρ = {record.get('global_rho')} of MACs, "
         f"floor {record.get('floor')}",
+        "widths": f"channel-pruned, widths {record.get('widths')}",
         "unstructured": "unstructured, same params as uniform",
         "floor": "1 channel per layer (overhead floor)",
     }

@@ -33,6 +33,9 @@ distq's):
   keeps a (1 − ρ) share of channels everywhere, while CPU time at these widths follows the
   channel counts at full resolution more than the MACs (benchmarks/README.md); removing
   channels by importance per MAC takes them where they cost the most.
+- Chosen widths (`widths`, ours): layer l ends the ramp with W_l channels, and on the way keeps
+  K_l(t) = C_l − ⌊f(t)·(C_l − W_l)⌋ with f(t) = ρ(t)/ρ_final the ramp's progress; for widths
+  that suit the CPU kernels (benchmarks/README.md: a convolution's time steps with width).
 - Agreement without communication: the vote runs on a calibration batch every rank holds alike,
   through the replicated weights, batch norm on that batch's statistics (running statistics left
   untouched) and dropout off; so every rank derives the same masks from the same state.
@@ -242,6 +245,8 @@ class ChannelPruner:
         allocation: "uniform" (ρ of every layer's channels) or "global" (ρ of the model's
             multiply-accumulates, channels removed by importance per MAC across layers).
         floor: under "global", the share of each layer's channels always kept (at least 1).
+        widths: under "uniform", producer name -> output channels it keeps at the ramp's end
+            (the others keep ⌈(1 − ρ)·C⌉); ρ then sets only the ramp's shape.
     """
 
     def __init__(
@@ -254,6 +259,7 @@ class ChannelPruner:
         optimizer: torch.optim.Optimizer | None = None,
         allocation: str = "uniform",
         floor: float = 0.25,
+        widths: Mapping[str, int] | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}; allowed: a positive integer (steps)")
@@ -291,6 +297,7 @@ class ChannelPruner:
             modules[g.consumer].register_forward_pre_hook(self._hook(g)) for g in self.groups
         ]
         self.allocation = allocation
+        self.widths = self._check_widths(widths or {})
         self._macs = MacModel(self.model, self.groups, calibration[:1])
         self._floor = {g.producer: max(1, math.ceil(floor * g.channels)) for g in self.groups}
         if allocation == "global":
@@ -356,8 +363,15 @@ class ChannelPruner:
         if self.allocation == "global":
             counts = self._global_counts(scores, kept, rho)
         else:
+            progress = rho / self.schedule.final if self.schedule.final else 0.0
             counts = {
-                g.producer: min(max_nonzeros(g.channels, rho), kept[g.producer])
+                g.producer: min(
+                    g.channels
+                    - math.floor(round(progress * (g.channels - self.widths[g.producer]), 9))
+                    if g.producer in self.widths
+                    else max_nonzeros(g.channels, rho),
+                    kept[g.producer],
+                )
                 for g in self.groups
             }
         for g in self.groups:
@@ -365,6 +379,26 @@ class ChannelPruner:
             keep[self.ranking[g.producer][: counts[g.producer]]] = True
             self.keep[g.producer] = keep
         self.apply()
+
+    def _check_widths(self, widths: Mapping[str, int]) -> dict[str, int]:
+        """`widths` checked against the groups (ValueError naming the bad entry)."""
+        channels = {g.producer: g.channels for g in self.groups}
+        if widths and self.allocation != "uniform":
+            raise ValueError(f"widths apply to allocation='uniform'; got {self.allocation!r}")
+        if widths and not self.schedule.final > 0:
+            raise ValueError("widths need a sparsity above 0 (it sets the ramp's progress)")
+        for name, width in widths.items():
+            if name not in channels:
+                raise ValueError(f"widths names {name!r}; prunable layers: {', '.join(channels)}")
+            if (
+                isinstance(width, bool)
+                or not isinstance(width, int)
+                or not 1 <= width <= channels[name]
+            ):
+                raise ValueError(
+                    f"widths[{name!r}]={width!r}; allowed: an integer in 1..{channels[name]}"
+                )
+        return dict(widths)
 
     def _global_counts(
         self, scores: dict[str, Tensor], kept: dict[str, int], rho: float

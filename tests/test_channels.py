@@ -383,6 +383,28 @@ def test_global_schedule_keeps_the_mac_budget_and_the_floors_and_never_revives(f
     assert len({kept[g.producer] / g.channels for g in pruner.groups}) > 1  # not uniform
 
 
+def test_chosen_widths_are_reached_along_the_ramp_and_others_stay_uniform():
+    torch.manual_seed(0)
+    model = cnn()
+    schedule = SparsitySchedule(0.5, "cubic", 0.0, 2, 12)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    widths = {"0": 2, "3": 9, "7.0": 6}  # "9" (10 channels) follows ρ
+    pruner = ChannelPruner(model, schedule, calibration(), every=3, optimizer=opt, widths=widths)
+    before = pruner.kept()
+    for step in pruned_steps(model, opt, pruner):
+        kept = pruner.kept()
+        if step % 3 == 0 or step == 12:
+            f = schedule.at(step) / 0.5
+            for name, channels, width in (("0", 8, 2), ("3", 12, 9), ("7.0", 6, 6)):
+                assert kept[name] == min(
+                    channels - int(f * (channels - width) + 1e-9), before[name]
+                )
+            assert kept["9"] == -(-round((1 - schedule.at(step)) * 10, 9) // 1)
+        assert all(kept[n] <= before[n] for n in kept)
+        before = kept
+    assert pruner.kept() == {"0": 2, "3": 9, "7.0": 6, "9": 5}
+
+
 def test_global_allocation_out_of_reach_and_bad_names_are_named():
     with pytest.raises(ValueError, match=r"sparsity=0\.9 .*out of reach with floor=0\.5"):
         ChannelPruner(cnn(), 0.9, calibration(), allocation="global", floor=0.5)
@@ -390,6 +412,14 @@ def test_global_allocation_out_of_reach_and_bad_names_are_named():
         ChannelPruner(cnn(), 0.5, calibration(), allocation="size")
     with pytest.raises(ValueError, match=r"floor=0"):
         ChannelPruner(cnn(), 0.5, calibration(), allocation="global", floor=0)
+    with pytest.raises(ValueError, match=r"widths names '12'; prunable layers: 0, 3, 7\.0, 9"):
+        ChannelPruner(cnn(), 0.5, calibration(), widths={"12": 3})
+    with pytest.raises(ValueError, match=r"widths\['3'\]=13; allowed: an integer in 1\.\.12"):
+        ChannelPruner(cnn(), 0.5, calibration(), widths={"3": 13})
+    with pytest.raises(ValueError, match="widths apply to allocation='uniform'"):
+        ChannelPruner(cnn(), 0.5, calibration(), allocation="global", widths={"3": 6})
+    with pytest.raises(ValueError, match="widths need a sparsity above 0"):
+        ChannelPruner(cnn(), 0.0, calibration(), widths={"3": 6})
 
 
 def train_pruned_replica(rank, world_size, out_dir):
