@@ -1,6 +1,7 @@
 """Per-layer mixed precision (issue 24, item 3): uniform 3-bit weights vs widths from {2, 3, 4}
 allocated by sensitivity (distq/bit_allocation.py) at an average of 3 bits, same runs otherwise
-(`--uniform` and `--budgets` add other uniform widths and average budgets).
+(`--uniform` and `--budgets` add other uniform widths and average budgets; `--dqmq-budgets`
+adds runs whose widths DQMQ's search picks, distq/dqmq.py, for `--dqmq-steps` steps).
 
 Each (seed, configuration) is one `distq train` run in this process (one thread, fp32
 gradients, linear m-bit weights, the default selection: first and last layer full precision).
@@ -49,12 +50,19 @@ QUIET = {"progress": False, "monitor": False, "metrics_port": None}
 CANDIDATES = [2, 3, 4]
 
 
-def configurations(uniform: list[int], budgets: list[float]) -> dict[str, dict]:
-    """Name -> config changes: uniform widths, then allocations at each average budget."""
+def configurations(
+    uniform: list[int], budgets: list[float], dqmq_budgets: list[float], dqmq_steps: int
+) -> dict[str, dict]:
+    """Name -> config changes: uniform widths, then allocations by sensitivity and by DQMQ's
+    search at each average budget."""
     runs = {f"uniform {m}-bit": {"bits": m} for m in uniform}
     for budget in budgets:
         allocated = {"weight_bits_budget": budget, "bit_candidates": CANDIDATES}
         runs[f"allocated, avg {budget:g}"] = allocated
+    for budget in dqmq_budgets:
+        searched = {"weight_bits_budget": budget, "bit_candidates": CANDIDATES}
+        searched.update(bit_allocation="dqmq", dqmq_steps=dqmq_steps)
+        runs[f"DQMQ, avg {budget:g}"] = searched
     return runs
 
 
@@ -130,10 +138,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--allocate-after", type=int, default=50, help="steps at 3 bits first")
     parser.add_argument("--uniform", type=int, nargs="+", default=[3], help="uniform widths")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[3.0], help="average bits")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[3.0], help="average bits")
+    parser.add_argument(
+        "--dqmq-budgets", type=float, nargs="+", default=[], help="average bits, DQMQ's search"
+    )
+    parser.add_argument("--dqmq-steps", type=int, default=1000, help="steps of DQMQ's search")
+    parser.add_argument("--json", type=Path, help="results file (mixed_precision-<recipe>.json)")
     parser.add_argument("--table-only", action="store_true", help="print the JSON's table")
     args = parser.parse_args()
-    out_json = HERE / f"mixed_precision-{args.recipe}.json"
+    out_json = args.json or HERE / f"mixed_precision-{args.recipe}.json"
     if args.table_only:
         print(table(json.loads(out_json.read_text())))
         return
@@ -141,7 +154,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    configs = configurations(args.uniform, args.budgets)
+    configs = configurations(args.uniform, args.budgets, args.dqmq_budgets, args.dqmq_steps)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -161,6 +174,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     settings = ("recipe", "hidden", "epochs", "seeds", "allocate_after", "uniform", "budgets")
+    settings += ("dqmq_budgets", "dqmq_steps")
     results = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     results.update({key: getattr(args, key) for key in settings}, runs=runs)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
