@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distq.bit_allocation import METHODS as BIT_ALLOCATIONS
+from distq.channels import ALLOCATIONS as CHANNEL_ALLOCATIONS
 from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
@@ -204,6 +205,15 @@ class Sparsity(Options):
         0.1, "weight λ of the learn-to-rank term pulling each example's channel attention "
         "toward the global ranking (0: off)", minimum=0,
     )  # fmt: skip
+    channel_allocation: str = option(
+        "uniform", "uniform: channel_sparsity of each layer's channels; global: of the model's "
+        "multiply-accumulates, channels leaving by importance per MAC across layers",
+        choices=CHANNEL_ALLOCATIONS,
+    )  # fmt: skip
+    channel_floor: float = option(
+        0.25, "under channel_allocation global, the share of each layer's channels always kept",
+        **FRACTION,
+    )  # fmt: skip
 
     def check(self) -> None:
         if self.schedule == "cubic" and not self.begin < self.end:
@@ -211,6 +221,8 @@ class Sparsity(Options):
                 f"sparsity_begin={self.begin} must be below sparsity_end={self.end} for the "
                 "cubic schedule"
             )
+        if self.channel_floor == 0:
+            raise ConfigError("channel_floor=0; allowed: a share in (0, 1] (at least 1 channel)")
         if self.channel_schedule == "cubic" and not self.channel_begin < self.channel_end:
             raise ConfigError(
                 f"channel_begin={self.channel_begin} must be below channel_end="

@@ -184,6 +184,8 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "channel_every",
         "channel_calibration",
         "channel_rank_weight",
+        "channel_allocation",
+        "channel_floor",
         "loss_aware",
         "distill",
         "distill_temperature",

@@ -217,6 +217,8 @@ def _build_pruner(
             sparsity.channel_every,
             sparsity.channel_rank_weight,
             optimizer,
+            allocation=sparsity.channel_allocation,
+            floor=sparsity.channel_floor,
         )
     except ChannelTopologyError as exc:
         raise config.ConfigError(

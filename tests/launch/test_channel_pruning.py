@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from distq.channels import resize_to
+from distq.channels import count_macs, resize_to, rewrite
 from distq.export import load_packed
 from distq.launch import checkpoint, config, recipes, train
 from tests.launch.commands import QUIET
@@ -92,6 +92,10 @@ def test_bad_channel_settings_are_named(tmp_path):
         config.TrainConfig(channel_sparsity=0.5, channel_begin=0.5, channel_end=0.5)
     with pytest.raises(config.ConfigError, match="channel_sparsity"):
         config.TrainConfig(channel_sparsity=1.5)
+    with pytest.raises(config.ConfigError, match=r"channel_floor=0; allowed: a share in \(0, 1\]"):
+        config.TrainConfig(channel_sparsity=0.5, channel_allocation="global", channel_floor=0)
+    with pytest.raises(config.ConfigError, match=r"channel_allocation.*uniform, global"):
+        config.TrainConfig(channel_allocation="layerwise")
     cfg = config.TrainConfig(
         recipe="charlm", hidden=8, depth=1, epochs=1, channel_sparsity=0.5,
         out_dir=str(tmp_path), **QUIET,
@@ -99,3 +103,25 @@ def test_bad_channel_settings_are_named(tmp_path):
     message = r"channel_sparsity=0\.5 on the charlm model: channel pruning rewrites nn\.Sequential"
     with pytest.raises(config.ConfigError, match=message):
         train.run(cfg)
+
+
+
+def test_global_allocation_removes_the_share_of_macs_and_keeps_each_floor(cifar_run, tmp_path):
+    """--channel-allocation global: ρ is the share of multiply-accumulates removed (uniform
+    removes ρ of every layer's channels instead), no layer keeps less than --channel-floor of
+    its channels, and the setting is recorded in the checkpoint."""
+    cfg = {**CIFAR, "epochs": 1, "channel_allocation": "global", "channel_floor": 0.5}
+    train.run(config.TrainConfig(**cfg, out_dir=str(tmp_path)))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert config.flatten(state["config"])["channel_allocation"] == "global"
+    keep = state["channels"]["keep"]
+    kept = {n: int(k.sum()) for n, k in keep.items()}
+    assert all(kept[n] >= 0.5 * k.numel() for n, k in keep.items()), kept
+    uniform = checkpoint.load(cifar_run[0] / "checkpoint.pt")["channels"]["keep"]
+    assert kept != {n: int(k.sum()) for n, k in uniform.items()}
+
+    example = recipes.load("cifar", 0.2, 0).test_x[:1]
+    model = recipes.build_model("cifar", 64, 3)
+    model.load_state_dict(state["model"])
+    full = count_macs(model, example)
+    assert count_macs(rewrite(model, keep), example) <= 0.5 * full
