@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -28,6 +27,7 @@ from distq.comm.noise import Key
 from distq.comm.registry import COMPRESSORS, compressor_record
 from distq.comm.topology import Topology
 from distq.comm.transport import TorchTransport, Transport
+from distq.selection import widths_by_name
 from distq.theory.exchange import collective as collective_record
 from distq.theory.exchange import fp32_allreduce_bytes
 
@@ -456,21 +456,10 @@ def nonfinite_error(where: str) -> FloatingPointError:
 def parameter_widths(
     named_parameters: Iterable[tuple[str, nn.Parameter]], bits_by_name: Mapping[str, int]
 ) -> dict[nn.Parameter, int]:
-    """{parameter: bits} for parameters matched by bits_by_name (exact name or regex); an entry
-    that matches nothing is refused with the names there are."""
-    named = list(named_parameters)
-    widths, used = {}, set()
-    for name, p in named:
-        for pattern, bits in bits_by_name.items():
-            if pattern == name or re.fullmatch(pattern, name):
-                widths[p] = bits
-                used.add(pattern)
-                break
-    unused = sorted(set(bits_by_name) - used)
-    if unused:
-        names = [n for n, _ in named]
-        raise ValueError(f"bits_by_name entries {unused} match no parameter; names: {names}")
-    return widths
+    """{parameter: bits} for parameters matched by bits_by_name (exact name, else the first
+    regex); an entry that matches nothing is refused with the names there are."""
+    by_name = dict(named_parameters)
+    return {by_name[n]: bits for n, bits in widths_by_name(by_name, bits_by_name).items()}
 
 
 def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:

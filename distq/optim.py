@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -30,6 +29,7 @@ from distq.selection import (
     select,
     summarize,
     unwrap,
+    widths_by_name,
 )
 from distq.wrapping import OptimizerWrapper, closure_loss
 
@@ -282,20 +282,7 @@ class QuantizedOptimizer(OptimizerWrapper):
                 scheme_bits(self.scheme, width)
             except ValueError as exc:
                 raise ValueError(f"bits_by_name[{pattern!r}]: {exc}") from None
-        widths, used = {}, set()
-        for name in self.names:
-            exact = [name] if name in bits_by_name else []
-            found = exact or [p for p in bits_by_name if re.fullmatch(p, name)][:1]
-            if found:
-                widths[name] = bits_by_name[found[0]]
-                used.add(found[0])
-        unused = sorted(set(bits_by_name) - used)
-        if unused:
-            raise ValueError(
-                f"bits_by_name entries {unused} match no quantized parameter; quantized: "
-                f"{self.names}"
-            )
-        return widths
+        return widths_by_name(self.names, bits_by_name, "quantized parameter", "quantized")
 
     @torch.no_grad()
     def set_bits(self, bits_by_name: Mapping[str, int]) -> None:

@@ -140,6 +140,29 @@ def _matches(pattern: str, param_name: str) -> bool:
         return False
 
 
+def widths_by_name(
+    names: Iterable[str],
+    bits_by_name: Mapping[str, int],
+    what: str = "parameter",
+    listed: str = "names",
+) -> dict[str, int]:
+    """{name: bits} for the `names` that `bits_by_name` matches: an entry naming it exactly,
+    else the first regex that matches all of it; an entry that matches no name is a ValueError
+    saying it matches no `what` and listing the names (as `listed`)."""
+    names = list(names)
+    widths, used = {}, set()
+    for name in names:
+        exact = [name] if name in bits_by_name else []
+        found = exact or [p for p in bits_by_name if re.fullmatch(p, name)][:1]
+        if found:
+            widths[name] = bits_by_name[found[0]]
+            used.add(found[0])
+    unused = sorted(set(bits_by_name) - used)
+    if unused:
+        raise ValueError(f"bits_by_name entries {unused} match no {what}; {listed}: {names}")
+    return widths
+
+
 def select(
     model: nn.Module,
     keep_full_precision: Iterable[str] = POSITIONAL,
