@@ -156,7 +156,7 @@ def allgather_sum(
         return _Segment(i, start, piece, payload, pending)
 
     def decode(seg: _Segment) -> None:
-        compressor.decode_sum_into(seg.pending.wait().view(n, -1), seg.piece)
+        compressor.decode_sum_into(seg.pending.wait().view(n, -1), seg.piece, key=key)
 
     segment = segment if pipelined(compressor) else None
     _pipeline(x, segment_lengths(x.numel(), compressor.wire.chunk_unit(), segment), send, decode)
@@ -210,11 +210,12 @@ def scatter_sum(
         chunk = seg.piece.numel() // n
         mine = seg.piece[rank * chunk : (rank + 1) * chunk]
         skip = rank if own_exact else None
-        compressor.decode_sum_into(received, mine, skip=skip, accumulate=own_exact)
+        compressor.decode_sum_into(received, mine, skip, own_exact, key=key)
         owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
         payload = compressor.compress(mine, owner_key, start=seg.start)
         if errors is not None:  # decoded by the last stage's kernel: nothing new to compile
-            error = compressor.decode_rows_into(payload.view(1, -1), torch.empty_like(mine))
+            decoded = torch.empty_like(mine)
+            error = compressor.decode_rows_into(payload.view(1, -1), decoded, key=owner_key)
             error.sub_(mine)
             requant[0] += float(torch.dot(error, error))
             requant[1] += float(torch.dot(mine, mine))
@@ -224,7 +225,7 @@ def scatter_sum(
         return _Segment(seg.index, seg.start, seg.piece, payload, pending)
 
     def decode_all_chunks(seg: _Segment) -> None:
-        compressor.decode_rows_into(seg.pending.wait().view(n, -1), seg.piece)
+        compressor.decode_rows_into(seg.pending.wait().view(n, -1), seg.piece, key=key)
 
     lengths = segment_lengths(total, n * wire.chunk_unit(), segment if own_exact else None)
     _pipeline(work, lengths, send_chunks, reduce_own_chunk, decode_all_chunks)

@@ -40,12 +40,15 @@ class Compressor(ABC):
         of element start + i of `key`'s stream, so pieces of a tensor get the whole one's codes."""
 
     @abstractmethod
-    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        """Decode into `out` (out += decoded if `accumulate`); returns out."""
+    def decompress_into(
+        self, payload: Tensor, out: Tensor, accumulate: bool = False, *, key: Key | None = None
+    ) -> Tensor:
+        """Decode into `out` (out += decoded if `accumulate`); returns out. `key`: the encode
+        call's, for codes whose decoding needs the randomness both sides share (a rotation)."""
 
-    def decompress(self, payload: Tensor, numel: int) -> Tensor:
+    def decompress(self, payload: Tensor, numel: int, key: Key | None = None) -> Tensor:
         """float32 values encoded in `payload`."""
-        return self.decompress_into(payload, torch.empty(numel, device=payload.device))
+        return self.decompress_into(payload, torch.empty(numel, device=payload.device), key=key)
 
     def with_bits(self, bits: int) -> Compressor:
         """This compressor sending `bits` per element; one with a single width refuses others."""
@@ -68,18 +71,24 @@ class Compressor(ABC):
             out[i] = self.compress(piece, key, start=start + i * pieces.shape[1])
         return out
 
-    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
+    def decode_rows_into(self, rows: Tensor, out: Tensor, *, key: Key | None = None) -> Tensor:
         """out (flat) ← row i of `rows` decoded into the i-th of len(rows) equal pieces."""
         for row, piece in zip(rows, out.view(rows.shape[0], -1), strict=True):
-            self.decompress_into(row, piece)
+            self.decompress_into(row, piece, key=key)
         return out
 
     def decode_sum_into(
-        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+        self,
+        rows: Tensor,
+        out: Tensor,
+        skip: int | None = None,
+        accumulate: bool = False,
+        *,
+        key: Key | None = None,
     ) -> Tensor:
         """out ← [out +] Σ_{i ≠ skip} decode(rows[i]), added in row (rank) order."""
         for n, row in enumerate(row for i, row in enumerate(rows) if i != skip):
-            self.decompress_into(row, out, accumulate=accumulate or n > 0)
+            self.decompress_into(row, out, accumulate=accumulate or n > 0, key=key)
         return out
 
 
@@ -163,7 +172,9 @@ class BucketCodec(Compressor):
         payload[code_bytes:] = s.to(wire.scale_dtype).view(torch.uint8)
         return payload
 
-    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
+    def decompress_into(
+        self, payload: Tensor, out: Tensor, accumulate: bool = False, *, key: Key | None = None
+    ) -> Tensor:
         numel, bits, width = out.numel(), self.wire.bits, self._width
         if numel and self._batched(numel) and payload.numel() == self.wire.payload_nbytes(numel):
             return self.decode_sum_into(payload.view(1, -1), out, accumulate=accumulate)
@@ -228,7 +239,7 @@ class BucketCodec(Compressor):
         s = round_up_to_wire(self._finish_scales(stats, xb.numel()), self.wire.scale_dtype)
         return self._row_codes(xb, s, seed, first), s
 
-    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
+    def decode_rows_into(self, rows: Tensor, out: Tensor, *, key: Key | None = None) -> Tensor:
         length = out.numel() // max(1, rows.shape[0])
         if not self._batched(length) or length == 0:
             return super().decode_rows_into(rows, out)
@@ -240,7 +251,13 @@ class BucketCodec(Compressor):
         return out
 
     def decode_sum_into(
-        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+        self,
+        rows: Tensor,
+        out: Tensor,
+        skip: int | None = None,
+        accumulate: bool = False,
+        *,
+        key: Key | None = None,
     ) -> Tensor:
         length, keep = out.numel(), [i for i in range(rows.shape[0]) if i != skip]
         if not self._batched(length) or length == 0 or not keep:

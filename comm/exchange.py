@@ -412,7 +412,8 @@ class GradientExchange:
                 over = self.transport if topology is None else TorchTransport(topology.leader_group)
                 scales = shared_scales(scales, over, "distq.measure", Traffic())
             payload = plain.compress(sample, key, scales=scales)
-        diff = plain.decode_rows_into(payload.view(1, -1), torch.empty_like(sample)).sub_(sample)
+        diff = plain.decode_rows_into(payload.view(1, -1), torch.empty_like(sample), key=key)
+        diff.sub_(sample)
         error = float(torch.dot(diff, diff))
         g = sample if original is None else original
         norm = float(torch.dot(g, g))

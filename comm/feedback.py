@@ -88,20 +88,28 @@ class ErrorFeedback(Compressor):
         payload = self.inner.compress(x, key, scales, start)
         if residual is None:
             residual = self.memory.residuals[self.wire.bits, key.slot] = torch.empty_like(x)
-        self.inner.decompress_into(payload, residual).neg_().add_(x)  # e = target − Q(target)
+        self.inner.decompress_into(payload, residual, key=key).neg_().add_(x)  # e = t − Q(t)
         torch.nan_to_num_(residual, nan=0.0, posinf=0.0, neginf=0.0)
         return payload
 
-    def decompress_into(self, payload: Tensor, out: Tensor, accumulate: bool = False) -> Tensor:
-        return self.inner.decompress_into(payload, out, accumulate)
+    def decompress_into(
+        self, payload: Tensor, out: Tensor, accumulate: bool = False, *, key: Key | None = None
+    ) -> Tensor:
+        return self.inner.decompress_into(payload, out, accumulate, key=key)
 
-    def decode_rows_into(self, rows: Tensor, out: Tensor) -> Tensor:
-        return self.inner.decode_rows_into(rows, out)
+    def decode_rows_into(self, rows: Tensor, out: Tensor, *, key: Key | None = None) -> Tensor:
+        return self.inner.decode_rows_into(rows, out, key=key)
 
     def decode_sum_into(
-        self, rows: Tensor, out: Tensor, skip: int | None = None, accumulate: bool = False
+        self,
+        rows: Tensor,
+        out: Tensor,
+        skip: int | None = None,
+        accumulate: bool = False,
+        *,
+        key: Key | None = None,
     ) -> Tensor:
-        return self.inner.decode_sum_into(rows, out, skip, accumulate)
+        return self.inner.decode_sum_into(rows, out, skip, accumulate, key=key)
 
     def reset(self) -> None:
         """Forget all residuals."""

@@ -10,19 +10,20 @@ import torch
 
 from distq.comm.compressors import Compressor, SignCompressor, StochasticQuantizer, terngrad
 from distq.comm.feedback import ErrorFeedback, ResidualMemory
+from distq.comm.rotation import RotatedQuantizer
 from distq.theory.exchange import VARIANCE_LAWS
 
 
 @dataclass(frozen=True)
 class CompressorRecord:
-    """`name`, a line on what it sends, `build(bits, bucket_size, scale_dtype)`, the one width
-    it can send (None: any of 1..8, `default_bits` when none is asked for), and its variance
-    law (bits, bucket elements) → proven bound on E‖Q(x)‖²/‖g‖², or None."""
+    """`name`, a line on what it sends, `build(bits, bucket_size, scale_dtype)`, the widths it
+    can send (`default_bits` when none is asked for), and its variance law (bits, bucket
+    elements) → proven bound on E‖Q(x)‖²/‖g‖², or None."""
 
     name: str
     summary: str
     build: Callable[[int, int | None, torch.dtype], Compressor]
-    fixed_bits: int | None
+    widths: range
     default_bits: int
     variance: Callable[[int, int], float | None]
 
@@ -30,13 +31,17 @@ class CompressorRecord:
         """The width sent for a requested `bits` (None: its own); one it cannot send is refused."""
         if bits is None:
             return self.default_bits
-        if self.fixed_bits is not None and bits != self.fixed_bits:
+        if bits not in self.widths and isinstance(bits, int) and 1 <= bits <= 8:
             raise ValueError(
-                f"{name}={bits!r} with compressor {self.name!r}, which sends {self.fixed_bits} "
-                f"bit(s) per element; allowed: {name}={self.fixed_bits} (or None), or "
+                f"{name}={bits!r} with compressor {self.name!r}, which sends {self.sends()} "
+                f"bit(s) per element; allowed: {name} in {self.sends()} (or None), or "
                 f"compressor 'quantize' for {bits} bits"
             )
         return bits
+
+    def sends(self) -> str:
+        """The widths it can send, as "1" or "1..4"."""
+        return "..".join(str(w) for w in sorted({self.widths[0], self.widths[-1]}))
 
 
 COMPRESSORS: dict[str, CompressorRecord] = {
@@ -45,17 +50,27 @@ COMPRESSORS: dict[str, CompressorRecord] = {
         CompressorRecord(
             "quantize", "unbiased stochastic m-bit levels, scale max|g| per bucket",
             lambda bits, bucket, dtype: StochasticQuantizer(bits, bucket, dtype),
-            None, 2, VARIANCE_LAWS["quantize"],
+            range(1, 9), 2, VARIANCE_LAWS["quantize"],
         ),
         CompressorRecord(
             "terngrad", "TernGrad: 2-bit stochastic levels, scale max-reduced over ranks",
             lambda bits, bucket, dtype: terngrad(bucket),
-            2, 2, VARIANCE_LAWS["terngrad"],
+            range(2, 3), 2, VARIANCE_LAWS["terngrad"],
         ),
         CompressorRecord(
             "sign", "sign(g)·mean|g| per bucket, 1 bit (biased: use error feedback)",
             lambda bits, bucket, dtype: SignCompressor(bucket, dtype),
-            1, 1, VARIANCE_LAWS["sign"],
+            range(1, 2), 1, VARIANCE_LAWS["sign"],
+        ),
+        CompressorRecord(
+            "rotated", "EDEN: Hadamard-rotated buckets, Lloyd–Max codes, unbiasing scale",
+            lambda bits, bucket, dtype: RotatedQuantizer(bits, bucket, dtype),
+            range(1, 5), 2, VARIANCE_LAWS["rotated"],
+        ),
+        CompressorRecord(
+            "rotated-stochastic", "Hadamard-rotated buckets, Lloyd–Max levels, stochastic rounding",
+            lambda bits, bucket, dtype: RotatedQuantizer(bits, bucket, dtype, stochastic=True),
+            range(1, 5), 2, VARIANCE_LAWS["rotated-stochastic"],
         ),
     )
 }  # fmt: skip

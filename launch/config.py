@@ -260,16 +260,16 @@ class Gradients(Options):
         512, "gradient elements per scale (null: one per bucket)", minimum=1
     )
     compressor: str = option(
-        "quantize", "gradient code: stochastic m-bit, TernGrad, or 1-bit sign",
+        "quantize", "gradient code: stochastic m-bit, TernGrad, 1-bit sign, or rotated (EDEN)",
         choices=COMPRESSORS, flat="grad_compressor",
     )  # fmt: skip
     error_feedback: bool = option(False, "add each step's compression error to the next")
 
     def check(self) -> None:
-        sends = {"sign": 1, "terngrad": 2}.get(self.compressor)
-        if sends is not None and self.bits not in (None, sends):
+        record = COMPRESSORS[self.compressor]
+        if self.bits is not None and self.bits not in record.widths:
             raise ConfigError(
-                f"grad_compressor {self.compressor!r} sends {sends} bit{'s' * (sends > 1)}; "
+                f"grad_compressor {self.compressor!r} sends {record.sends()} bit(s); "
                 f"got grad_bits={self.bits}"
             )
 

@@ -94,4 +94,6 @@ VARIANCE_LAWS: dict[str, Callable[[int, int], float | None]] = {
     "quantize": stochastic_blowup_bound,
     "terngrad": no_bound,
     "sign": no_bound,
+    "rotated": no_bound,
+    "rotated-stochastic": no_bound,
 }

@@ -727,9 +727,9 @@ def test_scale_dtype_must_be_fp32_or_fp16():
 def test_make_compressor_kinds():
     with pytest.raises(ValueError, match="'foo'") as info:
         make_compressor("foo")
-    for kind in ("quantize", "terngrad", "sign"):
+    for kind in ("quantize", "terngrad", "sign", "rotated", "rotated-stochastic"):
         assert kind in str(info.value)
-    assert set(COMPRESSORS) == {"quantize", "terngrad", "sign"}
+    assert set(COMPRESSORS) == {"quantize", "terngrad", "sign", "rotated", "rotated-stochastic"}
     q = make_compressor("quantize", bits=3, bucket_size=128, scale_dtype=torch.float16)
     assert isinstance(q, StochasticQuantizer)
     assert (q.wire.bits, q.wire.bucket_size, q.wire.scale_dtype) == (3, 128, torch.float16)

@@ -58,18 +58,21 @@ def test_records_build_and_check_widths():
     for name, record in COMPRESSORS.items():
         built = make_compressor(name)
         assert built.wire.bits == record.default_bits
-        if record.fixed_bits is not None:
-            with pytest.raises(ValueError, match=f"compressor '{name}'"):
-                record.bits(record.fixed_bits + 1)
+        for bits in range(1, 9):
+            if bits in record.widths:
+                assert record.bits(bits) == bits == record.build(bits, 512, torch.float32).wire.bits
+            else:
+                with pytest.raises(ValueError, match=f"bits={bits} with compressor '{name}'"):
+                    record.bits(bits)
         assert record.variance is VARIANCE_LAWS[name]
-    with pytest.raises(ValueError, match="compressor='foo'; allowed: quantize, terngrad, sign"):
+    with pytest.raises(ValueError, match="compressor='foo'; allowed: quantize, terngrad, sign, "):
         make_compressor("foo")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_the_monitor_shows_each_records_law(bits):
     for name, record in COMPRESSORS.items():
-        width = record.bits(None) if record.fixed_bits else bits
+        width = bits if bits in record.widths else record.bits(None)
         setup = GradientSetup(bits=width, clip=2.5, bucket_numel=512, compressor=name)
         assert setup.blowup_bound() == record.variance(width, 512)
     assert (
