@@ -59,8 +59,7 @@ from distq.comm.exchange import ExchangeSettings
 from distq.comm.gradient_bits import quantization_error
 from distq.comm.noise import Key
 from distq.comm.registry import COMPRESSORS
-from distq.theory import rotation
-from distq.theory.rotation import lloyd_max_distortion
+from distq.theory.rotation import lloyd_max_distortion, rate_distortion_limit, rotated_vnmse
 
 HERE = Path(__file__).resolve().parent
 EXPECTED = ("quantize", "terngrad", "sign", "rotated", "rotated-stochastic")  # issue 21's rows
@@ -317,17 +316,20 @@ def powersgd_on(
 
 # -- the run --------------------------------------------------------------------------------------
 def theory(bits: int) -> dict[str, float]:
-    """D_b (`distq.theory.rotation.lloyd_max_distortion`), D_b/(1 − D_b) and 2^(−2b)."""
+    """D_b, D_b/(1 − D_b) and 2^(−2b) (`distq.theory.rotation`)."""
     d = lloyd_max_distortion(bits)
-    return {"lloyd_max_D": d, "rotated_law": d / (1 - d), "rate_distortion": 2.0 ** (-2 * bits)}
+    return {
+        "lloyd_max_D": d,
+        "rotated_law": d / (1 - d),
+        "rate_distortion": rate_distortion_limit(bits),
+    }
 
 
-def rotated_law(variant: Variant, bits: int) -> float | None:
-    """`distq.theory.rotation.rotated_vnmse` for a rotated row, where that law exists yet."""
-    law = getattr(rotation, "rotated_vnmse", None)
-    if law is None or not variant.name.startswith("rotated"):
+def law(variant: Variant, bits: int) -> float | None:
+    """`rotated_vnmse` (bucket-width law, `distq.theory.rotation`) for a rotated row, else None."""
+    if not variant.name.startswith("rotated") or variant.bucket is None:
         return None
-    return law(bits, variant.bucket, stochastic=variant.name.endswith("stochastic"))
+    return rotated_vnmse(bits, variant.bucket, stochastic=variant.name.endswith("stochastic"))
 
 
 def commit() -> str:
@@ -375,7 +377,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "per_tensor": variant.per_tensor,
                 "wire_bits_real": wire_bits(variant, bits, captured[0]),
                 **theory(bits),
-                "law": rotated_law(variant, bits),
+                "law": law(variant, bits),
             }
             for kind, vectors in sets.items():
                 t0 = time.perf_counter()
@@ -450,20 +452,21 @@ def table(record: dict) -> str:
     """The Markdown table: one row per compressor and width."""
     lines = [
         "| compressor | bits | wire bits/element (real) | Gaussian | Student-t(3) | real gradients "
-        "| D_b/(1−D_b) | 2^(−2b) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rotated law | D_b/(1−D_b) | 2^(−2b) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in record["compressors"]:
         lines.append(
             f"| {e['compressor']} | {e['bits']} | {e['wire_bits_real']:.3f} "
             f"| {e['gaussian']['vnmse']:.4f} | {e['student_t3']['vnmse']:.4f} "
-            f"| {e['real']['vnmse']:.4f} | {e['rotated_law']:.4f} | {e['rate_distortion']:.4f} |"
+            f"| {e['real']['vnmse']:.4f} | {'' if e['law'] is None else format(e['law'], '.4f')} "
+            f"| {e['rotated_law']:.4f} | {e['rate_distortion']:.4f} |"
         )
     for e in record["powersgd"]:
         lines.append(
             f"| {e['compressor']} | — | {e['wire_bits_real']:.3f} "
             f"| {e['gaussian']['vnmse']:.4f} | {e['student_t3']['vnmse']:.4f} "
-            f"| {e['real']['vnmse']:.4f} | | |"
+            f"| {e['real']['vnmse']:.4f} | | | |"
         )
     return "\n".join(lines)
 
