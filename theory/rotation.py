@@ -35,14 +35,14 @@ given m are Gaussian partial moments, and E[N/G | m] ≈ (E N/E G)·(1 − Cov(N
 + Var G/(E G)²) (second order in the sums' fluctuations). That is averaged over the max's
 density 2w·φ(m)·(2Φ(m) − 1)^(w−1) by the trapezoid rule on m ∈ [0.001, 10] (step 0.01; a 16×
 finer grid moves it by < 3e-10). It grows with w through m ≈ √(2 ln w); at 1 bit the code is
-the max-scaled sign (5.9 at w = 64, 13.6 at 4096).
+the max-scaled sign (5.91 at w = 64, 13.55 at 4096).
 
 Measured (tests/theory/test_rotation.py's numpy simulation of the whole algorithm, 2^23
 elements per case, 2026-12-07): Gaussian x, w = 64, 512, 4096, both variants, 1..4 bits:
 within 0.9% of the laws (0.4% but for 4 bits at w = 64), where D_b/(1 − D_b) alone is 1.2–7.2%
 high at w = 64. Other x, measured/law: Student-t(3) 0.92–0.99; 1% non-zeros: 0 at w = 64 (one
 non-zero, |y_i| all equal, coded exactly), 0.26–0.78 at 512, 0.85–0.97 at 4096; constant x
-(y on a lattice of step 2/√w) 0.97–1.13 at 64 (1.13: 4 bits, deterministic), 0.97–1.05 at
+(y on a lattice of step 2/√w) 0.98–1.13 at 64 (1.13: 4 bits, deterministic), 0.97–1.05 at
 512, within 0.2% at 4096.
 """
 
