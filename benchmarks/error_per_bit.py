@@ -148,6 +148,14 @@ def _round_trip(compressor: Compressor, x: Tensor, key: Key) -> Tensor:
     return compressor.decompress(payload, x.numel())
 
 
+def clip_bias(variant: Variant, g: Vector) -> float:
+    """‖Clip(g) − g‖²/‖g‖², the part of a clipped row's error that no noise key changes."""
+    if variant.clip is None:
+        return 0.0
+    x = clip_by_rms_(g.values.clone(), variant.clip, g.lengths)
+    return float((x.double() - g.values.double()).square().sum() / g.values.double().square().sum())
+
+
 def exact_quantize_vnmse(variant: Variant, bits: int, g: Vector) -> float | None:
     """E‖Q(x) − g‖²/‖g‖² of 'quantize' exactly (variance + clipping bias²), else None."""
     if variant.name != "quantize":
@@ -157,10 +165,8 @@ def exact_quantize_vnmse(variant: Variant, bits: int, g: Vector) -> float | None
         if variant.clip is None
         else clip_by_rms_(g.values.clone(), variant.clip, g.lengths)
     )
-    bias = float((x.double() - g.values.double()).square().sum())
-    return (quantization_error(x, bits, variant.bucket) + bias) / float(
-        g.values.double().square().sum()
-    )
+    variance = quantization_error(x, bits, variant.bucket)
+    return variance / float(g.values.double().square().sum()) + clip_bias(variant, g)
 
 
 def wire_bits(variant: Variant, bits: int, g: Vector) -> float:
@@ -390,6 +396,8 @@ def measure(args: argparse.Namespace) -> dict:
                         torch.tensor(v, dtype=torch.float64).std().item() for v in per_vector
                     ],
                 }
+                if variant.clip is not None:
+                    entry[kind]["clip_bias"] = _mean([clip_bias(variant, g) for g in vectors])
                 exact = [exact_quantize_vnmse(variant, bits, g) for g in vectors]
                 if exact[0] is not None:
                     entry[kind]["exact"] = sum(exact) / len(exact)
