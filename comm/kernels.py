@@ -94,7 +94,7 @@ def sign_codes(xb: Tensor, offset: Tensor, numel: Tensor) -> Tensor:
     return torch.where(_index(xb, offset) < numel, (xb >= 0).to(torch.uint8), 0)
 
 
-def _packed(xb: Tensor, bits: int, code, offset: Tensor | None = None) -> Tensor:
+def pack_rows(xb: Tensor, bits: int, code, offset: Tensor | None = None) -> Tensor:
     """Row-packed bytes of code(x_slice, index_slice) of whole rows, bits 1, 2, 4, 8: byte j of a
     row of w codes holds codes j + t·w/p at bits t·bits (p = 8/bits planes, each a contiguous
     slice). `index_slice`: element index mod 2³² in int32 (all the hash needs), None without
@@ -126,7 +126,7 @@ def level_values(codes: Tensor, s: Tensor, k: int) -> Tensor:
 
 
 def unpack_rows(packed: Tensor, bits: int) -> Tensor:
-    """Codes of row-packed bytes (`_packed`'s layout): [rows, bytes] -> [rows, bytes·8/bits],
+    """Codes of row-packed bytes (`pack_rows`'s layout): [rows, bytes] -> [rows, bytes·8/bits],
     one shifted, masked copy of the bytes per plane (inductor fuses the cat into one pass)."""
     wide = packed.to(torch.int32)
     mask = (1 << bits) - 1
@@ -136,8 +136,8 @@ def unpack_rows(packed: Tensor, bits: int) -> Tensor:
 def stochastic_packed(
     xb: Tensor, s: Tensor, key: Tensor, offset: Tensor, k: int, bits: int
 ) -> Tensor:
-    """`stochastic_codes` of whole rows, row-packed (`_packed`)."""
-    return _packed(xb, bits, lambda x, index: _stochastic(x, s, index, key, k), offset)
+    """`stochastic_codes` of whole rows, row-packed (`pack_rows`)."""
+    return pack_rows(xb, bits, lambda x, index: _stochastic(x, s, index, key, k), offset)
 
 
 def stochastic_packed_scaled(
@@ -150,8 +150,8 @@ def stochastic_packed_scaled(
 
 
 def sign_packed(xb: Tensor) -> Tensor:
-    """`sign_codes` of whole rows, packed 8 to a byte (`_packed`)."""
-    return _packed(xb, 1, lambda x, index: (x >= 0).to(torch.int32))
+    """`sign_codes` of whole rows, packed 8 to a byte (`pack_rows`)."""
+    return pack_rows(xb, 1, lambda x, index: (x >= 0).to(torch.int32))
 
 
 def decode_sum_into(

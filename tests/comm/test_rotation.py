@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distq.comm import ExchangeSettings, Key
-from distq.comm.rotation import RotatedQuantizer, hadamard
+from distq.comm.rotation import RotatedQuantizer, hadamard, hadamard_factors
 from distq.theory.rotation import lloyd_max, lloyd_max_distortion
 from tests.distributed import run_workers
 
@@ -25,10 +25,26 @@ def sylvester(width: int) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize("width", [2, 8, 64, 512])
-def test_the_butterfly_is_the_hadamard_matrix(width):
+@pytest.mark.parametrize("width", [8, 64, 512, 4096])
+def test_the_transform_is_the_hadamard_matrix_and_exact_on_integers(width):
+    """H_a ⊗ H_b by two products equals Sylvester's matrix; on integers below 2^24/w it is exact,
+    so any batch of rows (another kernel blocking) gives the very same bits."""
+    outer, inner = hadamard_factors(width)
     x = torch.randn(5, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
-    assert torch.allclose(hadamard(x), x @ sylvester(width).T, atol=1e-9)
+    assert torch.allclose(hadamard(x, outer.double(), inner.double()), x @ sylvester(width).T)
+    g = torch.Generator().manual_seed(1)
+    integers = torch.randint(-(2**24) // width, 2**24 // width, (37, width), generator=g).float()
+    exact = (integers.double() @ sylvester(width).T).float()
+    assert torch.equal(hadamard(integers, outer, inner), exact)
+    assert torch.equal(hadamard(integers[3:4], outer, inner), exact[3:4])
+
+
+def test_the_wire_levels_are_lloyd_max_to_within_their_grid():
+    for bits in (1, 2, 3, 4):
+        q = RotatedQuantizer(bits, 4096)
+        exact = torch.tensor(lloyd_max(bits)[0])
+        grid = q.levels[0] / q.integer_levels[0]
+        assert grid <= 2**-9 and (torch.tensor(q.levels) - exact).abs().max() <= grid / 2 + 1e-7
 
 
 def brute_force(x: torch.Tensor, q: RotatedQuantizer, key: Key) -> torch.Tensor:
@@ -36,7 +52,7 @@ def brute_force(x: torch.Tensor, q: RotatedQuantizer, key: Key) -> torch.Tensor:
     unbiasing scale, rotate back (float64)."""
     width = q.wire.bucket_size
     rotation = sylvester(width) * q.signs(key).double() / math.sqrt(width)  # H·D/√w
-    levels = torch.tensor(lloyd_max(q.wire.bits)[0], dtype=torch.float64)
+    levels = torch.tensor(q.levels, dtype=torch.float64)  # Lloyd–Max's, on the wire's grid
     out = []
     for bucket in x.double().view(-1, width):
         y = rotation @ bucket
