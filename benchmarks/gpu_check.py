@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from distq.comm import Key, QuantizedCommState, quantized_hook
 from distq.comm.compressors import Compressor
 from distq.comm.gradient_bits import bytes_sent
-from distq.comm.registry import COMPRESSORS, CompressorRecord
+from distq.comm.registry import COMPRESSORS
 from distq.comm.wire import WireFormat
 
 WIDTHS = (1, 2, 3, 4, 8)
@@ -92,7 +91,7 @@ def registry_cases() -> tuple[list[Case], list[dict[str, Any]]]:
     case whose wire format an earlier case of the compressor already has is skipped."""
     cases, skipped = [], []
     for name, record in COMPRESSORS.items():
-        widths = [b for b in WIDTHS if sends(record, b)]
+        widths = [b for b in WIDTHS if b in record.widths]
         wanted = [Case(name, b, bucket, torch.float32) for b in widths for bucket in BUCKETS]
         wanted.append(Case(name, record.default_bits, 512, torch.float16))
         seen: set[WireFormat] = set()
@@ -110,14 +109,6 @@ def registry_cases() -> tuple[list[Case], list[dict[str, Any]]]:
     return cases, skipped
 
 
-def sends(record: CompressorRecord, bits: int) -> bool:
-    """Whether registry `record` sends `bits` per element (its `bits` check refuses others)."""
-    try:
-        return record.bits(bits) == bits
-    except ValueError:
-        return False
-
-
 def gradient(numel: int, seed: int = 0) -> Tensor:
     """A fixed CPU input: Gaussian, with runs of 1,100 zeros and of 1,100 equal values (each
     holds a whole 512-element bucket: a zero scale, and every code on the top level) and an
@@ -131,12 +122,6 @@ def gradient(numel: int, seed: int = 0) -> Tensor:
 
 # -- bit identity --------------------------------------------------------------------------------
 Paths = dict[str, Callable[[], Tensor]]
-
-
-def decode_key(c: Compressor) -> dict[str, Key]:
-    """The encode call's key as a keyword for a compressor whose decoding takes it (a rotation
-    shares its signs between encode and decode), else nothing."""
-    return {"key": KEY} if "key" in inspect.signature(c.decompress_into).parameters else {}
 
 
 def encode_paths(c: Compressor, x: Tensor, scales: Tensor) -> Paths:
@@ -157,7 +142,7 @@ def decode_paths(c: Compressor, payloads: dict[str, Tensor], base: Tensor) -> Pa
     """Every decode the collectives make, on `base`'s device, of `payloads` (`encode_paths`'s
     names): into a fresh tensor, added to `base`, row by row, and the rows' sum (all, and all
     but row 1 added to `base`, as the scatter's owner does)."""
-    whole, rows, key = payloads.get("compress"), payloads.get("compress_rows"), decode_key(c)
+    whole, rows, key = payloads.get("compress"), payloads.get("compress_rows"), {"key": KEY}
     length = base.numel() // ROWS
     return {
         "decompress_into": lambda: c.decompress_into(whole, torch.empty_like(base), **key),
@@ -367,13 +352,13 @@ def throughput(device: torch.device, numel: int, seconds: float) -> dict[str, An
     codecs = []
     for name, record in COMPRESSORS.items():
         for bits in THROUGHPUT_BITS:
-            if not sends(record, bits):
+            if bits not in record.widths:
                 continue
             c = record.build(bits, 512, torch.float32)
             payload = c.compress(x, KEY)
             label = f"{name} {bits}-bit"
             fns[f"{label} encode"] = lambda c=c: c.compress(x, KEY)
-            decode = partial(c.decompress_into, payload, out, **decode_key(c))
+            decode = partial(c.decompress_into, payload, out, key=KEY)
             fns[f"{label} decode"] = decode
             codecs.append((name, bits, label))
     medians, rounds = interleaved_medians(fns, device, seconds)
