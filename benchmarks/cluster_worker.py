@@ -33,8 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distq.comm import QuantizedCommState, quantized_hook
 from distq.comm import compressors as dq_compressors
-from distq.comm import hook as dq_hook
+from distq.comm import exchange as dq_exchange
 from distq.comm.collectives import SEGMENT_ELEMENTS
+from distq.comm.rotation import RotatedQuantizer
 
 INPUT, WIDTH, DEPTH, CLASSES = 256, 1400, 4, 10  # 6.26 M parameters, a 25 MB fp32 gradient
 TEACHER_HIDDEN = 128
@@ -52,6 +53,21 @@ OPTIONS: dict[str, dict] = {
     "distq 2-bit scatter": {"kind": "distq", "bits": 2, "collective": "scatter", "clip": 2.5},
     "distq 4-bit allgather": {"kind": "distq", "bits": 4, "collective": "allgather", "clip": 2.5},
     "distq 4-bit scatter": {"kind": "distq", "bits": 4, "collective": "scatter", "clip": 2.5},
+    # EDEN (distq.comm.rotation): Hadamard-rotated 512-element buckets, Lloyd–Max 2-bit levels
+    "distq rotated 2-bit scatter": {
+        "kind": "distq",
+        "bits": 2,
+        "collective": "scatter",
+        "clip": 2.5,
+        "compressor": "rotated",
+    },
+    "distq rotated 2-bit allgather": {
+        "kind": "distq",
+        "bits": 2,
+        "collective": "allgather",
+        "clip": 2.5,
+        "compressor": "rotated",
+    },
     "distq EF-signSGD allgather": {
         "kind": "distq",
         "bits": 1,
@@ -67,6 +83,15 @@ OPTIONS: dict[str, dict] = {
         "collective": "scatter",
         "clip": 2.5,
         "segment": None,
+        "ablation": True,
+    },
+    # ablation: the rotated code without clipping (the rotation already spreads outliers)
+    "distq rotated 2-bit scatter, no clip": {
+        "kind": "distq",
+        "bits": 2,
+        "collective": "scatter",
+        "clip": None,
+        "compressor": "rotated",
         "ablation": True,
     },
     # ablation: shorter pipeline segments (more, smaller codec calls and collectives)
@@ -126,13 +151,14 @@ class _TimedWork:
 class HookTimers:
     """Seconds spent inside distq's hook on its worker thread, by category, exclusive: time in
     a wrapped call nested in another (the codec inside the error measurement) counts for the
-    inner one only. "bucket total" is QuantizedCommState.reduce end to end (inclusive); its
+    inner one only. "bucket total" is GradientExchange.average end to end (inclusive); its
     exclusive part, "other", is the hook's own work: scratch buffer, copies, division.
 
     Wraps, by attribute replacement in this process only (distq's code is not changed):
-    QuantizedCommState.reduce, clip_by_rms_, the error measurement, the codec's encode and
-    decode methods, and the gloo collectives when called from distq's thread (starting one,
-    and waiting for it). Overhead: a few perf_counter calls per wrapped call, tens per bucket.
+    GradientExchange.average, clip_by_rms_, the error measurement, the codecs' (BucketCodec's,
+    RotatedQuantizer's) encode and decode methods, and the gloo collectives when called from
+    distq's thread (starting one, and waiting for it). Overhead: a few perf_counter calls per
+    wrapped call, tens per bucket.
     """
 
     CATEGORIES = (
@@ -195,24 +221,26 @@ class HookTimers:
                 self.cpu["bucket total"] += cpu
 
     def install(self) -> None:
-        self.wrap(QuantizedCommState, "reduce", "other")
-        timed_reduce = QuantizedCommState.reduce
+        exchange = dq_exchange.GradientExchange
+        self.wrap(exchange, "average", "other")
+        timed_average = exchange.average
 
-        def reduce(state, buffer, lengths, widths, index, *args, **kwargs):  # bucket timeline
+        def average(state, buffer, lengths, widths, index, *args, **kwargs):  # bucket timeline
             start = time.perf_counter()
             try:
-                return timed_reduce(state, buffer, lengths, widths, index, *args, **kwargs)
+                return timed_average(state, buffer, lengths, widths, index, *args, **kwargs)
             finally:
                 if self.active:
                     self.events.append((index, buffer.numel(), start, time.perf_counter()))
 
-        QuantizedCommState.reduce = reduce
-        self.wrap(dq_hook, "clip_by_rms_", "clip")
-        self.wrap(dq_hook, "_relative_error", "error measurement")
-        for attr in ("compress", "compress_rows"):
-            self.wrap(dq_compressors.BucketCodec, attr, "compress")
-        for attr in ("decompress_into", "decode_rows_into", "decode_sum_into"):
-            self.wrap(dq_compressors.BucketCodec, attr, "decompress")
+        exchange.average = average
+        self.wrap(dq_exchange, "clip_by_rms_", "clip")
+        self.wrap(exchange, "_measure", "error measurement")
+        for codec in (dq_compressors.BucketCodec, RotatedQuantizer):
+            for attr in ("compress", "compress_rows"):
+                self.wrap(codec, attr, "compress")
+            for attr in ("decompress_into", "decode_rows_into", "decode_sum_into"):
+                self.wrap(codec, attr, "decompress")
         for attr, category in (
             ("all_to_all_single", "all_to_all"),
             ("all_gather_single", "all_gather"),
@@ -439,6 +467,8 @@ def run_one(name: str, repeat: int, plan: dict, teacher: Teacher, test, target: 
             "fp32_allreduce_bytes": s.fp32_allreduce_bytes,
             "relative_error": s.relative_error,
             "requant_relative_error": s.requant_relative_error,
+            "clip_bias": s.clip_bias,
+            "measured_step": s.measured_step,
         }
     hook_profile = (
         {
