@@ -210,15 +210,11 @@ def scatter_sum(
         chunk = seg.piece.numel() // n
         mine = seg.piece[rank * chunk : (rank + 1) * chunk]
         skip = rank if own_exact else None
-        compressor.decode_sum_into(received, mine, skip, own_exact, key=key)
         owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
-        payload = compressor.compress(mine, owner_key, start=seg.start)
-        if errors is not None:  # decoded by the last stage's kernel: nothing new to compile
-            decoded = torch.empty_like(mine)
-            error = compressor.decode_rows_into(payload.view(1, -1), decoded, key=owner_key)
-            error.sub_(mine)
-            requant[0] += float(torch.dot(error, error))
-            requant[1] += float(torch.dot(mine, mine))
+        measured = requant if errors is not None else None
+        payload = compressor.requantize_sum(
+            received, mine, skip, key, owner_key, seg.start, measured
+        )
         gathered = _buffer(buffers, f"scatter-gathered-{seg.index}", payload, n * payload.numel())
         pending = transport.all_gather(payload, gathered, f"{name}.{seg.index}.owners")
         traffic.both((n - 1) * payload.numel())

@@ -91,6 +91,28 @@ class Compressor(ABC):
             self.decompress_into(row, out, accumulate=accumulate or n > 0, key=key)
         return out
 
+    def requantize_sum(
+        self,
+        received: Tensor,
+        mine: Tensor,
+        skip: int | None,
+        key: Key,
+        owner_key: Key,
+        start: int,
+        errors: list[float] | None = None,
+    ) -> Tensor:
+        """`scatter`'s owner stage: mine ← [mine +] Σ_{i ≠ skip} decode(received[i]) (added to
+        this rank's exact chunk when `skip` is set), then the payload of its re-quantization
+        under `owner_key`; with `errors`, ‖Q(s) − s‖² and ‖s‖² are added to errors[0], [1]."""
+        self.decode_sum_into(received, mine, skip, skip is not None, key=key)
+        payload = self.compress(mine, owner_key, start=start)
+        if errors is not None:  # decoded by the last stage's kernel: nothing new to compile
+            decoded = torch.empty_like(mine)
+            error = self.decode_rows_into(payload.view(1, -1), decoded, key=owner_key).sub_(mine)
+            errors[0] += float(torch.dot(error, error))
+            errors[1] += float(torch.dot(mine, mine))
+        return payload
+
 
 def _payload_rows(
     t: Tensor | None, rows: int, length: int, wire: WireFormat, device: torch.device

@@ -60,7 +60,7 @@ def hadamard(x: Tensor, outer: Tensor, inner: Tensor) -> Tensor:
     return torch.matmul(outer, y).reshape(rows, a * b)
 
 
-def _rotate(xb: Tensor, signs: Tensor, outer: Tensor, inner: Tensor) -> Tensor:
+def rotate(xb: Tensor, signs: Tensor, outer: Tensor, inner: Tensor) -> Tensor:
     """y = H·D·x/√w per row."""
     return hadamard(xb * signs, outer, inner) * (1.0 / math.sqrt(xb.shape[1]))
 
@@ -86,14 +86,13 @@ def _packed(codes: Callable[[Tensor, Tensor | None], Tensor], t: Tensor, bits: i
     return codes(t, index).to(torch.uint8)
 
 
-def rotated_deterministic_codes(
-    xb: Tensor, signs: Tensor, outer: Tensor, inner: Tensor, levels: tuple[float, ...], bits: int
+def deterministic_codes(
+    y: Tensor, levels: tuple[float, ...], bits: int
 ) -> tuple[Tensor, Tensor]:
-    """(codes, scales [rows]) of EDEN's deterministic variant (module doc), the codes packed as
-    `_packed` says; a row holding NaN/Inf gets a NaN scale."""
-    y = _rotate(xb, signs, outer, inner)
+    """(codes, scales [rows]) of rotated rows y by EDEN's deterministic variant (module doc), the
+    codes packed as `_packed` says; a row holding NaN/Inf gets a NaN scale."""
     energy = (y * y).sum(dim=1)
-    sigma = (energy / xb.shape[1]).sqrt()[:, None]
+    sigma = (energy / y.shape[1]).sqrt()[:, None]
     tiny = torch.finfo(torch.float32).tiny
     t = torch.where(sigma > 0, y / sigma.clamp_min(tiny), 0.0)
     inner_product = (y * _nearest(t, levels)[1]).sum(dim=1)
@@ -102,19 +101,11 @@ def rotated_deterministic_codes(
     return _packed(lambda ts, _: _nearest(ts, levels)[0], t, bits, None), scale
 
 
-def rotated_stochastic_codes(
-    xb: Tensor,
-    signs: Tensor,
-    outer: Tensor,
-    inner: Tensor,
-    key: Tensor,
-    offset: Tensor,
-    levels: tuple[float, ...],
-    bits: int,
+def stochastic_codes(
+    y: Tensor, key: Tensor, offset: Tensor, levels: tuple[float, ...], bits: int
 ) -> tuple[Tensor, Tensor]:
-    """(codes, scales) of the stochastic variant: y/S, S = max|y|/c_top, rounded to an adjacent
-    level with the probabilities that make it unbiased (noise: element `offset` onwards)."""
-    y = _rotate(xb, signs, outer, inner)
+    """(codes, scales) of rotated rows y by the stochastic variant: y/S, S = max|y|/c_top, rounded
+    to an adjacent level with the probabilities that make it unbiased (noise from `offset`)."""
     scale = kernels.max_abs_scales(y) / levels[-1]
     u = torch.where(scale[:, None] > 0, y / scale[:, None].clamp_min(1e-38), 0.0)
 
@@ -132,8 +123,25 @@ def rotated_stochastic_codes(
     return _packed(codes, u, bits, offset), scale
 
 
+def integer_values(codes: Tensor, levels: tuple[float, ...], bits: int) -> Tensor:
+    """The integer levels (float32) of row-packed codes [rows, bytes] (1, 2, 4 bits) or of
+    codes [rows, w]."""
+    codes = kernels.unpack_rows(codes, bits) if bits in (1, 2, 4) else codes.to(torch.int32)
+    value = torch.full(codes.shape, levels[0], device=codes.device)
+    for j in range(1, len(levels)):
+        value = torch.where(codes == j, levels[j], value)
+    return value
+
+
 def rotated_values(
-    packed: Tensor,
+    codes: Tensor, scale: Tensor, levels: tuple[float, ...], bits: int, unit: float
+) -> Tensor:
+    """ŷ = c·S per row in the rotated domain, c = integer level·unit (unit = 2^−F)."""
+    return integer_values(codes, levels, bits) * (scale * unit)[:, None]
+
+
+def decoded_values(
+    codes: Tensor,
     scale: Tensor,
     outer: Tensor,
     inner: Tensor,
@@ -141,13 +149,9 @@ def rotated_values(
     bits: int,
     unit: float,
 ) -> Tensor:
-    """H·c·(S·unit) per row of row-packed codes [rows, bytes] (1, 2, 4 bits) or codes [rows, w]:
-    c the integer levels, so H·c is exact in any summation order."""
-    codes = kernels.unpack_rows(packed, bits) if bits in (1, 2, 4) else packed.to(torch.int32)
-    value = torch.full(codes.shape, levels[0], device=codes.device)
-    for j in range(1, len(levels)):
-        value = torch.where(codes == j, levels[j], value)
-    return hadamard(value, outer, inner) * (scale * unit)[:, None]
+    """H·c·(S·unit) per row (unit = 2^−F/√w): H applied to the integer levels c, exact in any
+    summation order."""
+    return hadamard(integer_values(codes, levels, bits), outer, inner) * (scale * unit)[:, None]
 
 
 class RotatedQuantizer(Compressor):
@@ -182,7 +186,8 @@ class RotatedQuantizer(Compressor):
         fraction_bits = int(math.log2(EXACT / (bucket_size * levels[-1]))) - 1
         self.integer_levels = tuple(float(round(c * 2**fraction_bits)) for c in levels)
         self.levels = tuple(c * 2.0**-fraction_bits for c in self.integer_levels)  # dyadic
-        self._unit = 2.0**-fraction_bits / math.sqrt(bucket_size)  # integer levels → values
+        self._grid = 2.0**-fraction_bits  # integer level → level
+        self._unit = self._grid / math.sqrt(bucket_size)  # integer level → decoded value
         self._outer, self._inner = hadamard_factors(bucket_size)
 
     def with_bits(self, bits: int) -> Compressor:
@@ -203,24 +208,28 @@ class RotatedQuantizer(Compressor):
     def _encode(self, x: Tensor, key: Key, start: int) -> tuple[Tensor, Tensor]:
         """(packed codes [buckets, w·bits/8], scales [buckets]) of flat x, the last bucket
         zero-padded; a bucket's codes are whole bytes (w ≥ 8)."""
-        width, device, bits = self.wire.bucket_size, x.device, self.wire.bits
+        width, device = self.wire.bucket_size, x.device
         rows = -(-x.numel() // width)
         padded = torch.nn.functional.pad(x, (0, rows * width - x.numel())).view(rows, width)
         rotation = (self.signs(key, device), self._outer.to(device), self._inner.to(device))
         blocks = self._blocks(rows)
-        codes, scales = [], []
-        for r0 in blocks:
-            xb = padded[r0 : r0 + blocks.step]
-            if self.stochastic:
-                offset = torch.tensor(start + r0 * width, device=device)
-                run = kernels.compiled(rotated_stochastic_codes)
-                c, s = run(xb, *rotation, key.tensor(device), offset, self.levels, bits)
-            else:
-                run = kernels.compiled(rotated_deterministic_codes)
-                c, s = run(xb, *rotation, self.levels, bits)
-            codes.append(c if bits in (1, 2, 4) else pack(c, bits).view(c.shape[0], -1))
-            scales.append(s)
-        return torch.cat(codes), torch.cat(scales)
+        coded = [
+            self._code(kernels.compiled(rotate)(padded[r0 : r0 + blocks.step], *rotation), key,
+                       start + r0 * width)
+            for r0 in blocks
+        ]  # fmt: skip
+        return torch.cat([c for c, _ in coded]), torch.cat([s for _, s in coded])
+
+    def _code(self, y: Tensor, key: Key, start: int) -> tuple[Tensor, Tensor]:
+        """(packed codes, scales) of rotated rows y whose first element is element `start`."""
+        bits = self.wire.bits
+        if self.stochastic:
+            offset = torch.tensor(start, device=y.device)
+            run = kernels.compiled(stochastic_codes)
+            codes, s = run(y, key.tensor(y.device), offset, self.levels, bits)
+        else:
+            codes, s = kernels.compiled(deterministic_codes)(y, self.levels, bits)
+        return (codes if bits in (1, 2, 4) else pack(codes, bits).view(len(y), -1)), s
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
         return self._encode(x, key, 0)[1]
@@ -253,19 +262,17 @@ class RotatedQuantizer(Compressor):
             raise ValueError("decoding rotated codes needs the encode call's key; got key=None")
         numel, width, bits = out.numel(), self.wire.bucket_size, self.wire.bits
         parts = [split(payload, numel, self.wire) for payload in payloads]
-        device, row_bytes = out.device, width * bits // 8
+        device = out.device
         signs = self.signs(key, device)
         outer, inner = self._outer.to(device), self._inner.to(device)
         buckets = self.wire.buckets(numel)
         blocks = self._blocks(buckets)
-        run = kernels.compiled(rotated_values)
+        run = kernels.compiled(decoded_values)
         for b0 in blocks:
             b1 = min(buckets, b0 + blocks.step)
             total = None
             for packed, s in parts:
-                codes = packed[b0 * row_bytes : b1 * row_bytes].view(b1 - b0, row_bytes)
-                if bits not in (1, 2, 4):  # packed in element order
-                    codes = unpack(codes.reshape(-1), bits, (b1 - b0) * width).view(-1, width)
+                codes = self._codes(packed, b0, b1)
                 values = run(codes, s[b0:b1], outer, inner, self.integer_levels, bits, self._unit)
                 total = values if total is None else total.add_(values)
             piece = out[b0 * width : min(numel, b1 * width)]
@@ -292,3 +299,50 @@ class RotatedQuantizer(Compressor):
         if not kept:
             return out if accumulate else out.zero_()
         return self._decode(kept, out, accumulate, key)
+
+    def _codes(self, packed: Tensor, b0: int, b1: int) -> Tensor:
+        """Buckets b0..b1 of a payload's codes: row-packed bytes, or codes [rows, w] at 3 bits."""
+        width, bits = self.wire.bucket_size, self.wire.bits
+        row_bytes = width * bits // 8
+        codes = packed[b0 * row_bytes : b1 * row_bytes].view(b1 - b0, row_bytes)
+        if bits in (1, 2, 4):
+            return codes
+        return unpack(codes.reshape(-1), bits, (b1 - b0) * width).view(-1, width)
+
+    def requantize_sum(
+        self,
+        received: Tensor,
+        mine: Tensor,
+        skip: int | None,
+        key: Key,
+        owner_key: Key,
+        start: int,
+        errors: list[float] | None = None,
+    ) -> Tensor:
+        """`scatter`'s owner stage in the rotated domain (THC): the received chunks' ŷ summed as
+        they are, plus this rank's own chunk rotated (`skip`, exact), coded again under
+        `owner_key` without un-rotating; the error sums go to `errors` (the rotation keeps
+        norms). `mine` (whole buckets) is only read."""
+        numel, width, device = mine.numel(), self.wire.bucket_size, mine.device
+        parts = [split(row, numel, self.wire) for i, row in enumerate(received) if i != skip]
+        rotation = (self.signs(key, device), self._outer.to(device), self._inner.to(device))
+        values, turn = kernels.compiled(rotated_values), kernels.compiled(rotate)
+        buckets = numel // width
+        blocks = self._blocks(buckets)
+        coded = []
+        for b0 in blocks:
+            b1 = min(buckets, b0 + blocks.step)
+            own = mine[b0 * width : b1 * width].view(-1, width)
+            y = turn(own, *rotation) if skip is not None else torch.zeros_like(own)
+            for packed, s in parts:
+                y.add_(values(self._codes(packed, b0, b1), s[b0:b1], self.integer_levels,
+                              self.wire.bits, self._grid))  # fmt: skip
+            codes, s = self._code(y, owner_key, start + b0 * width)
+            if errors is not None:
+                again = self._codes(codes.view(-1), 0, b1 - b0)
+                diff = values(again, s, self.integer_levels, self.wire.bits, self._grid) - y
+                errors[0] += float(diff.square().sum())
+                errors[1] += float(y.square().sum())
+            coded.append((codes, s))
+        return torch.cat([torch.cat([c for c, _ in coded]).view(-1),
+                          torch.cat([s for _, s in coded]).view(torch.uint8)])  # fmt: skip

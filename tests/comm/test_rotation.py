@@ -257,3 +257,28 @@ def test_the_ddp_hook_keeps_replicas_identical_and_measures_the_error(exchanged)
     assert all(torch.equal(replicas[0], r) for r in replicas[1:])
     law = lloyd_max_distortion(2) / (1 - lloyd_max_distortion(2))
     assert 0.5 * law < first < 2 * law and 0.5 * law < second < 2 * law, (first, second)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_the_owner_requantizes_in_the_rotated_domain(bits, stochastic):
+    """`requantize_sum` sums the received ŷ and the owner's rotated chunk without un-rotating:
+    the same codes as decoding, adding and encoding again (the generic path) up to float
+    rounding, the same measured error, and `mine` left as it was."""
+    from distq.comm.compressors import Compressor
+
+    q = RotatedQuantizer(bits, 64, stochastic=stochastic)
+    g = torch.Generator().manual_seed(bits)
+    chunks = torch.randn(3, 256, generator=g)
+    key, owner = Key(seed=1, step=3, slot=2), Key(seed=1, step=3, rank=1, slot=2, phase=1)
+    received = torch.stack([q.compress(c, Key(1, 3, r, 2)) for r, c in enumerate(chunks)])
+    mine = chunks[1].clone()
+    rotated, generic = [0.0, 0.0], [0.0, 0.0]
+    payload = q.requantize_sum(received, mine, 1, key, owner, 0, rotated)
+    assert torch.equal(mine, chunks[1])
+    expected = Compressor.requantize_sum(q, received, mine.clone(), 1, key, owner, 0, generic)
+    ours, theirs = q.decompress(payload, 256, owner), q.decompress(expected, 256, owner)
+    assert payload.numel() == expected.numel()
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+    assert rotated[1] == pytest.approx(generic[1], rel=1e-5)
+    assert rotated[0] == pytest.approx(generic[0], rel=1e-3)
