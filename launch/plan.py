@@ -6,6 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
+from distq.theory.plan_compressors import PLANNED
 from distq.theory.planner import COLLECTIVES, parse_bandwidth, plan
 
 
@@ -64,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_exchange_arguments(add: Callable[..., object]) -> None:
-    """What is exchanged, and between how many: elements, bits, scales, clip, collective."""
+    """What is exchanged, and between how many: elements, compressor, bits, scales, clip,
+    collective."""
     add("--params", type=_count, required=True, help="gradient elements (6300000 or 6.3e6)")
+    add(
+        "--compressor",
+        default="quantize",
+        metavar="{" + ",".join(PLANNED) + "}",
+        help="the compressor: 'quantize' (stochastic, proven blow-up bound) or a rotated one "
+        "(1..4 bits, buckets a power of two in 8..65536, blow-up an estimate; default quantize)",
+    )
     add(
         "--bits",
         type=int,
@@ -149,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             args.scale_bytes,
             args.nodes,
             args.codec_ns,
+            args.compressor,
         )
     except ValueError as exc:
         parser.error(str(exc))

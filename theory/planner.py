@@ -1,10 +1,12 @@
 """Plan a quantized gradient exchange before running it: bytes, time and variance per step.
 
 The byte counts are the exact formulas of distq.comm (README "On the wire"), recomputed here
-without torch; the variance is the theory's blow-up bound (`distq.theory.bounds`). The model is
-deliberately simple: one exchange of the whole gradient per step, communication not overlapped
-with compute, codec time (if given) added, and only the slow link timed. With a codec time it
-also tells the bandwidth above which the quantized exchange loses to fp32: turn it off there.
+without torch; the variance is the theory's blow-up bound (`distq.theory.bounds`), or for the
+rotated quantizers an estimate under the Gaussian approximation (`distq.theory.rotation`). The
+model is deliberately simple: one exchange of the whole gradient per step, communication not
+overlapped with compute, codec time (if given) added, and only the slow link timed. With a codec
+time it also tells the bandwidth above which the quantized exchange loses to fp32: turn it off
+there.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import numbers
 import re
 from dataclasses import dataclass
 
-from distq.theory.bounds import grad_blowup_clipped, grad_blowup_unclipped, level_spacing
 from distq.theory.exchange import COLLECTIVES, fp32_allreduce_bytes
 from distq.theory.exchange import collective as collective_record
+from distq.theory.plan_compressors import blowup_once, check_compressor, is_bound
 
 NOTES = (
     "MB: 10^6 bytes each rank sends over the slow link per step; fp32 all-reduce is one flat",
@@ -24,6 +26,11 @@ NOTES = (
     "step = compute + comm + codec (no overlap; codec: --codec-ns per element, 0 if not given).",
     "blow-up: the theory's bound on E|Q(g)|²/|g|²; scatter and hierarchical quantize twice",
     "and the two variances add.",
+)
+ESTIMATE_NOTES = (  # in place of NOTES' last two lines for the rotated quantizers
+    "blow-up†: an estimate, not a bound: 1 + q·vNMSE for q quantizations, vNMSE the rotated",
+    "quantizer's law under the Gaussian approximation (distq.theory.rotation.rotated_vnmse),",
+    "relative to the clipped gradient (clipping does not enter it); none for buckets < 64.",
 )
 
 _PREFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -65,13 +72,20 @@ def parse_bandwidth(value: str | float) -> float:
     return bps
 
 
-def payload_nbytes(n: int, bits: int, bucket_size: int | None, scale_bytes: int = 4) -> int:
+def payload_nbytes(
+    n: int, bits: int, bucket_size: int | None, scale_bytes: int = 4, whole_buckets: bool = False
+) -> int:
     """P(n) = ⌈n·b/8⌉ + scale_bytes·⌈n/bucket⌉ (one scale when bucket_size is None; 0 for n = 0):
-    packed codes then one scale per bucket (distq.comm.wire.WireFormat.payload_nbytes)."""
+    packed codes then one scale per bucket (distq.comm.wire.WireFormat.payload_nbytes). With
+    `whole_buckets` (the rotated quantizers) a partial last bucket is sent whole: the codes take
+    ⌈B·bucket·b/8⌉ bytes for B = ⌈n/bucket⌉."""
     if n == 0:
         return 0
+    if whole_buckets and bucket_size is None:
+        raise ValueError("whole_buckets=True needs a bucket_size; allowed: a positive int")
     scales = 1 if bucket_size is None else -(-n // bucket_size)
-    return -(-n * bits // 8) + scale_bytes * scales
+    coded = scales * bucket_size if whole_buckets else n
+    return -(-coded * bits // 8) + scale_bytes * scales
 
 
 def chunk_length(n: int, ranks: int, bits: int, bucket_size: int | None) -> int:
@@ -87,7 +101,8 @@ def chunk_length(n: int, ranks: int, bits: int, bucket_size: int | None) -> int:
 class Estimate:
     """One exchange: bytes a rank sends over the slow link per step, its time, the step time,
     the speed-up and byte ratio against fp32 all-reduce (None where 0/0), how many times the
-    gradient is quantized, and the predicted E‖Q(g)‖²/‖g‖² (None: 1 bit, no bound)."""
+    gradient is quantized, and the predicted E‖Q(g)‖²/‖g‖² (None: no figure), a proven bound
+    unless `blowup_is_bound` is False (the rotated quantizers' Gaussian-approximation estimate)."""
 
     name: str
     bytes_sent: float
@@ -100,6 +115,7 @@ class Estimate:
     codec_seconds: float = 0.0
     # above this bandwidth fp32 all-reduce is faster (0: always; inf: never; None: fp32 itself)
     break_even_bps: float | None = None
+    blowup_is_bound: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,7 @@ class Plan:
     codec_ns: float
     fp32: Estimate
     collectives: dict[str, Estimate]
+    compressor: str = "quantize"
 
     @property
     def chosen(self) -> Estimate:
@@ -136,8 +153,8 @@ class Plan:
             f", {self.nodes} nodes" if self.collective == "hierarchical" or all_collectives else ""
         )
         head = (
-            f"{self.params:,} params, {self.bits}-bit, {bucket}, {clip}, {self.world_size} ranks"
-            f"{nodes}, {self.bandwidth_bps / 1e6:g} Mbit/s, "
+            f"{self.params:,} params, {self.bits}-bit{self._named()}, {bucket}, {clip}, "
+            f"{self.world_size} ranks{nodes}, {self.bandwidth_bps / 1e6:g} Mbit/s, "
             f"compute {self.compute_seconds * 1e3:g} ms, codec {self.codec_ns:g} ns/element"
         )
         names = COLLECTIVES if all_collectives else (self.collective,)
@@ -150,7 +167,7 @@ class Plan:
             "speed-up",
             "bytes ratio",
             "quantized",
-            "blow-up",
+            "blow-up" if is_bound(self.compressor) else "blow-up†",
         )
         table = [header] + [self._row(row) for row in rows]
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -160,7 +177,8 @@ class Plan:
                 cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)
             ]
             lines.append("  ".join(cells).rstrip())
-        lines += ["", *NOTES]
+        notes = NOTES if is_bound(self.compressor) else NOTES[:3] + ESTIMATE_NOTES
+        lines += ["", *notes]
         if self.codec_ns > 0:
             lines.append(self._break_even_line())
         return "\n".join(lines)
@@ -175,6 +193,10 @@ class Plan:
             f"{self.codec_ns:g} ns/element); on a faster link turn it off (plain DDP)."
         )
 
+    def _named(self) -> str:
+        """The compressor after the width in the table's head; nothing for the default."""
+        return "" if self.compressor == "quantize" else f" {self.compressor}"
+
     def _row(self, row: Estimate) -> tuple[str, ...]:
         name = row.name + (" *" if row.name == self.collective else "")
         return (
@@ -185,8 +207,12 @@ class Plan:
             "—" if row.speedup is None else f"{row.speedup:.2f}×",
             "—" if row.ratio is None else f"{row.ratio:.2f}×",
             str(row.quantizations),
-            "n/a (1 bit)" if row.blowup is None else f"{row.blowup:.3f}",
+            self._missing_blowup() if row.blowup is None else f"{row.blowup:.3f}",
         )
+
+    def _missing_blowup(self) -> str:
+        """Why a blow-up is None: no bound at 1 bit, or no valid estimate on small buckets."""
+        return "n/a (1 bit)" if self.compressor == "quantize" else "n/a (bucket < 64)"
 
 
 def _check_int(name: str, value: object, lowest: int, highest: int | None = None) -> int:
@@ -231,6 +257,7 @@ def plan(
     scale_bytes: int = 4,
     nodes: int | None = None,
     codec_ns: float = 0.0,
+    compressor: str = "quantize",
 ) -> Plan:
     """Predict one step's exchange of a `params`-element gradient among `world_size` ranks.
 
@@ -256,8 +283,19 @@ def plan(
     not re-clip the sum; we assume its max/σ is no worse than its clipped terms' and use the same
     b for both (an approximation). The owner adds its own chunk unquantized, so the first stage
     carries only (w − 1)/w of its variance; the bound keeps the whole term (conservative).
-    1 bit has no Lemma 3 bound: blow-up None. (Over 60 lines only for this docstring: each
-    figure's derivation stays beside the code that computes it.)
+    1 bit has no Lemma 3 bound: blow-up None.
+
+    `compressor` (a name of `distq.theory.exchange.VARIANCE_LAWS`): 'quantize' (the above), or
+    'rotated' / 'rotated-stochastic' (distq.comm.rotation): bits 1..4, bucket_size d a power of
+    two in 8..65536, 4-byte scales; a partial last bucket is sent whole, so
+    P(n) = ⌈B·d·bits/8⌉ + 4·B, B = ⌈n/d⌉, and the chunk length as above. Their blow-up is no
+    bound but an ESTIMATE under the Gaussian approximation (the rotated bucket's entries taken
+    as i.i.d. Gaussian): 1 + q·rotated_vnmse(bits, d, stochastic) for q quantizations, composed
+    as above (the variances taken to add). The clip does not enter it: the exchange clips, then
+    rotates, so it is relative to the clipped x. None for buckets under 64, where the law is
+    not valid. `Estimate.blowup_is_bound` says which, and the table marks an estimate with †.
+    'terngrad' and 'sign' are refused. (Over 60 lines only for this docstring: each figure's
+    derivation stays beside the code that computes it.)
     """
     params, bits = _check_int("params", params, 1), _check_int("bits", bits, 1, 8)
     if bucket_size is not None:
@@ -266,19 +304,21 @@ def plan(
         clip = _check_number("clip", clip, positive=True)
     world_size = _check_int("world_size", world_size, 1)
     collective_record(collective)
+    if scale_bytes not in (2, 4):
+        raise ValueError(f"scale_bytes={scale_bytes!r}; allowed: 4 (fp32) or 2 (fp16)")
+    check_compressor(compressor, bits, bucket_size, scale_bytes)
     link = _Link(
         _check_number("bandwidth_bps", bandwidth_bps, positive=True),
         _check_number("compute_seconds", compute_seconds, positive=False),
         _check_number("codec_ns", codec_ns, positive=False) * 1e-9 * params,
         fp32_allreduce_bytes(params, world_size),
-        _blowup_once(bits, clip, bucket_size or params),
+        blowup_once(compressor, bits, clip, bucket_size or params),
+        is_bound(compressor),
     )
-    if scale_bytes not in (2, 4):
-        raise ValueError(f"scale_bytes={scale_bytes!r}; allowed: 4 (fp32) or 2 (fp16)")
     nodes = world_size if nodes is None else _check_int("nodes", nodes, 1, world_size)
 
     def payload(n: int) -> int:
-        return payload_nbytes(n, bits, bucket_size, scale_bytes)
+        return payload_nbytes(n, bits, bucket_size, scale_bytes, compressor != "quantize")
 
     def chunk(n: int, ranks: int) -> int:
         return chunk_length(n, ranks, bits, bucket_size)
@@ -304,20 +344,22 @@ def plan(
             name: link.estimate(name, sent[name], record.quantizations)
             for name, record in COLLECTIVES.items()
         },
+        compressor=compressor,
     )
 
 
 @dataclass(frozen=True)
 class _Link:
     """What every estimate of one plan shares: the slow link's bandwidth, compute and codec
-    seconds per step, the fp32 all-reduce's bytes, and one quantization's blow-up (None: none
-    proven)."""
+    seconds per step, the fp32 all-reduce's bytes, one quantization's blow-up (None: no figure)
+    and whether it is a proven bound (else an estimate)."""
 
     bandwidth_bps: float
     compute_seconds: float
     codec_seconds: float
     fp32_bytes: float
     once: float | None
+    bound: bool = True
 
     def estimate(self, name: str, nbytes: float, quantizations: int) -> Estimate:
         """The step, speed-up, byte ratio, blow-up and break-even of sending `nbytes`."""
@@ -343,14 +385,5 @@ class _Link:
             blowup,
             codec,
             break_even,
+            self.bound or not quantizations,  # no quantization: exactly 1
         )
-
-
-def _blowup_once(bits: int, clip: float | None, bucket: int) -> float | None:
-    """One quantization's blow-up: clipped `grad_blowup_clipped`, else `grad_blowup_unclipped`
-    over the bucket; None at 1 bit (no Lemma 3 bound)."""
-    if bits == 1:
-        return None
-    if clip is not None:
-        return grad_blowup_clipped(clip, level_spacing(bits))
-    return grad_blowup_unclipped(bucket, level_spacing(bits))

@@ -248,21 +248,28 @@ def test_theory_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
-TRAFFIC_CASES = [(5000, 2, 512), (3001, 3, None), (777, 4, 100)]  # params, bits, bucket
+TRAFFIC_CASES = [  # params, bits, bucket, compressor
+    (5000, 2, 512, "quantize"),
+    (3001, 3, None, "quantize"),
+    (777, 4, 100, "quantize"),
+    (5000, 2, 512, "rotated"),  # rotated: the partial last bucket is sent whole
+    (3001, 3, 64, "rotated-stochastic"),
+    (777, 1, 8, "rotated"),
+]
 
 
 def _traffic_worker(rank, world_size, out):
     from distq.comm.collectives import quantized_sum
     from distq.comm.noise import Key
+    from distq.comm.registry import COMPRESSORS
 
     sent = {}
-    for params, bits, bucket in TRAFFIC_CASES:
+    for params, bits, bucket, name in TRAFFIC_CASES:
+        compressor = COMPRESSORS[name].build(bits, bucket, torch.float32)
         for collective in ("allgather", "scatter"):
             x = torch.randn(params, generator=torch.Generator().manual_seed(rank))
-            _, traffic = quantized_sum(
-                x, StochasticQuantizer(bits, bucket), Key(rank=rank), collective
-            )
-            sent[params, collective] = traffic.sent
+            _, traffic = quantized_sum(x, compressor, Key(rank=rank), collective)
+            sent[params, name, collective] = traffic.sent
     torch.save(sent, out / f"rank{rank}.pt")
 
 
@@ -274,10 +281,10 @@ def test_bytes_match_real_gloo_traffic(tmp_path):
     run_workers(_traffic_worker, world, tmp_path)
     for rank in range(world):
         sent = torch.load(tmp_path / f"rank{rank}.pt")
-        for params, bits, bucket in TRAFFIC_CASES:
-            p = plan(params, bits, bucket, None, world, "scatter", 1e9)
+        for params, bits, bucket, name in TRAFFIC_CASES:
+            p = plan(params, bits, bucket, None, world, "scatter", 1e9, compressor=name)
             for collective in ("allgather", "scatter"):
-                assert sent[params, collective] == p.collectives[collective].bytes_sent
+                assert sent[params, name, collective] == p.collectives[collective].bytes_sent
 
 
 def test_numpy_ints_accepted():
