@@ -30,6 +30,7 @@ from distq.monitor.weights import weight_errors
 from distq.optim import QuantizedOptimizer
 from distq.theory import clip_bias_relative, grad_blowup_clipped, level_spacing
 from distq.theory.exchange import VARIANCE_LAWS
+from distq.theory.plan_compressors import PLANNED, blowup_once, is_bound
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ LOSS_TERMS = ("ce", "kl")  # the parts of a distillation loss (distq.distill.dis
 
 @dataclass
 class GradientSetup:
-    """What the gradient bounds need: the compressor ('quantize', 'terngrad', 'sign') and its
+    """What the gradient bounds need: the compressor (a `distq.comm.COMPRESSORS` name) and its
     bits, the clip multiple c (None: unclipped), the elements per scale (bucket), and how many
     quantizations a value goes through (allgather: 1; scatter: 2; hierarchical: 2 across nodes,
     0 on one node)."""
@@ -62,8 +63,12 @@ class GradientSetup:
         return VARIANCE_LAWS[self.compressor](self.bits, self.bucket_numel)
 
     def gaussian_blowup(self) -> float | None:
-        """The paper's clipped form √(2/π)·c·Δ_g + 1: about what Gaussian gradients give, for
-        comparison, not a bound (None unclipped or where `blowup_bound` has none)."""
+        """What Gaussian gradients give, for comparison, not a bound: the paper's clipped form
+        √(2/π)·c·Δ_g + 1 (None unclipped or where `blowup_bound` has none); for the rotated
+        compressors 1 + their Gaussian law (`distq.theory.rotation.rotated_vnmse`; None for
+        buckets under 64)."""
+        if self.quantizations and self.compressor in PLANNED and not is_bound(self.compressor):
+            return blowup_once(self.compressor, self.bits, self.clip, self.bucket_numel)
         if self.clip is None or self.bits == 1 or self.blowup_bound() is None:
             return None
         return float(grad_blowup_clipped(self.clip, level_spacing(self.bits)))

@@ -16,6 +16,7 @@ from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, we
 from distq.monitor.report import write_report
 from distq.optim import QuantizedOptimizer
 from distq.theory import grad_blowup_clipped, grad_blowup_unclipped
+from distq.theory.rotation import rotated_vnmse
 from tests.distributed import run_workers
 
 
@@ -115,7 +116,8 @@ def test_loss_terms_go_to_the_log_and_to_their_own_gauges(tmp_path):
 def test_gradient_bounds_only_where_proven():
     """Lemma 3's bucket bound for m ≥ 2 bits, clipped or not; B for the stochastic sign (the
     Lemma 3 form, 12.8 at B = 512, was shown where 236.8 was measured); none for TernGrad's
-    shared scale, the biased sign compressor, or nothing quantized."""
+    shared scale, the biased sign compressor, the rotated ones (their Gaussian law is shown
+    beside, as for the clipped quantizer), or nothing quantized."""
     for clip in (2.5, None):
         setup = GradientSetup(bits=2, clip=clip, bucket_numel=512, quantizations=2)
         assert setup.blowup_bound() == pytest.approx(grad_blowup_unclipped(512, 1.0))
@@ -126,7 +128,13 @@ def test_gradient_bounds_only_where_proven():
     assert GradientSetup(bits=2, clip=2.5, bucket_numel=512).gaussian_blowup() == pytest.approx(
         grad_blowup_clipped(2.5, 1.0)
     )
+    for name, stochastic in (("rotated", False), ("rotated-stochastic", True)):
+        rotated = GradientSetup(bits=2, clip=2.5, bucket_numel=512, compressor=name)
+        assert rotated.blowup_bound() is None  # a Gaussian law, not a bound
+        assert rotated.gaussian_blowup() == 1 + rotated_vnmse(2, 512, stochastic)
+        assert GradientSetup(2, 2.5, 32, compressor=name).gaussian_blowup() is None
     for setup in (
+        GradientSetup(bits=2, clip=2.5, bucket_numel=512, quantizations=0, compressor="rotated"),
         GradientSetup(bits=2, clip=2.5, bucket_numel=512, compressor="terngrad"),
         GradientSetup(bits=1, clip=None, bucket_numel=512, compressor="sign"),
         GradientSetup(bits=2, clip=2.5, bucket_numel=512, quantizations=0),
