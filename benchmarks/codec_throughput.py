@@ -21,12 +21,16 @@ import time
 import torch
 
 from distq.comm import Key, SignCompressor, StochasticQuantizer
+from distq.comm.rotation import RotatedQuantizer
 
 CONFIGS = {
     "2-bit, 512-elt buckets": lambda: StochasticQuantizer(2, 512),
     "4-bit, 512-elt buckets": lambda: StochasticQuantizer(4, 512),
     "2-bit, one scale": lambda: StochasticQuantizer(2, None),
     "1-bit sign, 512": lambda: SignCompressor(512),
+    "rotated 2-bit, 512": lambda: RotatedQuantizer(2, 512),
+    "rotated 4-bit, 512": lambda: RotatedQuantizer(4, 512),
+    "rotated-stochastic 2-bit, 512": lambda: RotatedQuantizer(2, 512, stochastic=True),
 }
 
 
@@ -47,14 +51,16 @@ def measure(numel: int, repeats: int, threads: int) -> dict[str, tuple[float, fl
     codecs = {name: make() for name, make in CONFIGS.items()}
     payloads = {name: c.compress(x, Key()) for name, c in codecs.items()}  # warm-up / compile
     for name, c in codecs.items():
-        c.decompress_into(payloads[name], out)
+        c.decompress_into(payloads[name], out, key=Key())
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in codecs}
     memcpy = []
     for step in range(repeats):  # interleave configurations
         memcpy.append(median_seconds(lambda: out.copy_(x), 1))
         for name, c in codecs.items():
             enc = median_seconds(lambda c=c, s=step: c.compress(x, Key(step=s)), 1)
-            dec = median_seconds(lambda c=c, n=name: c.decompress_into(payloads[n], out), 1)
+            dec = median_seconds(
+                lambda c=c, n=name: c.decompress_into(payloads[n], out, key=Key()), 1
+            )
             results[name].append((enc, dec))
     summary = {name: (statistics.median(e for e, _ in r), statistics.median(d for _, d in r))
                for name, r in results.items()}
