@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -13,10 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distq.comm.auto import DEFAULT_BUDGET, SAMPLE, Choice, Option, check_budget, choose
 from distq.comm.clipping import clip_by_rms_
 from distq.comm.collectives import (
     SEGMENT_ELEMENTS,
     Traffic,
+    chunk_length,
     quantized_sum,
     shared_scales,
     working_length,
@@ -34,6 +37,7 @@ from distq.theory.exchange import fp32_allreduce_bytes
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "propagate")
+AUTO = "auto"
 ERROR_SAMPLE = 1 << 20  # elements the relative error is measured on
 SLOTS_PER_BUCKET = 16  # noise/error-feedback slots per bucket: one per distinct bit width
 
@@ -55,6 +59,7 @@ class CompressionStats:
     clip_bias: float = float("nan")  # ‖x − g‖²/‖g‖²
     requant_relative_error: float = float("nan")  # scatter's 2nd quantization, ‖Q(s) − s‖²/‖s‖²
     measured_step: int = -1  # the step these were measured at
+    choices: dict[int, str] = field(default_factory=dict)  # bits="auto": bucket → choice, why
 
     @property
     def measured_blowup(self) -> float:
@@ -88,7 +93,9 @@ class ExchangeSettings:
         'terngrad': bits=2 only; 'sign': bits=1 only) or a `Compressor` object (its width is
         `bits`; `bits_by_name` widths come from its `with_bits`).
     bits: bits per element, 1..8 (None: the compressor's own, 2 for 'quantize'). 2 bits cut
-        traffic ~15×; 4 is the safe choice for sensitive layers.
+        traffic ~15×; 4 is the safe choice for sensitive layers. "auto": per bucket, the fastest
+        of an fp32 all-reduce, an fp16 one and the compressor's widths whose measured added
+        error stays within `auto_budget` (`distq.comm.auto`).
     bucket_size: elements per scale; smaller buckets lower the variance and add 4 bytes each
         (512: 1/16 bit per element). None: one scale per exchanged bucket (the paper's setting).
     clip: clip each gradient tensor at clip·√mean(g²) before quantizing (the paper's σ for
@@ -107,10 +114,12 @@ class ExchangeSettings:
     segment: elements per pipeline segment: one is encoded and another decoded while a third is
         on the wire, so the codec's time hides behind the network's. None: one piece.
     bits_by_name: {parameter name or regex: bits} for parameters that need other widths.
+    auto_budget: with bits="auto", the relative variance ‖Q(x) − x‖²/‖x‖² of all quantizations
+        on the way that an option may add.
     """
 
     compressor: str | Compressor = "quantize"
-    bits: int | None = None
+    bits: int | str | None = None
     bucket_size: int | None = 512
     clip: float | None = 2.5
     collective: str = "scatter"
@@ -121,6 +130,7 @@ class ExchangeSettings:
     error_every: int = 10
     segment: int | None = SEGMENT_ELEMENTS
     bits_by_name: Mapping[str, int] = field(default_factory=dict)
+    auto_budget: float = DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         collective_record(self.collective)
@@ -128,7 +138,15 @@ class ExchangeSettings:
             raise ValueError(
                 f"nonfinite={self.nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}"
             )
-        object.__setattr__(self, "bits", self.width(self.bits))
+        if self.bits == AUTO:
+            check_budget(self.auto_budget)
+            if self.bits_by_name or self.collective == "hierarchical":
+                raise ValueError(
+                    "bits='auto' chooses one width per bucket over a flat group; allowed with "
+                    "it: no bits_by_name, collective 'scatter' or 'allgather'"
+                )
+        else:
+            object.__setattr__(self, "bits", self.width(self.bits))
         for name, value, allowed in (
             ("bucket_size", self.bucket_size, "a positive int or None"),
             ("error_every", self.error_every, "a positive number of steps"),
@@ -153,6 +171,21 @@ class ExchangeSettings:
                 raise TypeError(f"unknown exchange option {name!r}{hint}; allowed: {allowed}")
         return cls(**options)
 
+    @property
+    def auto(self) -> bool:
+        """Whether the width is chosen by measurement."""
+        return self.bits == AUTO
+
+    def auto_widths(self) -> list[int]:
+        """The widths bits="auto" tries, widest first: those of 8, 4, 2, 1 the compressor sends."""
+        widths = []
+        for bits in (8, 4, 2, 1):
+            try:
+                widths.append(self.width(bits))
+            except ValueError:
+                continue
+        return widths
+
     def width(self, bits: int | None, name: str = "bits") -> int:
         """The width sent for a requested `bits`, checked against the compressor."""
         if isinstance(self.compressor, Compressor):
@@ -163,7 +196,8 @@ class ExchangeSettings:
         else:
             bits = compressor_record(self.compressor).bits(bits, name)
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"{name}={bits!r}; allowed: an int in 1..8")
+            auto = " or 'auto'" if name == "bits" else ""
+            raise ValueError(f"{name}={bits!r}; allowed: an int in 1..8{auto}")
         return bits
 
     def build(self, bits: int) -> Compressor:
@@ -203,6 +237,7 @@ class GradientExchange:
         self._plain: dict[int, Compressor] = {}  # the same without error feedback
         self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
         self._scratch: Tensor | None = None
+        self.choices: dict[int, Choice] = {}  # bits="auto": each bucket's measured choice
         self.transport, self.topology = transport, topology
         if transport is not None:
             self.connect(transport, topology)
@@ -304,17 +339,21 @@ class GradientExchange:
         self, buffer: Tensor, lengths: list[int], widths: list[int], index: int, step: int
     ) -> Tensor:
         """Σ over ranks of the bucket's clipped, quantized values (fp32 below `min_numel`)."""
-        n, numel = self.transport.size, buffer.numel()
+        numel = buffer.numel()
         if numel < self.settings.min_numel:
-            work = buffer.to(torch.float32, copy=True)
-            self.transport.sum_(work, f"distq.{index}.fp32")
-            self.stats.uncompressed_bytes_sent += fp32_allreduce_bytes(numel, n)
-            return work
+            return self._full_precision_sum(buffer, index, torch.float32)
+        if self.settings.auto:
+            bits = self._choose(buffer, lengths, index, step).bits
+            if bits is None:
+                dtype = torch.float16 if self.choices[index].name == "fp16" else torch.float32
+                return self._full_precision_sum(buffer, index, dtype)
+            widths = [bits] * len(lengths)
         distinct = sorted(set(widths))
         if len(distinct) > 1:
             return self._sum_mixed(buffer, lengths, widths, index, step)
         compressor = self.compressor_for(distinct[0])
         collective = self.settings.collective
+        n = self.transport.size
         work = self._work_buffer(working_length(numel, n, compressor, collective), buffer)
         work[numel:].zero_()  # scatter's padding
         x = work[:numel]
@@ -328,6 +367,72 @@ class GradientExchange:
             self._measure(x, original, compressor, self._key(step, slot))
         target = work if collective == "scatter" else x
         return self._exchange(target, compressor, slot, step, measure)[:numel]
+
+    def _full_precision_sum(self, buffer: Tensor, index: int, dtype: torch.dtype) -> Tensor:
+        """Σ over ranks of the bucket by a plain all-reduce in `dtype` (fp16: of buffer/n, as
+        torch's fp16 hook, so the sum cannot overflow), as float32."""
+        n = self.transport.size
+        if dtype == torch.float32:
+            work = buffer.to(torch.float32, copy=True)
+        else:
+            work = buffer.to(torch.float32).div(n).to(dtype)
+        self.transport.sum_(work, f"distq.{index}.{dtype}")
+        element = work.element_size()
+        self.stats.uncompressed_bytes_sent += fp32_allreduce_bytes(work.numel(), n, element)
+        return work if dtype == torch.float32 else work.to(torch.float32).mul_(n)
+
+    def _choose(self, buffer: Tensor, lengths: list[int], index: int, step: int) -> Choice:
+        """The bucket's choice under bits="auto", measured on its first quantized step (and
+        again if its size changes); collective: every rank calls it alike (module
+        `distq.comm.auto`)."""
+        numel = buffer.numel()
+        cached = self.choices.get(index)
+        if cached is not None and cached.numel == numel:
+            return cached
+        x = buffer.to(torch.float32, copy=True)
+        if self.settings.clip is not None:
+            clip_by_rms_(x, self.settings.clip, lengths)
+        sample = x[:SAMPLE]
+        names = ["fp32", "fp16", *(f"{bits}-bit" for bits in self.settings.auto_widths())]
+        seconds = [
+            _timed(lambda: self._full_precision_sum(x, index, torch.float32))[0],
+            _timed(lambda: self._full_precision_sum(x, index, torch.float16))[0],
+        ]
+        half = sample.to(torch.float16).to(torch.float32)
+        errors = [0.0, _relative_error(half, sample)]
+        key = self._key(step, index * SLOTS_PER_BUCKET)
+        for bits in self.settings.auto_widths():
+            per_element, error = _codec_cost(self.settings.build(bits), sample, key)
+            seconds.append(per_element)
+            errors.append(error)
+        measured = torch.tensor(seconds + errors, dtype=torch.float64)
+        self.transport.max_(measured, f"distq.{index}.auto")  # the same figures on every rank
+        seconds, errors = measured[: len(names)].tolist(), measured[len(names) :].tolist()
+        options = self._options(names, seconds, errors, numel)
+        choice = self.choices[index] = Choice(choose(options, self.settings.auto_budget),
+                                              numel, options)  # fmt: skip
+        self.stats.choices[index] = choice.describe()
+        log.info("distq bits='auto', bucket %d: %s", index, choice.describe())
+        return choice
+
+    def _options(
+        self, names: list[str], seconds: list[float], errors: list[float], numel: int
+    ) -> dict[str, Option]:
+        """Each option's predicted seconds and added error from the measured figures: fp32 and
+        fp16 as timed; a width's codec time per element × q·numel plus its bytes at the fp32
+        all-reduce's seconds per byte; its error × q (q: the collective's quantizations)."""
+        n, q = self.transport.size, self.quantizations()
+        options = {"fp32": Option(seconds[0], 0.0), "fp16": Option(seconds[1], errors[1])}
+        per_byte = seconds[0] / max(1, fp32_allreduce_bytes(numel, n))  # the link, measured
+        record = collective_record(self.settings.collective)
+        for name, per_element, error in zip(names[2:], seconds[2:], errors[2:], strict=True):
+            compressor = self.settings.build(int(name.split("-")[0]))
+            sent = record.bytes_sent(
+                numel, n, 1, compressor.wire.payload_nbytes,
+                lambda length, ranks, c=compressor: chunk_length(length, ranks, c),
+            )  # fmt: skip
+            options[name] = Option(q * per_element * numel + sent * per_byte, q * error)
+        return options
 
     def _clip_into(self, x: Tensor, buffer: Tensor, lengths: list[int]) -> None:
         """x ← buffer clipped per tensor at clip·rms (float32)."""
@@ -445,6 +550,23 @@ class GradientExchange:
     def reset_residuals(self) -> None:
         self.load_residuals({})
 
+    def choices_state(self) -> dict[int, dict[str, Any]]:
+        """bits="auto"'s choices as plain data, so a resumed run sends what this one did."""
+        return {
+            index: {"name": c.name, "numel": c.numel,
+                    "options": {k: (o.seconds, o.error) for k, o in c.options.items()}}
+            for index, c in self.choices.items()
+        }  # fmt: skip
+
+    def load_choices(self, state: Mapping[int, Mapping[str, Any]]) -> None:
+        """Replace the choices by those `choices_state` saved."""
+        self.choices = {
+            int(index): Choice(c["name"], int(c["numel"]),
+                               {k: Option(*v) for k, v in c["options"].items()})
+            for index, c in state.items()
+        }  # fmt: skip
+        self.stats.choices = {i: c.describe() for i, c in self.choices.items()}
+
 
 def nonfinite_error(where: str) -> FloatingPointError:
     """The error every rank raises alike under nonfinite='raise'."""
@@ -471,3 +593,29 @@ def _error_sample(x: Tensor, compressor: Compressor) -> Tensor:
         return x[:ERROR_SAMPLE]
     whole = min(ERROR_SAMPLE, x.numel()) // bucket * bucket
     return x[: whole or x.numel()]
+
+
+def _timed(fn: Callable[[], Tensor], repeats: int = 2) -> tuple[float, Tensor]:
+    """(the fastest of `repeats` timed calls of fn, in seconds, and its result), after one
+    untimed call that compiles kernels and warms caches."""
+    result, best = fn(), float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def _codec_cost(compressor: Compressor, sample: Tensor, key: Key) -> tuple[float, float]:
+    """(seconds per element of one encode + decode of `sample`, its relative error)."""
+    seconds, decoded = _timed(
+        lambda: compressor.decompress(compressor.compress(sample, key), sample.numel(), key)
+    )
+    return seconds / max(1, sample.numel()), _relative_error(decoded, sample)
+
+
+def _relative_error(decoded: Tensor, x: Tensor) -> float:
+    """‖decoded − x‖²/‖x‖² (0 for x = 0)."""
+    norm = float(torch.dot(x, x))
+    diff = decoded - x
+    return float(torch.dot(diff, diff)) / norm if norm > 0 else 0.0

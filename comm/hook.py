@@ -131,6 +131,7 @@ class QuantizedCommState:
             "rank": dist.get_rank(),
             "config": self.config(),
             "residuals": exchange.residuals(),
+            "choices": exchange.choices_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -145,6 +146,7 @@ class QuantizedCommState:
         if different:
             raise ValueError("hook state was saved with other settings: " + "; ".join(different))
         self.iter = int(state["iter"])
+        self.exchange.load_choices(state.get("choices", {}))
         world, rank = self.exchange.transport.size, dist.get_rank()
         same = (state["world_size"], state["rank"]) == (world, rank)
         self.exchange.load_residuals(state["residuals"] if same else {})

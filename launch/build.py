@@ -63,7 +63,7 @@ def build_monitor(
 ) -> ConvergenceMonitor:
     """The convergence monitor for this rank, with its Prometheus exporter if a port is set."""
     gradient = None
-    if comm is not None:
+    if comm is not None and comm.bits != "auto":  # auto: a width per bucket, no single bound
         grads = cfg.gradients
         gradient = GradientSetup(
             bits=comm.bits,

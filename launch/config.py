@@ -22,6 +22,7 @@ from typing import Any
 from distq.bit_allocation import METHODS as BIT_ALLOCATIONS
 from distq.channels import ALLOCATIONS as CHANNEL_ALLOCATIONS
 from distq.comm import COLLECTIVES, COMPRESSORS
+from distq.comm.auto import DEFAULT_BUDGET
 from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
 from distq.launch.yaml_config import load_yaml
@@ -248,9 +249,10 @@ class Sparsity(Options):
 class Gradients(Options):
     """Gradient exchange: QuantizedCommState's keyword arguments (comm/hook.py)."""
 
-    bits: int | None = option(
-        2, "bits per gradient element on the wire (null: fp32 all-reduce)", minimum=1, maximum=8,
-        flat="grad_bits",
+    bits: int | str | None = option(
+        2, "bits per gradient element on the wire (null: fp32 all-reduce; auto: per bucket, the "
+        "fastest of fp32, fp16 and the compressor's widths within grad_auto_budget, measured)",
+        minimum=1, maximum=8, flat="grad_bits", words=("auto",),
     )  # fmt: skip
     collective: str = option(
         "scatter", "how quantized gradients are exchanged", choices=COLLECTIVES
@@ -264,10 +266,17 @@ class Gradients(Options):
         choices=COMPRESSORS, flat="grad_compressor",
     )  # fmt: skip
     error_feedback: bool = option(False, "add each step's compression error to the next")
+    auto_budget: float = option(
+        DEFAULT_BUDGET, "with grad_bits auto: the relative variance ‖Q(g) − g‖²/‖g‖² an option "
+        "may add per step", above=0, flat="grad_auto_budget",
+    )  # fmt: skip
 
     def check(self) -> None:
         record = COMPRESSORS[self.compressor]
-        if self.bits is not None and self.bits not in record.widths:
+        if self.bits == "auto" and self.collective == "hierarchical":
+            raise ConfigError("grad_bits auto works on a flat group; allowed with it: collective "
+                              "scatter or allgather")  # fmt: skip
+        if self.bits not in (None, "auto") and self.bits not in record.widths:
             raise ConfigError(
                 f"grad_compressor {self.compressor!r} sends {record.sends()} bit(s); "
                 f"got grad_bits={self.bits}"

@@ -29,9 +29,11 @@ def option(
     maximum: float | None = None,
     above: float | None = None,
     flat: str | None = None,
+    words: tuple[str, ...] = (),
 ) -> Any:
     """A config field with its help text, allowed values, numeric bounds (`above`: an exclusive
-    lower bound) and flat name (default: the field's name)."""
+    lower bound), flat name (default: the field's name) and `words` a number field also takes
+    (grad_bits: auto)."""
     meta = {
         "help": help,
         "choices": choices,
@@ -39,6 +41,7 @@ def option(
         "max": maximum,
         "above": above,
         "flat": flat,
+        "words": words,
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -70,10 +73,11 @@ def flat_name(f: dataclasses.Field) -> str:
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
-    """(the type, whether None is allowed) of a field's hint: `int | None` -> (int, True)."""
+    """(the type, whether None is allowed) of a field's hint: `int | None` -> (int, True); the
+    first type of a union (`int | str | None`: a number field that takes `words`) -> int."""
     args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in args if a is not type(None)), type(None) in args
     return hint, False
 
 
@@ -84,6 +88,11 @@ def _check(name: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> 
         if optional:
             return
         raise ConfigError(f"{name} must not be null")
+    words = meta.get("words", ())
+    if isinstance(value, str) and words:
+        if value not in words:
+            raise ConfigError(f"{name}={value!r}: expected {base.__name__} or {', '.join(words)}")
+        return
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         if not (isinstance(value, list) and all(_is(v, item) for v in value)):
@@ -149,15 +158,22 @@ def add_flags(parser: argparse._ActionsContainer, section: type[Options]) -> Non
         else:
             choices = f.metadata["choices"]
             metavar = "{" + ",".join(choices) + "}" if choices else base.__name__.upper()
-            parser.add_argument(flag, type=_parser_for(base, optional), metavar=metavar, **shared)
+            words = f.metadata.get("words", ())
+            parse = _parser_for(base, optional, words)
+            parser.add_argument(flag, type=parse, metavar=metavar, **shared)
 
 
-def _parser_for(kind: type, optional: bool) -> typing.Callable[[str], Any]:
-    """Parse a flag's text as `kind`; 'none'/'null' mean None for optional fields."""
+def _parser_for(
+    kind: type, optional: bool, words: tuple[str, ...] = ()
+) -> typing.Callable[[str], Any]:
+    """Parse a flag's text as `kind`; 'none'/'null' mean None for optional fields, `words`
+    stand for themselves."""
 
     def parse(text: str) -> Any:
         if optional and text.lower() in ("none", "null"):
             return None
+        if text in words:
+            return text
         try:
             return kind(text)
         except ValueError:

@@ -275,7 +275,8 @@ def _wire(gradients: config.Gradients, comm: QuantizedCommState | None) -> str:
         return "fp32 gradients"
     if comm.quantizations() == 0:
         return "fp32 gradients (hierarchical on one node: a full-precision all-reduce)"
-    code = f"{gradients.bits}-bit {gradients.compressor}"
+    width = "measured" if gradients.bits == "auto" else f"{gradients.bits}-bit"
+    code = f"{width} {gradients.compressor}"
     return f"{code} gradients, {gradients.collective}, clip {gradients.clip}"
 
 
@@ -459,11 +460,14 @@ def _close(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> 
         )
     elif progress.steps_run:
         stats = comm.compression_stats()
+        sent = stats.bytes_sent + stats.uncompressed_bytes_sent
         job.say(
-            f"gradient traffic (rank 0): {stats.bytes_sent / 1e6:.2f} MB sent vs "
+            f"gradient traffic (rank 0): {sent / 1e6:.2f} MB sent vs "
             f"{stats.fp32_allreduce_bytes / 1e6:.2f} MB an fp32 all-reduce sends "
             f"({stats.compression_ratio:.1f}x less)"
         )
+        for index, why in sorted(stats.choices.items()):
+            job.say(f"grad_bits auto, bucket {index}: {why}")
     comm.close()
 
 

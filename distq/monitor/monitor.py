@@ -91,6 +91,7 @@ class ConvergenceMonitor:
     _streak: int = field(default=0, init=False)
     _last_combined: float | None = field(default=None, init=False)
     _bytes_seen: tuple[int, int] = field(default=(0, 0), init=False)
+    _choices_seen: dict[int, str] = field(default_factory=dict, init=False)
     _grad_seen: int = field(default=-1, init=False)
     _last_grad_error: float = field(default=0.0, init=False)
     alarms: dict[str, int] = field(default_factory=dict, init=False)
@@ -138,16 +139,21 @@ class ConvergenceMonitor:
         return record
 
     def _traffic(self) -> dict[str, Any]:
+        """Bytes on the wire so far, and (bits="auto") each bucket's choice when it is new."""
         if self.comm is None:
             return {}
         stats = self.comm.compression_stats()
-        return {
+        out = {
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
             "intra_node_bytes_sent": stats.intra_node_bytes_sent,
             "fp32_allreduce_bytes": stats.fp32_allreduce_bytes,
             "compression_ratio": stats.compression_ratio,
         }
+        if stats.choices and stats.choices != self._choices_seen:
+            out["grad_auto_choices"] = {str(k): v for k, v in sorted(stats.choices.items())}
+            self._choices_seen = dict(stats.choices)
+        return out
 
     def _gradient_errors(self, step: int) -> dict[str, Any]:
         """The hook's newest error measurement, if it is one this monitor has not seen yet.

@@ -304,3 +304,20 @@ def test_the_readme_yaml_example_is_a_valid_config(tmp_path):
     path.write_text(example)
     cfg = parse([str(path)])
     assert cfg == config.TrainConfig(), "the example shows the defaults"
+
+
+def test_grad_bits_auto_from_yaml_and_flag_and_its_errors(tmp_path):
+    """`grad_bits: auto` (YAML, flat or in the gradients section) and `--grad-bits auto` reach
+    the exchange; another word, or auto with the hierarchical collective, is named."""
+    path = tmp_path / "run.yaml"
+    path.write_text("gradients: {bits: auto, compressor: rotated, auto_budget: 0.2}\n")
+    cfg = parse([str(path)])
+    assert (cfg.gradients.bits, cfg.gradients.auto_budget) == ("auto", 0.2)
+    assert parse(["--grad-bits", "auto"]).gradients.bits == "auto"
+    assert parse(["--grad-bits", "4"]).gradients.bits == 4
+    with pytest.raises(config.ConfigError, match="grad_bits='fast': expected int or auto"):
+        config.from_mapping({"grad_bits": "fast"})
+    with pytest.raises(config.ConfigError, match="grad_bits auto works on a flat group"):
+        config.from_mapping({"grad_bits": "auto", "collective": "hierarchical"})
+    with pytest.raises(config.ConfigError, match="grad_auto_budget=0 is not allowed"):
+        config.from_mapping({"grad_bits": "auto", "grad_auto_budget": 0})

@@ -1,0 +1,117 @@
+"""bits="auto" (`distq.comm.auto`): the choice rule, the settings it accepts, and the measured
+choice on real gloo groups: the same on every rank, recorded with its reasons, and the average
+it gives is that option's."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from distq.comm import ExchangeSettings, GradientExchange
+from distq.comm.auto import Choice, Option, choose
+from tests.distributed import run_workers
+
+
+def test_the_fastest_option_within_the_budget_wins():
+    options = {
+        "fp32": Option(1.0, 0.0),
+        "fp16": Option(0.6, 1e-7),
+        "4-bit": Option(0.3, 0.05),
+        "2-bit": Option(0.2, 0.4),  # fastest, but over the budget
+    }
+    assert choose(options, budget=0.3) == "4-bit"
+    assert choose(options, budget=0.5) == "2-bit"
+    assert choose(options, budget=1e-9) == "fp32"  # fp16's rounding is over it too
+    slow_codecs = {**options, "4-bit": Option(2.0, 0.05), "2-bit": Option(3.0, 0.1)}
+    assert choose(slow_codecs, budget=0.3) == "fp16"
+    assert choose({"fp32": Option(1.0, 0.0), "fp16": Option(1.0, 0.0)}, 0.3) == "fp32"  # ties
+    assert Choice("2-bit", 10, options).bits == 2 and Choice("fp16", 10, options).bits is None
+
+
+def test_settings_for_auto():
+    assert ExchangeSettings(bits="auto").auto_widths() == [8, 4, 2, 1]
+    assert ExchangeSettings("rotated", bits="auto").auto_widths() == [4, 2, 1]
+    assert ExchangeSettings("terngrad", bits="auto").auto_widths() == [2]
+    with pytest.raises(ValueError, match="allowed with it: no bits_by_name"):
+        ExchangeSettings(bits="auto", bits_by_name={"x": 4})
+    with pytest.raises(ValueError, match="collective 'scatter' or 'allgather'"):
+        ExchangeSettings(bits="auto", collective="hierarchical")
+    with pytest.raises(ValueError, match="auto_budget=0; allowed: a positive"):
+        ExchangeSettings(bits="auto", auto_budget=0)
+    with pytest.raises(ValueError, match=r"bits='two'; allowed: an int in 1\.\.8 or 'auto'"):
+        ExchangeSettings(bits="two")
+
+
+def test_one_rank_chooses_full_precision_and_says_why(one_rank, caplog):
+    """On one rank nothing crosses a link: an all-reduce costs next to nothing and any codec
+    more, so fp32 or fp16 is chosen (measured, not assumed), the average is the input (to fp16's
+    rounding), and the log line lists every option."""
+    exchange = GradientExchange(ExchangeSettings("rotated", bits="auto"), one_rank)
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="distq.comm.exchange"):
+        average = exchange.average(g.clone(), [2000, 3000], ["auto", "auto"], index=0, step=3)
+    choice = exchange.choices[0]
+    assert choice.bits is None and torch.allclose(average, g, rtol=1e-3, atol=0)
+    assert list(choice.options) == ["fp32", "fp16", "4-bit", "2-bit", "1-bit"]
+    errors = {name: o.error for name, o in choice.options.items()}
+    assert errors["fp32"] == 0 and 0 < errors["fp16"] < 1e-6
+    assert 0.3 < errors["1-bit"] / 2 < 0.8 and 0.08 < errors["2-bit"] / 2 < 0.2  # scatter: q = 2
+    assert "bucket 0: 5000 elements: fp32" in caplog.text and f"-> {choice.name}" in caplog.text
+    before = dict(exchange.choices)
+    exchange.average(g.clone(), [2000, 3000], ["auto", "auto"], index=0, step=4)
+    assert exchange.choices == before  # measured once per bucket
+
+
+WORLD = 3
+
+
+def worker(rank, world_size, out_dir):
+    os.environ["DISTQ_COMPILE"] = "0"
+    torch.set_num_threads(1)
+    from distq.comm.transport import TorchTransport
+
+    g = torch.randn(20000, generator=torch.Generator().manual_seed(rank))
+    out = {}
+    for name, budget in (("tight", 1e-12), ("loose", 10.0)):
+        settings = ExchangeSettings("rotated", bits="auto", auto_budget=budget, min_numel=0)
+        exchange = GradientExchange(settings, TorchTransport())
+        average = exchange.average(g.clone(), [20000], ["auto"], index=0, step=2)
+        out[name] = (exchange.choices[0], average)
+    torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def chosen(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("auto")
+    run_workers(worker, WORLD, str(out_dir))
+    return [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_every_rank_makes_the_same_choice_and_gets_the_same_average(chosen):
+    for budget in ("tight", "loose"):
+        choices = [out[budget][0] for out in chosen]
+        assert all(c == choices[0] for c in choices[1:])  # the max-reduced figures, alike
+        averages = [out[budget][1] for out in chosen]
+        assert all(torch.equal(averages[0], a) for a in averages[1:])
+    assert chosen[0]["tight"][0].name == "fp32"  # fp16's rounding is over 1e-12
+    exact = sum(torch.randn(20000, generator=torch.Generator().manual_seed(r)) for r in range(3))
+    assert torch.allclose(chosen[0]["tight"][1], exact / 3, atol=1e-6)
+
+
+def test_saved_choices_are_used_again_without_measuring(one_rank, caplog):
+    """A resumed exchange sends what the run it continues chose (a measurement could differ)."""
+    settings = ExchangeSettings("rotated", bits="auto", min_numel=0)
+    first = GradientExchange(settings, one_rank)
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(1))
+    first.average(g.clone(), [3000], ["auto"], index=2, step=5)
+    state = first.choices_state()
+    resumed = GradientExchange(settings, one_rank)
+    resumed.load_choices(state)
+    assert resumed.choices == first.choices and resumed.stats.choices == first.stats.choices
+    with caplog.at_level(logging.INFO, logger="distq.comm.exchange"):
+        resumed.average(g.clone(), [3000], ["auto"], index=2, step=6)
+    assert "bits='auto'" not in caplog.text  # nothing measured again
