@@ -10,6 +10,7 @@ from distq.comm.feedback import ErrorFeedback, ResidualMemory
 from distq.comm.hook import QuantizedCommState, prime_buckets, quantized_hook
 from distq.comm.noise import Key
 from distq.comm.registry import COMPRESSORS, make_compressor
+from distq.comm.rotation import RotatedQuantizer
 from distq.comm.wire import WireFormat
 from distq.theory.exchange import COLLECTIVES
 
@@ -26,6 +27,7 @@ __all__ = [
     "Key",
     "QuantizedCommState",
     "ResidualMemory",
+    "RotatedQuantizer",
     "SignCompressor",
     "StochasticQuantizer",
     "Traffic",
