@@ -163,24 +163,32 @@ def allgather_sum(
     return x, traffic
 
 
-def scatter_sum(
-    x: Tensor,
+def scatter_lengths(total: int, n: int, compressor: Compressor, segment: int | None) -> list[int]:
+    """`scatter`'s segments of a padded tensor of `total` elements: n whole chunks each (one
+    segment unless the compressor is `pipelined`)."""
+    unit = n * compressor.wire.chunk_unit()
+    return segment_lengths(total, unit, segment if pipelined(compressor) else None)
+
+
+def scatter_chunks(
+    work: Tensor,
     compressor: Compressor,
     key: Key,
     transport: Transport,
+    traffic: Traffic,
+    owner: Callable,
+    *after: Callable,
     buffers: dict | None = None,
-    errors: dict | None = None,
     segment: int | None = None,
     name: str = "distq",
-) -> tuple[Tensor, Traffic]:
-    """Σ over ranks of x by `scatter`. Works in x itself when it already has `working_length`
-    (overwriting it), else in a padded copy; returns a view of its first x.numel() elements."""
-    n, rank, numel, wire = transport.size, transport.rank, x.numel(), compressor.wire
-    total = working_length(numel, n, compressor, "scatter")
-    work = x if numel == total else torch.cat([x, x.new_zeros(total - numel)])
+) -> None:
+    """`scatter`'s first two stages over work's `scatter_lengths` segments: chunk j of each
+    segment is encoded and sent to rank j (all-to-all; with a `pipelined` compressor this rank's
+    own chunk never leaves and stays exact), then, when the rows arrive,
+    `owner(seg, received [n, P], mine, skip)` runs on this rank's chunk `mine` (skip: the row to
+    leave out, its own, or None), then each of `after` on what it returns, a stage apart."""
+    n, rank, wire = transport.size, transport.rank, compressor.wire
     own_exact = pipelined(compressor)
-    traffic = Traffic()
-    requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
 
     def send_chunks(i: int, start: int, piece: Tensor) -> _Segment:
         """Encode the n chunks as [n, P] rows, row j a valid payload of chunk j with the codes it
@@ -204,12 +212,36 @@ def scatter_sum(
         traffic.both((n - 1) * rows.shape[1])
         return _Segment(i, start, piece, rows, pending)
 
-    def reduce_own_chunk(seg: _Segment) -> _Segment:
-        """Add the received chunks into this rank's, re-quantize the sum, start the all-gather."""
-        received = seg.pending.wait().view(n, -1)
+    def receive(seg: _Segment):
         chunk = seg.piece.numel() // n
         mine = seg.piece[rank * chunk : (rank + 1) * chunk]
-        skip = rank if own_exact else None
+        received = seg.pending.wait().view(n, -1)
+        return owner(seg, received, mine, rank if own_exact else None)
+
+    lengths = scatter_lengths(work.numel(), n, compressor, segment)
+    _pipeline(work, lengths, send_chunks, receive, *after)
+
+
+def scatter_sum(
+    x: Tensor,
+    compressor: Compressor,
+    key: Key,
+    transport: Transport,
+    buffers: dict | None = None,
+    errors: dict | None = None,
+    segment: int | None = None,
+    name: str = "distq",
+) -> tuple[Tensor, Traffic]:
+    """Σ over ranks of x by `scatter`. Works in x itself when it already has `working_length`
+    (overwriting it), else in a padded copy; returns a view of its first x.numel() elements."""
+    n, rank, numel = transport.size, transport.rank, x.numel()
+    total = working_length(numel, n, compressor, "scatter")
+    work = x if numel == total else torch.cat([x, x.new_zeros(total - numel)])
+    traffic = Traffic()
+    requant = [0.0, 0.0]  # Σ‖Q(s) − s‖², Σ‖s‖² of this rank's owner chunks
+
+    def reduce_own_chunk(seg: _Segment, received: Tensor, mine: Tensor, skip: int | None):
+        """Add the received chunks into this rank's, re-quantize the sum, start the all-gather."""
         owner_key = Key(key.seed, key.step, rank, key.slot, phase=1)
         measured = requant if errors is not None else None
         payload = compressor.requantize_sum(
@@ -223,8 +255,10 @@ def scatter_sum(
     def decode_all_chunks(seg: _Segment) -> None:
         compressor.decode_rows_into(seg.pending.wait().view(n, -1), seg.piece, key=key)
 
-    lengths = segment_lengths(total, n * wire.chunk_unit(), segment if own_exact else None)
-    _pipeline(work, lengths, send_chunks, reduce_own_chunk, decode_all_chunks)
+    scatter_chunks(
+        work, compressor, key, transport, traffic, reduce_own_chunk, decode_all_chunks,
+        buffers=buffers, segment=segment, name=name,
+    )  # fmt: skip
     if errors is not None:
         errors["requant_relative_error"] = requant[0] / requant[1] if requant[1] else 0.0
     return work[:numel], traffic
