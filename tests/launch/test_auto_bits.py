@@ -1,6 +1,8 @@
 """`--grad-bits auto` on 2 network-namespace hosts: over an unshaped link the measured choice is a
-full-precision all-reduce (the codec costs more than the bytes it saves), over a 200 Mbit/s link
-it is compressed codes; both hosts choose alike, and the run says why."""
+full-precision all-reduce (the codec costs more than the bytes it saves), over a 50 Mbit/s link
+it is compressed codes; both hosts choose alike, and the run says why. (At 200 Mbit/s the rotated
+2-bit code beats fp16 by ~30% on a quiet machine, 15.8 against 22.8 ms, and lost to it once under
+a full test run's load: 50 Mbit/s leaves the choice a margin of several times.)"""
 
 import json
 import os
@@ -14,7 +16,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
 ]
-# 0.57 M gradient elements in one DDP bucket: 2.3 MB fp32, ~92 ms at 200 Mbit/s
+# 0.57 M gradient elements in two DDP buckets: 2.3 MB fp32, ~370 ms at 50 Mbit/s
 TRAIN = {
     "epochs": 1, "hidden": 512, "depth": 3, "progress": False, "metrics_port": None,
     "grad_bits": "auto", "grad_compressor": "rotated",
@@ -40,6 +42,6 @@ def choices(tmp_path, rate):
 
 
 def test_fast_link_full_precision_slow_link_compressed(tmp_path):
-    fast, slow = choices(tmp_path, None), choices(tmp_path, "200mbit")
+    fast, slow = choices(tmp_path, None), choices(tmp_path, "50mbit")
     assert set(fast.values()) <= {"fp32", "fp16"}, fast
     assert all(name.endswith("-bit") for name in slow.values()), slow
