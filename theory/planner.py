@@ -341,7 +341,7 @@ def plan(
         codec_ns,
         fp32=link.estimate("fp32 all-reduce", link.fp32_bytes, 0),
         collectives={
-            name: link.estimate(name, sent[name], record.quantizations)
+            name: link.estimate(name, sent[name], record.quantizations_on(nodes))
             for name, record in COLLECTIVES.items()
         },
         compressor=compressor,

@@ -60,6 +60,8 @@ def test_hand_computed_hierarchical():
     assert p.chosen.quantizations == 2
     one_node = plan(1000, 2, 512, None, 4, "hierarchical", 1e9, nodes=1)
     assert one_node.chosen.bytes_sent == 0 and one_node.chosen.ratio is None
+    # nothing is quantized on one node: no quantization and no blow-up (2 and 24.6 were shown)
+    assert one_node.chosen.quantizations == 0 and one_node.chosen.blowup == 1.0
     default = plan(1000, 2, 512, None, 4, "hierarchical", 1e9)  # one rank per node
     assert default.nodes == 4
     assert default.chosen.bytes_sent == default.collectives["scatter"].bytes_sent
