@@ -24,7 +24,7 @@ from distq.channels import ALLOCATIONS as CHANNEL_ALLOCATIONS
 from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.comm.auto import DEFAULT_BUDGET
 from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
-from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES
+from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES, TEXT_RECIPES
 from distq.launch.yaml_config import load_yaml
 from distq.lstm import NORMS
 from distq.meta import ESTIMATORS
@@ -311,16 +311,18 @@ class Run(Options):
     data_dir: str | None = option(
         None,
         "cifar: a folder of CIFAR-10 python batches (null: a synthetic CIFAR-style set); "
-        "charlm: a text file or folder as corpus (null: the Python standard library's sources)",
+        "charlm, gpt: a text file or folder as corpus (null: the Python standard library's "
+        "sources)",
     )
     lstm_norm: str = option(
         "none", "charlm: normalization of each W·x and W·h term of the LSTM", choices=NORMS
     )
     bptt: int = option(
-        100, "charlm: characters per truncated-BPTT window (after bptt/2 burn-in)", minimum=2
-    )
-    hidden: int = option(256, "width of the hidden layers", minimum=1)
-    depth: int = option(3, "number of hidden layers", minimum=1)
+        100, "charlm: characters per truncated-BPTT window (after bptt/2 burn-in); gpt: the "
+        "context length in bytes", minimum=2,
+    )  # fmt: skip
+    hidden: int = option(256, "width of the hidden layers (gpt: the model width)", minimum=1)
+    depth: int = option(3, "number of hidden layers (gpt: transformer blocks)", minimum=1)
     optimizer: str = option(
         "adam",
         "base optimizer (adam/adamw: loss-aware d; sgd: d = 1)",
@@ -375,10 +377,10 @@ class Run(Options):
                 f"recipe={self.recipe!r}"
             )
         missing = self.data_dir is not None and not Path(self.data_dir).exists()
-        if self.recipe == "charlm" and missing:
+        if self.recipe in TEXT_RECIPES and missing:
             raise ConfigError(
-                f"data_dir={self.data_dir!r} does not exist (charlm: a text file or a folder of "
-                "them; null: the Python standard library's sources)"
+                f"data_dir={self.data_dir!r} does not exist ({self.recipe}: a text file or a "
+                "folder of them; null: the Python standard library's sources)"
             )
 
 

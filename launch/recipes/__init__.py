@@ -5,19 +5,30 @@ cifar: CIFAR-10 from a folder of its python batches, or a synthetic CIFAR-style 
 small VGG-style CNN.
 charlm: a character-level LSTM language model on a text file or folder (default: the Python
 standard library's sources, offline), scored in bits per character.
+gpt: a byte-level decoder-only transformer on charlm's corpus, scored in bits per byte.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from distq.launch.recipes import charlm, cifar, digits
+from distq.launch.recipes import charlm, cifar, digits, gpt
 from distq.launch.recipes.base import Split, accuracy
 
-RECIPES = ("digits", "cifar", "charlm")
-DATA_DIR_RECIPES = ("cifar", "charlm")
+RECIPES = ("digits", "cifar", "charlm", "gpt")
+DATA_DIR_RECIPES = ("cifar", "charlm", "gpt")
+TEXT_RECIPES = ("charlm", "gpt")  # their data_dir: a text file or folder
 
-__all__ = ["RECIPES", "Split", "accuracy", "build_model", "extra_metrics", "load"]
+__all__ = [
+    "DATA_DIR_RECIPES",
+    "RECIPES",
+    "TEXT_RECIPES",
+    "Split",
+    "accuracy",
+    "build_model",
+    "extra_metrics",
+    "load",
+]
 
 
 def load(
@@ -28,6 +39,8 @@ def load(
         return cifar.load(test_fraction, seed, data_dir)
     if recipe == "charlm":
         return charlm.load(test_fraction, seed, data_dir, bptt)
+    if recipe == "gpt":
+        return gpt.load(test_fraction, seed, data_dir, bptt)
     if data_dir is not None:
         raise ValueError(
             f"data_dir is read by the {'/'.join(DATA_DIR_RECIPES)} recipes only, not by {recipe!r}"
@@ -44,18 +57,24 @@ def build_model(
     lstm_norm: str = "none",
     bptt: int = 100,
 ) -> nn.Module:
-    """The recipe's model, built from the current torch seed (charlm: `classes` characters)."""
+    """The recipe's model, built from the current torch seed (charlm: `classes` characters;
+    gpt: `hidden` wide, `depth` blocks, a context of `bptt` bytes)."""
     if recipe == "cifar":
         return cifar.build_model(hidden, depth)
     if recipe == "charlm":
         if classes is None:
             raise ValueError("the charlm model needs classes= (the vocabulary size)")
         return charlm.build_model(classes, hidden, depth, lstm_norm, bptt)
+    if recipe == "gpt":
+        return gpt.build_model(hidden, depth, bptt)
     return digits.build_model(hidden, depth)
 
 
 def extra_metrics(recipe: str, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
-    """Held-out scores besides accuracy: charlm's bits per character ({} for the others)."""
+    """Held-out scores besides accuracy: charlm's bits per character, gpt's loss per byte in
+    nats and bits ({} for the others)."""
     if recipe == "charlm":
         return {"test_bpc": charlm.bits_per_char(model, x, y)}
+    if recipe == "gpt":
+        return gpt.scores(model, x, y)
     return {}
