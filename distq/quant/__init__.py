@@ -15,7 +15,7 @@ import inspect
 
 from torch import Tensor
 
-from distq.quant import binary, mbit, shared, ternary  # noqa: F401  (registers the schemes)
+from distq.quant import absmean, binary, mbit, shared, ternary  # noqa: F401  (registers the schemes)
 from distq.quant.base import (
     Projection,
     Scheme,

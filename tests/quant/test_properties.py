@@ -23,7 +23,7 @@ def allowed_values(scheme, alpha, bits):
         return torch.tensor([-1.0, 0.0, 1.0])
     if scheme == "ternary2":
         return torch.stack([-alpha[1], torch.zeros(()), alpha[0]])
-    if scheme in ("ternary", "ternary-approx", "twn"):
+    if scheme in ("ternary", "ternary-approx", "twn", "absmean"):
         return torch.stack([-alpha, torch.zeros(()), alpha])
     if get_scheme(scheme).codebook:
         return alpha  # the codebook itself
@@ -145,7 +145,7 @@ def test_all_zero_weights_give_zero_without_nan():
         ({"w": torch.tensor([1.0, 2.0]), "d": torch.zeros(2)}, "all zeros"),
         ({"w": torch.empty(0)}, "empty"),
         ({"w": torch.tensor([1, 2])}, "floating-point"),
-        ({"w": torch.ones(3), "scheme": "quaternary"}, "allowed: binary"),
+        ({"w": torch.ones(3), "scheme": "quaternary"}, "allowed: absmean, binary"),
         ({"w": torch.ones(3), "scheme": "linear"}, "needs bits"),
         ({"w": torch.ones(3), "scheme": "linear", "bits": 9}, "allowed: 2..8"),
         ({"w": torch.ones(3), "scheme": "linear", "bits": 1}, "allowed: 2..8"),

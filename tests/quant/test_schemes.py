@@ -8,6 +8,7 @@ from distq.quant import SCHEMES, get_scheme, level_spacing, levels_per_sign, pro
 from distq.quant.sparse import capped_ternary, max_nonzeros
 
 SPACING = {  # Δ_w in units of α, per scheme and bit width
+    "absmean": {2: 1.0},
     "binary": {1: 2.0},
     "bwn": {1: 2.0},
     "binaryconnect": {1: 2.0},
