@@ -15,7 +15,10 @@ import inspect
 
 from torch import Tensor
 
-from distq.quant import absmean, binary, mbit, shared, ternary  # noqa: F401  (registers the schemes)
+from distq.quant import binary, mbit, shared, ternary  # noqa: F401  (registers the schemes)
+
+# isort: split
+from distq.quant import absmean  # noqa: F401  (registered last: listed after the paper's schemes)
 from distq.quant.base import (
     Projection,
     Scheme,
