@@ -1,7 +1,7 @@
 """The gpt recipe: byte windows and the held-out split, the transformer's shapes, causality and
 which weights it quantizes, bits per byte against a brute-force log-softmax, a short run that
-learns, a resume that ends bit-identical to an uninterrupted run, and a real 2-worker torchrun
-whose replicas stay identical."""
+learns and exports exactly, a resume that ends bit-identical to an uninterrupted run, and a real
+2-worker torchrun whose replicas stay identical."""
 
 import json
 import math
@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from distq.export import QuantSpec, export_packed, load_packed
 from distq.launch import checkpoint, config, recipes, train
 from distq.launch.recipes import charlm, gpt
 from distq.selection import select_quantized
@@ -134,6 +135,11 @@ def test_a_short_ternary_run_lowers_the_held_out_bits_per_byte(tmp_path, corpus)
         s["scheme"] == "ternary" for s in state["quantized"].values()
     )
     assert all(len(state["model"][n].unique()) <= 3 for n in state["quantized"])
+    specs = {n: QuantSpec(**s) for n, s in state["quantized"].items()}
+    export_packed(state["model"], specs, tmp_path / "m.safetensors")
+    rebuilt = load_packed(tmp_path / "m.safetensors")
+    assert rebuilt.keys() == state["model"].keys()
+    assert all(torch.equal(rebuilt[n], t) for n, t in state["model"].items())
 
 
 def test_a_run_resumed_mid_epoch_ends_bit_identical_to_an_uninterrupted_one(tmp_path, corpus):
