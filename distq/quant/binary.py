@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from distq.quant.base import always, register, safe_ratio
+from distq.quant.reduction import row_sums
 
 
 def signs(w: Tensor) -> Tensor:
@@ -20,7 +21,7 @@ def signs(w: Tensor) -> Tensor:
 @register("binary", bits=(1,), loss_aware=True, capped_exact=always,
           summary="LAB: α·{±1}, α = ‖d⊙w‖₁/‖d‖₁")  # fmt: skip
 def binary(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    alpha = safe_ratio((d * w.abs()).sum(1), d.sum(1))
+    alpha = safe_ratio(*row_sums(d * w.abs(), d))
     return alpha[:, None] * signs(w), alpha
 
 

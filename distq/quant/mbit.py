@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from distq.quant.base import levels_per_sign, register, safe_ratio
+from distq.quant.reduction import agree, row_max, row_sums
 
 MAX_ROUNDS = 200  # a safety cap: in tests the codes settle within a few dozen rounds
 ALPHA_RULES = ("lsq", "reference")
@@ -56,15 +57,15 @@ def alternate(
     """
     if alpha_rule not in ALPHA_RULES:
         raise ValueError(f"alpha_rule={alpha_rule!r}; allowed: {', '.join(ALPHA_RULES)}")
-    start = w.abs().amax(dim=1) if alpha_init is None else alpha_init.reshape(-1).to(w.dtype)
+    start = row_max(w.abs()) if alpha_init is None else alpha_init.reshape(-1).to(w.dtype)
     b = codes(safe_ratio(w, start[:, None]), k)
     for _ in range(MAX_ROUNDS):
         if alpha_rule == "lsq":
-            alpha = safe_ratio((d * b * w).sum(1), (d * b * b).sum(1))
+            alpha = safe_ratio(*row_sums(d * b * w, d * b * b))
         else:  # the authors' reference rule Σd|b||w| / Σd|b|: kept for comparison, worse
-            alpha = safe_ratio((d * b.abs() * w.abs()).sum(1), (d * b.abs()).sum(1))
+            alpha = safe_ratio(*row_sums(d * b.abs() * w.abs(), d * b.abs()))
         nearest = codes(safe_ratio(w, alpha[:, None]), k)
-        if torch.equal(nearest, b):
+        if agree(torch.equal(nearest, b)):
             break
         b = nearest
     return alpha[:, None] * b, alpha
