@@ -17,9 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from distq.meta import MetaGradient, check_estimator
 from distq.quant import SCHEMES, Projection, blocks_of, get_scheme, project, scheme_bits
+from distq.quant.sharded import project_shard
 from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
     POSITIONAL,
@@ -73,7 +75,9 @@ class QuantizedOptimizer(OptimizerWrapper):
             holds each rank's own initial weights, while DDP broadcast only rank 0's ŵ: without
             this the replicas diverge unless every rank seeded its model alike. Turn it off for
             a model that is not replicated over the default process group (pipeline or tensor
-            parallel shards).
+            parallel shards). FSDP2's sharded parameters (DTensors) are never broadcast: each
+            rank holds its own rows of the latent weights and projects them with the other
+            ranks of its shard group (distq.quant.sharded).
         estimator: how ∇ŵ reaches the latent w: "ste" passes it straight through; "meta" maps it
             (with w) through MetaQuant's learned meta network, trained jointly (distq/meta.py).
     """
@@ -115,6 +119,12 @@ class QuantizedOptimizer(OptimizerWrapper):
         super().__init__(base_optimizer)
         module = unwrap(model)
         self._take_weights(module, keep_full_precision, tuple(quantize_modules))
+        self.sharded = any(isinstance(p, DTensor) for p in self._params.values())
+        if self.sharded and sparsity_scope == "global":
+            raise ValueError(
+                "sparsity_scope='global' ranks every weight of the model together, which "
+                "FSDP-sharded parameters do not hold; allowed with FSDP: 'tensor'"
+            )
         self.bits_by_name = dict(bits_by_name or {})
         self.tensor_bits: dict[str, int] = {
             **dict.fromkeys(self.names, self.bits),
@@ -229,7 +239,11 @@ class QuantizedOptimizer(OptimizerWrapper):
         if not (self.sync_latent and dist.is_available() and dist.is_initialized()):
             return
         if dist.get_world_size() > 1:
-            for tensor in [*self.latent.values(), *self.alpha.values()]:
+            replicated = [
+                (self.latent[n], self.alpha.get(n)) for n in self.latent
+                if not isinstance(self.latent[n], DTensor)
+            ]  # fmt: skip
+            for tensor in [t for pair in replicated for t in pair if t is not None]:
                 buffer = tensor.contiguous()
                 dist.broadcast(buffer, src=0)
                 tensor.copy_(buffer)
@@ -244,14 +258,29 @@ class QuantizedOptimizer(OptimizerWrapper):
             opts = {"alpha_init": self.alpha[name]} if warm_start and name in self.alpha else {}
             bits, d = self.tensor_bits[name], curvatures[name]
             proj = self.project_at(name, bits, d, sparsities[name], **opts)
-            p.copy_(proj.q)
+            _local(p).copy_(proj.q)
             self.alpha[name] = proj.alpha
 
     def project_at(
         self, name: str, bits: int, d: Tensor | None, sparsity: float, **opts: Any
     ) -> Projection:
         """The projection of tensor `name`'s latent w at `bits` bits with curvature `d`, under
-        this optimizer's scale layout (per channel, blocks) and κ = `sparsity`."""
+        this optimizer's scale layout (per channel, blocks) and κ = `sparsity`. An FSDP2
+        parameter gets this rank's rows of the whole tensor's projection (`q` its shard)."""
+        latent = self.latent[name]
+        if isinstance(latent, DTensor):
+            return project_shard(
+                latent.to_local(),
+                _local(d),
+                self.scheme,
+                bits,
+                rows=latent.shape[0],
+                group=_shard_group(name, latent),
+                per_channel=self.per_channel,
+                blocks=self.blocks[name],
+                sparsity=sparsity,
+                **opts,
+            )
         return project(
             self.latent[name],
             d,
@@ -370,15 +399,20 @@ class QuantizedOptimizer(OptimizerWrapper):
 
     def _gradients_finite(self) -> bool:
         """True if every gradient is finite; otherwise skip (warn) or raise, per `nonfinite`."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [_local(p.grad) for p in params]
+        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if self.sharded:  # every rank skips or steps alike, whichever shard held the NaN
+            vote = torch.tensor([int(finite)], dtype=torch.int32)
+            dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+            finite = bool(vote.item())
+        if finite:
             return True
         bad = [
             self._param_names.get(p, "?")
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and not p.grad.isfinite().all()
-        ]
+            for p, grad in zip(params, grads, strict=True)
+            if not grad.isfinite().all()
+        ] or ["another rank's shard"]
         message = f"non-finite gradient in {bad}"
         if self.nonfinite == "raise":
             raise FloatingPointError(message)
@@ -472,6 +506,21 @@ class QuantizedOptimizer(OptimizerWrapper):
         """The width for repr: one number, or the range of per-tensor widths."""
         widths = sorted(set(self.tensor_bits.values())) or [self.bits]
         return str(widths[0]) if len(widths) == 1 else f"{widths[0]}..{widths[-1]} per tensor"
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    """This rank's piece of an FSDP2 parameter or state tensor; any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_group(name: str, t: DTensor) -> dist.ProcessGroup:
+    """The process group `t` is sharded over: FSDP2's Shard(0) over a 1-D mesh, else refused."""
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise ValueError(
+            f"parameter {name!r} is a DTensor placed {tuple(t.placements)} over a "
+            f"{t.device_mesh.ndim}-D mesh; distq projects FSDP2's Shard(0) over a 1-D mesh"
+        )
+    return t.device_mesh.get_group()
 
 
 def _check_options(

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from distq.quant.base import register, safe_ratio
+from distq.quant.reduction import row_mean
 
 
 @register("absmean", bits=(2,), loss_aware=False,
@@ -34,7 +35,6 @@ from distq.quant.base import register, safe_ratio
 def absmean(w: Tensor, d: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Rows of `w` ([G, n], one scale group each) to α·{−1, 0, 1} with α = Σ|w| / n per row;
     `d` is not read."""
-    count = torch.full((w.shape[0],), w.shape[1], dtype=w.dtype, device=w.device)
-    alpha = safe_ratio(w.abs().sum(1), count)
+    alpha = row_mean(w.abs())  # across the shards of a group too (distq.quant.sharded)
     codes = torch.round(safe_ratio(w, alpha[:, None])).clamp(-1, 1)
     return alpha[:, None] * codes, alpha
