@@ -1,8 +1,10 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) with quantized gradients on the reduce-scatter.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) with quantized gradients on the reduce-scatter
+and palette-coded weights on the all-gather.
 
     model, exchange = shard_model(model, bits=2, clip=2.5)   # any ExchangeSettings option
     ... loss.backward() ...   # every gradient shard arrives through `QuantizedReduceScatter`
     exchange.stats            # bytes sent, and what an fp32 reduce-scatter would have sent
+    exchange.gather_stats     # the same for the weights' all-gather (`PackedAllGather`)
 
 FSDP hands its reduce-scatter this rank's whole gradient of one module's parameters as [n, L]
 rows (row j: chunk j of every parameter, dim-0 padded, in FSDP's parameter order); rank j must
@@ -15,8 +17,12 @@ and added in rank order, so every shard is
 
 with x_i = Clip(rank i's gradient) and Q_i keyed by (seed, step, i, slot): one quantization per
 value, unbiased where the compressor is. Sent per rank: (n − 1)·P(L) bytes against
-(n − 1)·4·L for an fp32 reduce-scatter. Only the gradient half of distq's FSDP path is here; the
-weights' all-gather is FSDP's own.
+(n − 1)·4·L for an fp32 reduce-scatter.
+
+The weights' all-gather (`distq.comm.fsdp_gather.PackedAllGather`, weights='packed') sends each
+parameter shard as its distinct values and packed indices into them (raw where that is not
+smaller) and rebuilds FSDP's all-gather output bit for bit on every rank, whatever produced the
+values; weights='fp32' leaves FSDP's own all-gather.
 """
 
 from __future__ import annotations
@@ -36,14 +42,25 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from distq.comm.collectives import Traffic, scatter_chunks, scatter_lengths
 from distq.comm.compressors import Compressor
 from distq.comm.exchange import CompressionStats, ExchangeSettings, nonfinite_error
+from distq.comm.fsdp_gather import GatherStats, PackedAllGather, fsdp_params_of, gather_layout
 from distq.comm.noise import Key
 from distq.comm.transport import TorchTransport
 
-__all__ = ["FSDPExchange", "QuantizedReduceScatter", "Segment", "ShardedStats", "shard_model"]
+__all__ = [
+    "FSDPExchange",
+    "GatherStats",
+    "PackedAllGather",
+    "QuantizedReduceScatter",
+    "Segment",
+    "ShardedStats",
+    "shard_model",
+]
 
 log = logging.getLogger(__name__)
 
 OPS = ("AVG", "SUM")  # the reduce ops FSDP2 passes that this reduce-scatter performs
+GRADIENTS = ("quantized", "fp32")  # shard_model's reduce-scatter: QuantizedReduceScatter, FSDP's
+WEIGHTS = ("packed", "fp32")  # shard_model's all-gather: PackedAllGather, or FSDP's own
 
 
 @dataclass
@@ -73,10 +90,11 @@ class Segment:
 class FSDPExchange:
     """What the reduce-scatters of one sharded model share: the settings, the compressor, the
     byte counters (`stats`; the `error_every` error measurements are not taken here and stay
-    NaN), each slot's step (the key's step counts that slot's calls), and the float32 scratch
-    buffer (the largest module's padded gradient: calls run one at a time). `settings` must be
-    a flat 'scatter' with one fixed width: no bits='auto', bits_by_name or error feedback (its
-    residual would be the unsharded gradient)."""
+    NaN; `gather_stats` for the packed all-gathers), each slot's step (the key's step counts
+    that slot's calls), and the float32 scratch buffer (the largest module's padded gradient:
+    calls run one at a time). `settings` must be a flat 'scatter' with one fixed width: no
+    bits='auto', bits_by_name or error feedback (its residual would be the unsharded
+    gradient)."""
 
     def __init__(self, settings: ExchangeSettings) -> None:
         refused = {
@@ -96,8 +114,17 @@ class FSDPExchange:
         self.stats = ShardedStats()
         self.steps: dict[int, int] = {}
         self.reduce_scatters: dict[str, QuantizedReduceScatter] = {}  # by module name
+        self.gather_stats = GatherStats()
+        self.all_gathers: dict[str, PackedAllGather] = {}  # by module name (weights='packed')
         self._transports: dict[Any, TorchTransport] = {}
         self._scratch: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a bit-exact resume needs: each slot's step (the rounding noise's key)."""
+        return {"steps": dict(self.steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = {int(slot): int(step) for slot, step in state["steps"].items()}
 
     def transport(self, group: dist.ProcessGroup) -> TorchTransport:
         """The (cached) transport over the group FSDP reduces over."""
@@ -287,34 +314,39 @@ def _divides(op: Any) -> bool:
 
 
 def layout_of(module: FSDPModule) -> list[Segment]:
-    """The `Segment`s of an FSDP module's reduce-scatter rows, in FSDP's parameter order. Reads
-    FSDP2's parameter group (private in torch 2.13); the reduce-scatter checks it against the
+    """The `Segment`s of an FSDP module's reduce-scatter rows, in FSDP's parameter order (from
+    FSDP2's private parameter group, `fsdp_params_of`); the reduce-scatter checks it against the
     rows it gets."""
-    groups = module._get_fsdp_state()._fsdp_param_groups
-    if len(groups) > 1:
-        raise ValueError(
-            f"{len(groups)} parameter groups in one FSDP module (shard_placement_fn with "
-            "several meshes); allowed: one"
-        )
     return [
         Segment(
             getattr(fp, "_param_fqn", None) or fp._module_info.param_name,
             fp.padded_sharded_param_size.numel(),
             fp._orig_size.numel(),
         )
-        for group in groups
-        for fp in group.fsdp_params
+        for fp in fsdp_params_of(module)
     ]
 
 
 def shard_model(
-    model: nn.Module, *, mesh_or_group: Any = None, **exchange: Any
+    model: nn.Module,
+    *,
+    mesh_or_group: Any = None,
+    weights: str = "packed",
+    gradients: str = "quantized",
+    **exchange: Any,
 ) -> tuple[FSDPModule, FSDPExchange]:
     """Apply `fully_shard` bottom-up to every submodule that holds parameters of its own (leaves
     with parameters, and parents with direct ones), then to the root; register a
     `QuantizedReduceScatter` (`**exchange`: `ExchangeSettings` options) on every FSDP module
-    that has parameters. `mesh_or_group`: a DeviceMesh, a process group, or None (FSDP's
-    default mesh over the world). Returns (the root FSDP module, the shared `FSDPExchange`)."""
+    that has parameters, and with weights='packed' (the default: lossless for any values, so
+    nothing to opt into) a `PackedAllGather`; weights='fp32' keeps FSDP's all-gather.
+    `mesh_or_group`: a DeviceMesh, a process group, or None (FSDP's default mesh over the
+    world). gradients='fp32' keeps FSDP's reduce-scatter (the baseline runs).
+    Returns (the root FSDP module, the shared `FSDPExchange`)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; allowed: {', '.join(map(repr, WEIGHTS))}")
+    if gradients not in GRADIENTS:
+        raise ValueError(f"gradients={gradients!r}; allowed: {', '.join(map(repr, GRADIENTS))}")
     state = FSDPExchange(ExchangeSettings.of(**exchange))
     mesh = mesh_or_group
     if isinstance(mesh_or_group, dist.ProcessGroup):
@@ -337,9 +369,17 @@ def shard_model(
         layout = layout_of(module)
         if not layout:
             continue
-        reduce_scatter = QuantizedReduceScatter(state, slot, layout)
-        module.set_custom_reduce_scatter(reduce_scatter)
-        state.reduce_scatters[name] = reduce_scatter
+        if gradients == "quantized":
+            reduce_scatter = QuantizedReduceScatter(state, slot, layout)
+            module.set_custom_reduce_scatter(reduce_scatter)
+            state.reduce_scatters[name] = reduce_scatter
+        if weights == "packed":
+            all_gather = PackedAllGather(gather_layout(module), state.gather_stats)
+            module.set_custom_all_gather(all_gather)
+            state.all_gathers[name] = all_gather
         slot += 1
-    log.info("distq FSDP: %d modules reduce-scatter through %s", slot, state.compressor.wire)
+    log.info(
+        "distq FSDP: %d modules reduce-scatter %s gradients (%s), all-gather %s weights",
+        slot, gradients, state.compressor.wire, weights,
+    )  # fmt: skip
     return root, state
