@@ -40,7 +40,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
-from distq.packing import pack, unpack
+from distq.packing import pack, packed_nbytes, unpack
 
 __all__ = ["GatherStats", "PackedAllGather", "Shard", "decode", "encode", "fsdp_params_of"]
 
@@ -85,37 +85,49 @@ class Shard:
 
 def encode(bits: Tensor, row: int = 1) -> tuple[int, Tensor]:
     """(groups, payload) of one segment given as its integer bit view: groups 0 and the raw
-    bytes, or the palette form (1 group, or one per `row`-element row) with the fewest bytes."""
-    raw = bits.view(torch.uint8)
-    best: tuple[int, Tensor] = (0, raw)
+    bytes, or the palette form (1 group, or one per `row`-element row) with the fewest bytes.
+    One sort: the rows' palettes; the one-group form maps them into their union."""
     m = bits.numel()
-    candidates = [1] if m else []
-    if row > 1 and m % row == 0 and m > row:
-        candidates.append(m // row)
-    for groups in candidates:
-        payload = _palette(bits.view(groups, -1))
-        if payload is not None and payload.numel() < best[1].numel():
-            best = (groups, payload)
+    best: tuple[int, Tensor] = (0, bits.view(torch.uint8))
+    groups = m // row if row > 1 and m % row == 0 and m > row else 1
+    if not m:
+        return best
+    form = _palettes(bits.view(groups, -1))
+    if form is None:  # a group has too many values, so has the whole segment
+        return best
+    forms = [(groups, form)]
+    palette, counts, index = form
+    if groups > 1:
+        union = torch.unique(palette)  # sorted
+        if union.numel() <= MAX_PALETTE:
+            start = counts.cumsum(0) - counts
+            index = torch.searchsorted(union, palette)[index + start[:, None]]
+            forms.insert(0, (1, (union, counts.new_tensor([union.numel()]), index)))
+    for groups, (palette, counts, index) in forms:  # the one-group form first: it wins ties
+        width = (int(counts.max()) - 1).bit_length()
+        indices = packed_nbytes(m, width) if width else 0
+        size = groups + palette.numel() * palette.element_size() + indices
+        if size < best[1].numel():
+            parts = [(counts - 1).to(torch.uint8), palette.view(torch.uint8)]
+            if width:
+                parts.append(pack(index.view(-1), width))
+            best = (groups, torch.cat(parts))
     return best
 
 
-def _palette(groups: Tensor) -> Tensor | None:
-    """The palette form of a [G, L] bit view (module doc), or None if a group has more than
+def _palettes(groups: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Each row's sorted distinct values of a [G, L] bit view (one 1-D tensor, row after row),
+    their counts and every element's index into its row's palette; None if a row has more than
     MAX_PALETTE distinct values."""
     s, order = groups.sort(dim=1)
     new = torch.ones_like(s, dtype=torch.bool)
     new[:, 1:] = s[:, 1:] != s[:, :-1]
     counts = new.sum(1)
-    top = int(counts.max())
-    if top > MAX_PALETTE:
+    if int(counts.max()) > MAX_PALETTE:
         return None
-    parts = [(counts - 1).to(torch.uint8), s[new].view(torch.uint8)]
-    width = (top - 1).bit_length()
-    if width:
-        index = torch.empty_like(order)
-        index.scatter_(1, order, new.cumsum(1) - 1)
-        parts.append(pack(index.view(-1), width))
-    return torch.cat(parts)
+    index = torch.empty_like(order)
+    index.scatter_(1, order, new.cumsum(1) - 1)
+    return s[new], counts, index
 
 
 def decode(payload: Tensor, groups: int, out: Tensor) -> None:

@@ -38,7 +38,8 @@ def test_codec_round_trip_is_bit_exact_and_picks_the_smallest_form():
         (project(w, scheme="ternary").q, 1, 1),  # one α: one palette of 3
         (project(w, scheme="ternary", per_channel=True).q, 32, 64),  # α per row: row palettes
         (project(w, scheme="linear", bits=3, per_channel=True).q, 32, 64),
-        (project(w, scheme="binary").q, 32, 1),
+        (project(w, scheme="binary").q, 32, 1),  # rows found first, mapped into one palette
+        (project(w, scheme="linear", bits=3).q, 32, 1),
         (torch.zeros(100), 1, 1),  # k = 1: no index bytes
         (w, 32, 0),  # 2048 distinct values: raw
         (odd, 1, 1),
