@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from distq.dtensors import local, rows_like, shard_like
 from distq.meta import MetaGradient, check_estimator
 from distq.quant import SCHEMES, Projection, blocks_of, get_scheme, project, scheme_bits
 from distq.quant.sharded import project_shard
@@ -255,11 +256,12 @@ class QuantizedOptimizer(OptimizerWrapper):
         curvatures = {name: self.curvature(p) for name, p in self._params.items()}
         sparsities = self.current_sparsities(curvatures)
         for name, p in self._params.items():
-            opts = {"alpha_init": self.alpha[name]} if warm_start and name in self.alpha else {}
+            warm = warm_start and name in self.alpha
+            opts = {"alpha_init": local(self.alpha[name])} if warm else {}
             bits, d = self.tensor_bits[name], curvatures[name]
             proj = self.project_at(name, bits, d, sparsities[name], **opts)
-            _local(p).copy_(proj.q)
-            self.alpha[name] = proj.alpha
+            local(p).copy_(proj.q)
+            self.alpha[name] = rows_like(proj.alpha, p) if self.per_channel else proj.alpha
 
     def project_at(
         self, name: str, bits: int, d: Tensor | None, sparsity: float, **opts: Any
@@ -271,7 +273,7 @@ class QuantizedOptimizer(OptimizerWrapper):
         if isinstance(latent, DTensor):
             return project_shard(
                 latent.to_local(),
-                _local(d),
+                local(d),
                 self.scheme,
                 bits,
                 rows=latent.shape[0],
@@ -400,7 +402,7 @@ class QuantizedOptimizer(OptimizerWrapper):
     def _gradients_finite(self) -> bool:
         """True if every gradient is finite; otherwise skip (warn) or raise, per `nonfinite`."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [_local(p.grad) for p in params]
+        grads = [local(p.grad) for p in params]
         finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
         if self.sharded:  # every rank skips or steps alike, whichever shard held the NaN
             vote = torch.tensor([int(finite)], dtype=torch.int32)
@@ -450,16 +452,31 @@ class QuantizedOptimizer(OptimizerWrapper):
             )
             raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
         self._load_widths(state_dict.get("tensor_bits"))
-        self.optimizer.load_state_dict(state_dict["base"])
+        self.optimizer.load_state_dict(self._base_sharded(state_dict["base"]))
         self._group = self._groups_by_parameter()  # the load made new group dicts
         with torch.no_grad():
             for name, latent in self.latent.items():
-                latent.copy_(state_dict["latent"][name])
-            self.alpha = {n: t.clone() for n, t in state_dict["alpha"].items()}
+                latent.copy_(shard_like(state_dict["latent"][name], latent))
+            self.alpha = {
+                n: shard_like(t.clone(), self._params[n]) if self.per_channel else t.clone()
+                for n, t in state_dict["alpha"].items()
+            }
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.steps_taken = int(state_dict.get("steps_taken", 0))
         if self.meta is not None:
             self.meta.load_state_dict(state_dict["meta"])
+
+    def _base_sharded(self, base: dict[str, Any]) -> dict[str, Any]:
+        """The wrapped optimizer's saved state with every whole tensor of an FSDP parameter's
+        shape cut to this rank's rows (a checkpoint holds whole tensors: `full_state`)."""
+        if not self.sharded:
+            return base
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {
+            i: {k: shard_like(v, params[i]) for k, v in entry.items()}
+            for i, entry in base["state"].items()
+        }
+        return {**base, "state": state}
 
     def _load_widths(self, saved: Mapping[str, int] | None) -> None:
         """Take the widths a bit allocation chose before the checkpoint (`saved`; None: the
@@ -506,11 +523,6 @@ class QuantizedOptimizer(OptimizerWrapper):
         """The width for repr: one number, or the range of per-tensor widths."""
         widths = sorted(set(self.tensor_bits.values())) or [self.bits]
         return str(widths[0]) if len(widths) == 1 else f"{widths[0]}..{widths[-1]} per tensor"
-
-
-def _local(t: Tensor | None) -> Tensor | None:
-    """This rank's piece of an FSDP2 parameter or state tensor; any other tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _shard_group(name: str, t: DTensor) -> dist.ProcessGroup:

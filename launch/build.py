@@ -1,11 +1,13 @@
 """The objects a run of `distq train` trains with, each built from its config section: the
-optimizer (weights, sparsity, run), the LR schedule (run), the gradient hook (gradients) and the
-convergence monitor with its Prometheus exporter (monitor)."""
+optimizer (weights, sparsity, run), the LR schedule (run), the gradient hook (gradients) or the
+FSDP2 sharding (run.parallel, gradients) and the convergence monitor with its Prometheus
+exporter (monitor)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from distq.comm import QuantizedCommState, quantized_hook
+from distq.comm.fsdp import FSDPExchange, shard_model
 from distq.launch import config
 from distq.launch.environment import DistEnv
 from distq.monitor import ConvergenceMonitor, GradientSetup, MetricsExporter, RecurrentProbe
@@ -52,6 +55,44 @@ def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommSt
     )
     ddp.register_comm_hook(state, quantized_hook)
     return state
+
+
+def shard_for_training(cfg: config.TrainConfig, model: nn.Module) -> FSDPExchange:
+    """--parallel fsdp: FSDP2 over every rank (`distq.comm.fsdp.shard_model`), quantized
+    weights gathered as packed codes, gradients reduce-scattered through the gradients
+    section's compressor (grad_bits null: FSDP's fp32 reduce-scatter)."""
+    # FSDP2 warns at every forward that a module returned a view (an in-place op on it would
+    # skip a hook); no recipe modifies a module's output in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view")
+    _, exchange = shard_model(
+        model,
+        weights="packed" if cfg.weights.quantized else "fp32",
+        gradients="quantized" if cfg.gradients.bits is not None else "fp32",
+        **cfg.gradients.as_kwargs(),
+        seed=cfg.run.seed,
+        nonfinite="propagate" if cfg.weights.nonfinite == "skip" else "raise",
+    )
+    return exchange
+
+
+def fsdp_traffic(exchange: FSDPExchange) -> str:
+    """What this rank's reduce-scatters and all-gathers sent against FSDP's fp32 ones."""
+    grads, weights = exchange.stats, exchange.gather_stats
+    sent = grads.bytes_sent + grads.uncompressed_bytes_sent
+    gathered = weights.bytes_sent + weights.header_bytes_sent
+    gradients = (
+        f"gradients {sent / 1e6:.2f} MB vs {grads.fp32_reduce_scatter_bytes / 1e6:.2f} MB an "
+        "fp32 reduce-scatter sends"
+        if exchange.reduce_scatters
+        else "gradients: FSDP's fp32 reduce-scatter"
+    )
+    weights_line = (
+        f"weights {gathered / 1e6:.2f} MB vs {weights.default_all_gather_bytes / 1e6:.2f} MB "
+        "FSDP's all-gather sends"
+        if exchange.all_gathers
+        else "weights: FSDP's all-gather"
+    )
+    return f"FSDP traffic (rank 0): {gradients}; {weights_line}"
 
 
 def build_monitor(

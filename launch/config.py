@@ -32,6 +32,11 @@ from distq.quant import SCHEMES, get_scheme
 from distq.quant.sparse import SCHEDULES, SCOPES, SparsitySchedule
 
 FULL_PRECISION = "none"
+PARALLEL = ("ddp", "fsdp")
+FSDP_REFUSED = (  # settings that read a replicated model or the DDP hook: defaults only
+    "channel_sparsity", "distill", "weight_bits_budget", "sparsity_scope", "collective",
+    "error_feedback", "estimator", "sparse_gradients",
+)  # fmt: skip
 SHARE = {"minimum": 0, "maximum": 0.99}  # a share of a tensor's weights that may be zero
 FRACTION = {"minimum": 0, "maximum": 1}  # a point in the run, as a fraction of its steps
 
@@ -358,6 +363,14 @@ class Run(Options):
         100, "steps between checkpoints, besides one per epoch (null: per epoch only)", minimum=1
     )
     keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep", minimum=1)
+    parallel: str = option(
+        "ddp",
+        "how several ranks hold the model: ddp (a replica each, gradients all-reduced through "
+        "the gradients section's hook) or fsdp (FSDP2: parameters, latent weights and optimizer "
+        "state sharded by rows; quantized weights cross the all-gather as packed codes, "
+        "gradients the reduce-scatter through the gradients section's compressor)",
+        choices=PARALLEL,
+    )
     backend: str = option(
         "auto",
         "torch.distributed backend (auto: nccl on GPU, else gloo)",
@@ -426,6 +439,22 @@ class TrainConfig:
             )
         if sparsity.gradients and grads.error_feedback:
             raise ConfigError("sparse_gradients cannot be combined with error_feedback")
+        if self.run.parallel == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """Refuse, by name, what `--parallel fsdp` does not run with (each reads a replicated
+        model or the DDP hook)."""
+        flat = self.flat()
+        defaults = TrainConfig().flat()
+        refused = [f"{n}={flat[n]!r}" for n in FSDP_REFUSED if flat[n] != defaults[n]]
+        if flat["grad_bits"] == "auto":
+            refused.append("grad_bits='auto'")
+        if refused:
+            raise ConfigError(
+                f"parallel='fsdp' does not run with {', '.join(refused)}; allowed with it: "
+                f"their defaults ({', '.join(f'{n}={defaults[n]!r}' for n in FSDP_REFUSED)})"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The sections as mappings: what a checkpoint records, and a YAML file may hold."""

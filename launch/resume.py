@@ -1,7 +1,8 @@
 """What a checkpoint of `distq train` holds, and how a run is saved and restored from it.
 
 One file (rank 0 writes it) holds everything a bit-exact resume needs: ŵ, latent weights and
-optimizer state, the LR schedule, the data position, the config, and per rank the RNG states,
+optimizer state (an FSDP run's gathered whole, so the file is laid out as a DDP run's), the LR
+schedule, the data position, the config, and per rank the RNG states,
 the gradient hook's state (step counter, error-feedback residuals) and the epoch's loss so far.
 """
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from distq.channels import ChannelPruner
 from distq.comm import QuantizedCommState, prime_buckets
+from distq.comm.fsdp import FSDPExchange
+from distq.dtensors import shard_like, whole
 from distq.launch import checkpoint, config, rng
 from distq.launch.environment import DistEnv, on_main
 from distq.optim import QuantizedOptimizer
@@ -62,6 +65,7 @@ class RunState:
     comm: QuantizedCommState | None
     store: checkpoint.CheckpointStore
     pruner: ChannelPruner | None = None  # --channel-sparsity: masks and rankings
+    sharded: FSDPExchange | None = None  # --parallel fsdp: the reduce-scatters' steps
 
     def save(self, position: Position, epoch_loss_sum: float) -> Path | None:
         """Gather every rank's own state (RNG, hook state, loss so far) to rank 0, which writes
@@ -69,18 +73,23 @@ class RunState:
         mine = {
             "rng": rng.capture(),
             "comm": _to_cpu(self.comm.state_dict()) if self.comm is not None else None,
+            "sharded": self.sharded.state_dict() if self.sharded is not None else None,
             "epoch_loss_sum": epoch_loss_sum,
         }
         ranks = [mine]
         if self.env.distributed:
             ranks = [None] * self.env.world_size if self.env.is_main else None
             dist.gather_object(mine, ranks, dst=0)
+        # an FSDP run's shards are gathered whole on every rank: the file is a DDP run's
+        model_state, optimizer_state = whole(self.model.state_dict()), None
+        if self.cfg.run.parallel == "fsdp":
+            optimizer_state = whole(self.optimizer.state_dict())
         if not self.env.is_main:
             return None
         payload = {
             "format": FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state or self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "epoch": position.epoch,
             "step_in_epoch": position.step_in_epoch,
@@ -104,11 +113,15 @@ class RunState:
         check_resumable(state, self.cfg, self.env, path)
         mine = state["ranks"][self.env.rank]
         try:
-            self.model.load_state_dict(state["model"])
+            live = self.model.state_dict()  # an FSDP model's: this rank's rows of each
+            saved = {k: shard_like(v, live.get(k)) for k, v in state["model"].items()}
+            self.model.load_state_dict(saved)
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
             if self.comm is not None:
                 self.comm.load_state_dict(mine["comm"])
+            if self.sharded is not None:
+                self.sharded.load_state_dict(mine["sharded"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(state["channels"])
         except (ValueError, KeyError, TypeError) as exc:  # saved under settings not compared above

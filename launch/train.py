@@ -24,15 +24,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distq.channels import ChannelPruner, ChannelTopologyError, count_macs, rewrite
 from distq.comm import QuantizedCommState
+from distq.comm.fsdp import FSDPExchange
 from distq.distill import SelfDistillation
+from distq.dtensors import local
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
 from distq.launch.allocation import allocate_widths, check_allocation_step
-from distq.launch.build import attach_comm_hook, build_monitor, build_optimizer, lr_schedule
+from distq.launch.build import (
+    attach_comm_hook,
+    build_monitor,
+    build_optimizer,
+    fsdp_traffic,
+    lr_schedule,
+    shard_for_training,
+)
 from distq.launch.data import ShardedBatches
 from distq.launch.environment import (
     DistEnv,
@@ -79,6 +89,7 @@ class Job:
     state: RunState
     found: tuple[dict, Path] | None
     distill: SelfDistillation | None = None  # the latent weights as teacher (--distill)
+    sharded: FSDPExchange | None = None  # --parallel fsdp: the exchange's byte counts
 
     def say(self, text: str) -> None:
         """Print on rank 0 only."""
@@ -142,9 +153,11 @@ def _train(cfg: config.TrainConfig, env: DistEnv, backend: str, owns_group: bool
     state = job.state
     monitor = (
         build_monitor(cfg, env, state.optimizer, state.comm, state.model)
-        if cfg.monitor.enabled
+        if cfg.monitor.enabled and job.sharded is None
         else None
     )
+    if cfg.monitor.enabled and job.sharded is not None:
+        job.say("monitor: off with --parallel fsdp (it reads the DDP hook's buckets)")
     _train_epochs(job, monitor, progress)
     if isinstance(state.optimizer, QuantizedOptimizer):  # widths allocated since the announcement
         summary = state.optimizer.summary
@@ -168,8 +181,14 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
         lstm_norm=run.lstm_norm,
         bptt=run.bptt,
     ).to(device)
-    net: nn.Module = DistributedDataParallel(model) if env.distributed else model
-    comm = attach_comm_hook(cfg, net) if env.distributed else None
+    comm, sharded = None, None
+    if env.distributed and run.parallel == "fsdp":  # the model is sharded in place
+        net, sharded = model, shard_for_training(cfg, model)
+    elif env.distributed:
+        net = DistributedDataParallel(model)
+        comm = attach_comm_hook(cfg, net)
+    else:
+        net = model
     batches = ShardedBatches(len(data.train_y), run.batch_size, env.rank, env.world_size, run.seed)
     store = checkpoint.CheckpointStore(run.out_dir, run.keep_checkpoints)
     found = find_newest(env, store) if run.resume else None
@@ -187,11 +206,11 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
     pruner = _build_pruner(cfg, model, data, optimizer, ramp_epochs * batches.steps_per_epoch)
-    state = RunState(cfg, env, model, net, optimizer, schedule, comm, store, pruner)
+    state = RunState(cfg, env, model, net, optimizer, schedule, comm, store, pruner, sharded)
     distill = (
         SelfDistillation(optimizer, run.distill, run.distill_temperature) if run.distill else None
     )
-    return Job(cfg, env, device, data, batches, state, found, distill)
+    return Job(cfg, env, device, data, batches, state, found, distill, sharded)
 
 
 def _build_pruner(
@@ -452,6 +471,8 @@ def _close(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> 
         monitor.close()
         if monitor.alarms:
             job.say(f"monitor alarms (rank 0): {monitor.alarms}")
+    if job.sharded is not None and progress.steps_run:
+        job.say(fsdp_traffic(job.sharded))
     if comm is None:
         return
     if progress.steps_run and comm.quantizations() == 0:
@@ -493,16 +514,21 @@ def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, 
     """Raise DivergedError if a weight, a float buffer (batch-norm statistics) or a
     QuantizedOptimizer's latent weight is NaN or Inf.
 
-    Every rank holds the same weights, so every rank raises at the same step; nothing after the
-    newest checkpoint is saved, and that one holds finite weights.
+    Every rank holds the same weights (FSDP: its shards, and the ranks agree), so every rank
+    raises at the same step; nothing after the newest checkpoint is saved, and that one holds
+    finite weights.
     """
     tensors = dict(model.named_parameters())
     tensors.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
     if isinstance(optimizer, QuantizedOptimizer):
         tensors.update((f"{n} (latent)", t) for n, t in optimizer.latent.items())
-    if torch.stack([t.detach().isfinite().all() for t in tensors.values()]).all():
+    pieces = {n: local(t).detach() for n, t in tensors.items()}
+    finite = torch.stack([t.isfinite().all() for t in pieces.values()]).all().to(torch.int32)
+    if any(isinstance(t, DTensor) for t in tensors.values()):
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item():
         return
-    bad = [n for n, t in tensors.items() if not t.detach().isfinite().all()]
+    bad = [n for n, t in pieces.items() if not t.isfinite().all()] or ["another rank's shard"]
     raise DivergedError(
         f"training diverged: the update of step {step} made {', '.join(bad)} non-finite (lr {lr}); "
         "nothing after the newest checkpoint was saved; lower --lr"
