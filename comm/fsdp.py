@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from distq.comm.collectives import Traffic, scatter_chunks, scatter_lengths
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 OPS = ("AVG", "SUM")  # the reduce ops FSDP2 passes that this reduce-scatter performs
 GRADIENTS = ("quantized", "fp32")  # shard_model's reduce-scatter: QuantizedReduceScatter, FSDP's
 WEIGHTS = ("packed", "fp32")  # shard_model's all-gather: PackedAllGather, or FSDP's own
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # shard_model's dtype: FSDP's mp_policy
 
 
 @dataclass
@@ -333,6 +334,7 @@ def shard_model(
     mesh_or_group: Any = None,
     weights: str = "packed",
     gradients: str = "quantized",
+    dtype: str = "float32",
     **exchange: Any,
 ) -> tuple[FSDPModule, FSDPExchange]:
     """Apply `fully_shard` bottom-up to every submodule that holds parameters of its own (leaves
@@ -341,12 +343,18 @@ def shard_model(
     that has parameters, and with weights='packed' (the default: lossless for any values, so
     nothing to opt into) a `PackedAllGather`; weights='fp32' keeps FSDP's all-gather.
     `mesh_or_group`: a DeviceMesh, a process group, or None (FSDP's default mesh over the
-    world). gradients='fp32' keeps FSDP's reduce-scatter (the baseline runs).
+    world). gradients='fp32' keeps FSDP's reduce-scatter (the baseline runs). dtype='bfloat16':
+    FSDP's MixedPrecisionPolicy(param_dtype=reduce_dtype=bfloat16), the fp32 shards cast to
+    bf16 before the all-gather and gradients reduce-scattered in bf16 (FSDP2's bf16 baseline).
     Returns (the root FSDP module, the shared `FSDPExchange`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}; allowed: {', '.join(map(repr, WEIGHTS))}")
     if gradients not in GRADIENTS:
         raise ValueError(f"gradients={gradients!r}; allowed: {', '.join(map(repr, GRADIENTS))}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(map(repr, DTYPES))}")
+    low = DTYPES[dtype]
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=low)
     state = FSDPExchange(ExchangeSettings.of(**exchange))
     mesh = mesh_or_group
     if isinstance(mesh_or_group, dist.ProcessGroup):
@@ -362,8 +370,8 @@ def shard_model(
         if name and any(True for _ in m.parameters(recurse=False))
     ]
     for _, module in reversed(owners):  # children before their parents
-        fully_shard(module, mesh=mesh)
-    root = fully_shard(model, mesh=mesh)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+    root = fully_shard(model, mesh=mesh, mp_policy=policy)
     slot = 0
     for name, module in [*owners, ("", root)]:
         layout = layout_of(module)
@@ -379,7 +387,7 @@ def shard_model(
             state.all_gathers[name] = all_gather
         slot += 1
     log.info(
-        "distq FSDP: %d modules reduce-scatter %s gradients (%s), all-gather %s weights",
-        slot, gradients, state.compressor.wire, weights,
+        "distq FSDP: %d modules reduce-scatter %s gradients (%s), all-gather %s weights, %s",
+        slot, gradients, state.compressor.wire, weights, dtype,
     )  # fmt: skip
     return root, state

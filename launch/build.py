@@ -60,7 +60,7 @@ def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommSt
 def shard_for_training(cfg: config.TrainConfig, model: nn.Module) -> FSDPExchange:
     """--parallel fsdp: FSDP2 over every rank (`distq.comm.fsdp.shard_model`), quantized
     weights gathered as packed codes, gradients reduce-scattered through the gradients
-    section's compressor (grad_bits null: FSDP's fp32 reduce-scatter)."""
+    section's compressor (grad_bits null: FSDP's fp32 reduce-scatter), in run.fsdp_dtype."""
     # FSDP2 warns at every forward that a module returned a view (an in-place op on it would
     # skip a hook); no recipe modifies a module's output in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view")
@@ -68,6 +68,7 @@ def shard_for_training(cfg: config.TrainConfig, model: nn.Module) -> FSDPExchang
         model,
         weights="packed" if cfg.weights.quantized else "fp32",
         gradients="quantized" if cfg.gradients.bits is not None else "fp32",
+        dtype=cfg.run.fsdp_dtype,
         **cfg.gradients.as_kwargs(),
         seed=cfg.run.seed,
         nonfinite="propagate" if cfg.weights.nonfinite == "skip" else "raise",

@@ -371,6 +371,12 @@ class Run(Options):
         "gradients the reduce-scatter through the gradients section's compressor)",
         choices=PARALLEL,
     )
+    fsdp_dtype: str = option(
+        "float32",
+        "parallel fsdp: the dtype FSDP2 gathers parameters and reduce-scatters gradients in "
+        "(bfloat16: its MixedPrecisionPolicy over fp32 weights, the bf16 baseline)",
+        choices=("float32", "bfloat16"),
+    )
     backend: str = option(
         "auto",
         "torch.distributed backend (auto: nccl on GPU, else gloo)",
@@ -439,6 +445,11 @@ class TrainConfig:
             )
         if sparsity.gradients and grads.error_feedback:
             raise ConfigError("sparse_gradients cannot be combined with error_feedback")
+        if self.run.fsdp_dtype != "float32" and self.run.parallel != "fsdp":
+            raise ConfigError(
+                f"fsdp_dtype={self.run.fsdp_dtype!r} needs parallel='fsdp'; "
+                f"parallel={self.run.parallel!r} allows fsdp_dtype='float32' only"
+            )
         if self.run.parallel == "fsdp":
             self._check_fsdp()
 
