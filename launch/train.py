@@ -282,14 +282,24 @@ def _announce(job: Job, backend: str) -> QuantizationSummary:
     )
     job.say(
         f"distq train: {cfg.run.recipe}, {job.env.world_size} worker(s) on {backend}, "
-        f"weights {scheme}, {_wire(cfg.gradients, job.state.comm)}"
+        f"weights {scheme}, {_wire(cfg.gradients, job.state.comm, job.sharded)}"
     )
     job.say(summary.to_str())
     return summary
 
 
-def _wire(gradients: config.Gradients, comm: QuantizedCommState | None) -> str:
+def _wire(
+    gradients: config.Gradients, comm: QuantizedCommState | None, sharded: FSDPExchange | None
+) -> str:
     """How gradients travel, for the banner."""
+    if sharded is not None:
+        weights = "packed weight all-gather" if sharded.all_gathers else "fp32 all-gather"
+        if not sharded.reduce_scatters:
+            return f"FSDP2: {weights}, fp32 gradient reduce-scatter"
+        return (
+            f"FSDP2: {weights}, {gradients.bits}-bit {gradients.compressor} gradient "
+            f"reduce-scatter, clip {gradients.clip}"
+        )
     if comm is None:
         return "fp32 gradients"
     if comm.quantizations() == 0:

@@ -39,7 +39,8 @@ def _train(out, corpus, *extra: str) -> str:
 def test_fsdp_run_resumes_bit_exact_and_exports(tmp_path, corpus):
     straight, split = tmp_path / "straight", tmp_path / "split"
     output = _train(straight, corpus)
-    assert "gpt, 2 worker(s) on gloo" in output
+    banner = "gpt, 2 worker(s) on gloo, weights ternary, FSDP2: packed weight all-gather, 2-bit"
+    assert banner in output  # it said "fp32 gradients" at 4ed828d
     traffic = output.split("FSDP traffic (rank 0): gradients ")[1]
     sent, fp32 = (float(traffic.split(" MB")[i].split()[-1]) for i in (0, 1))
     assert fp32 / sent > 8  # 2-bit gradients against FSDP's fp32 reduce-scatter
