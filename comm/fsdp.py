@@ -45,6 +45,7 @@ from distq.comm.exchange import CompressionStats, ExchangeSettings, nonfinite_er
 from distq.comm.fsdp_gather import GatherStats, PackedAllGather, fsdp_params_of, gather_layout
 from distq.comm.noise import Key
 from distq.comm.transport import TorchTransport
+from distq.quant import blocks_of, set_blocks
 
 __all__ = [
     "FSDPExchange",
@@ -328,6 +329,28 @@ def layout_of(module: FSDPModule) -> list[Segment]:
     ]
 
 
+SHARD_WHOLE = "distq_shard_whole"  # class attribute: shard_model keeps the module's tree one unit
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The submodules `shard_model` shards one by one, parents before children: each holding
+    parameters of its own, except inside a module whose class sets `SHARD_WHOLE` (it reads its
+    children's weights in its own forward, as an unrolled LSTM layer does: FSDP gathers a
+    module's parameters only around that module's call), which is one unit with them."""
+    if getattr(model, SHARD_WHOLE, False):
+        return []
+    units, whole = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{w}.") for w in whole):
+            continue
+        if getattr(module, SHARD_WHOLE, False) and name:
+            whole.append(name)
+            units.append((name, module))
+        elif name and any(True for _ in module.parameters(recurse=False)):
+            units.append((name, module))
+    return units
+
+
 def shard_model(
     model: nn.Module,
     *,
@@ -364,14 +387,14 @@ def shard_model(
         mesh = DeviceMesh.from_group(mesh_or_group, device_type=device)
     if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters to shard")
-    owners = [
-        (name, m)
-        for name, m in model.named_modules()
-        if name and any(True for _ in m.parameters(recurse=False))
-    ]
+    blocks = {n: blocks_of(p) for n, p in model.named_parameters() if blocks_of(p) > 1}
+    owners = _units(model)
     for _, module in reversed(owners):  # children before their parents
         fully_shard(module, mesh=mesh, mp_policy=policy)
     root = fully_shard(model, mesh=mesh, mp_policy=policy)
+    for name, param in model.named_parameters():  # FSDP made new Parameters: mark them again
+        if name in blocks:
+            set_blocks(param, blocks[name])
     slot = 0
     for name, module in [*owners, ("", root)]:
         layout = layout_of(module)

@@ -138,10 +138,14 @@ def make_norm(kind: str, features: int) -> TermNorm:
 class QuantLSTMLayer(nn.Module):
     """One LSTM layer, batch first, unrolled in Python so every gate matrix is quantizable and
     each term normalizable; records ‖∂ℓ/∂h_t‖ per time step during backward (`grad_norms`).
+    Its forward reads `ih.weight` and `hh.weight` itself, so a sharding wrapper must gather the
+    layer as one unit (`distq_shard_whole`, read by distq.comm.fsdp.shard_model).
 
     Parameters: `ih.weight` W_x (4h×in) and `hh.weight` W_h (4h×h), each with 4 scale blocks;
     `bias` b (4h, full precision; the forget gate's starts at 1); the norms' gains.
     """
+
+    distq_shard_whole = True
 
     def __init__(self, input_size: int, hidden_size: int, norm: str = "none") -> None:
         super().__init__()

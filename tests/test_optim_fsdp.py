@@ -1,6 +1,7 @@
 """QuantizedOptimizer on FSDP2-sharded models (torch's fully_shard, real gloo groups): latent
 weights and Adam state live as dim-0 shards, and the ŵ every rank's shard computes is the
-unsharded projection of the gathered latent weights, for every kind of scheme."""
+unsharded projection of the gathered latent weights, for every kind of scheme and an LSTM's
+gate blocks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+from distq.comm.fsdp import shard_model
+from distq.lstm import QuantLSTM
 from distq.optim import QuantizedOptimizer
 from distq.quant import get_scheme, project
 from distq.quant.sharded import shard_rows
@@ -135,3 +138,28 @@ def _global_scope_refused(rank: int, world: int) -> None:
 
 def test_global_sparsity_is_refused_on_shards():
     run_workers(_global_scope_refused, 2)
+
+
+def _lstm_gate_blocks(rank: int, world: int) -> None:
+    """An unrolled LSTM layer reads its gate matrices in its own forward: shard_model keeps it
+    one FSDP unit, and each gate block's α is the whole block's across the shard rows."""
+    torch.manual_seed(0)
+    model, _ = shard_model(QuantLSTM(6, 10), weights="packed", bits=2)
+    opt = QuantizedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model,
+                             keep_full_precision=())  # fmt: skip
+    g = torch.Generator().manual_seed(1 + rank)
+    for _ in range(3):
+        out, _ = model(torch.randn(4, 5, 6, generator=g))
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in opt.quantized_parameters().items():
+        assert opt.blocks[name] == 4 and opt.alpha[name].shape == (4,)
+        whole = project(opt.latent[name].full_tensor(), opt.curvature(p).full_tensor(), blocks=4)
+        q = p.full_tensor()
+        assert torch.equal(torch.sign(q), torch.sign(whole.q)), name
+        assert torch.allclose(q, whole.q, rtol=1e-5, atol=0), name
+
+
+def test_lstm_gate_blocks_are_projected_whole_across_shards():
+    run_workers(_lstm_gate_blocks, 2)

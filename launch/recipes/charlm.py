@@ -121,6 +121,18 @@ def load(test_fraction: float, seed: int, data_dir: str | None = None, bptt: int
     return Split(train_x, train_y, test_x, test_y, classes=len(vocab))
 
 
+class TableEmbedding(nn.Linear):
+    """An embedding table stored as a Linear(vocab, width)'s weight (so distq's selection treats
+    it as it does any Linear), looked up by id in its own forward: a sharding wrapper (FSDP2)
+    gathers the weight around this call, which a read of `.weight` from outside would miss."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__(vocab, width, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return functional.embedding(ids, self.weight.t())
+
+
 class CharLM(nn.Module):
     """Embedding → QuantLSTM → softmax layer; reads (B, W + T) ids, returns (B, V, T) logits
     for the last T positions (the first W are burn-in, run without gradient)."""
@@ -128,13 +140,13 @@ class CharLM(nn.Module):
     def __init__(self, vocab: int, hidden: int, depth: int, norm: str, burn_in: int) -> None:
         super().__init__()
         self.burn_in = burn_in
-        self.encoder = nn.Linear(vocab, hidden, bias=False)  # the embedding table, transposed
+        self.encoder = TableEmbedding(vocab, hidden)
         nn.init.normal_(self.encoder.weight, std=0.1)
         self.lstm = QuantLSTM(hidden, hidden, depth, norm)
         self.decoder = nn.Linear(hidden, vocab)
 
     def forward(self, ids: Tensor) -> Tensor:
-        embedded = functional.embedding(ids, self.encoder.weight.t())
+        embedded = self.encoder(ids)
         state = None
         if self.burn_in:
             with torch.no_grad():

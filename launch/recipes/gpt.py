@@ -118,18 +118,6 @@ class Block(nn.Module):
         return x + self.proj(functional.gelu(self.fc(self.ln2(x))))
 
 
-class ByteEmbedding(nn.Linear):
-    """The byte embedding table as a Linear(256, width)'s weight (so distq quantizes it as it
-    does any Linear), looked up by byte id in its own forward: a sharding wrapper (FSDP2)
-    gathers the weight around this call, which a read of `.weight` from outside would miss."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__(VOCAB, width, bias=False)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return functional.embedding(ids, self.weight.t())
-
-
 class GPT(nn.Module):
     """Byte embedding + position embedding → blocks → LayerNorm → head; reads (B, T) byte ids,
     T ≤ context, returns (B, 256, T) logits, position t seeing bytes 0..t only."""
@@ -137,7 +125,7 @@ class GPT(nn.Module):
     def __init__(self, width: int, depth: int, context: int, heads: int | None = None) -> None:
         super().__init__()
         self.context = context
-        self.embed = ByteEmbedding(width)
+        self.embed = charlm.TableEmbedding(VOCAB, width)
         self.position = nn.Parameter(torch.zeros(context, width))
         heads = heads or default_heads(width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
