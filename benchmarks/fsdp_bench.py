@@ -9,6 +9,9 @@ under each variant in turn (same seed, corpus, model and step count):
   bf16   the same with --fsdp-dtype bfloat16: FSDP's MixedPrecisionPolicy, bf16 on both
   distq  the defaults of --parallel fsdp: ternary weights gathered as packed codes, 2-bit
          gradients on the reduce-scatter
+  distq-approx  the same with --scheme ternary-approx (LATa: its sharded projection all-reduces
+         row sums each iteration, where the exact solver's threshold search all-reduces suffix
+         sums at up to 257 edges per round; distq/quant/sharded.py)
 
 Each rank runs `distq train` through this file's `--worker` mode, which wraps the training step
 (launch.train._step) to record, per step, its wall time and the bytes this host's eth0 sent
@@ -48,11 +51,13 @@ VARIANTS = {
     "fp32": ["--scheme", "none", "--grad-bits", "none"],
     "bf16": ["--scheme", "none", "--grad-bits", "none", "--fsdp-dtype", "bfloat16"],
     "distq": [],
+    "distq-approx": ["--scheme", "ternary-approx"],
 }
 LABELS = {
     "fp32": "FSDP2 fp32",
     "bf16": "FSDP2 bf16",
     "distq": "distq ternary + 2-bit",
+    "distq-approx": "distq ternary-approx + 2-bit",
     "ddp": "DDP (distq settings)",
 }
 
@@ -242,7 +247,7 @@ def render(records: list[dict]) -> str:
             m = runs[variant]
             mem_ratio = (
                 m["latent_opt_bytes"] / replicated["latent_opt_bytes"] * hosts
-                if replicated and variant == "distq"
+                if replicated and variant.startswith("distq")
                 else None
             )
             lines.append(
@@ -261,6 +266,22 @@ def render(records: list[dict]) -> str:
                 f"| {LABELS['ddp']} | {replicated['steps']} | — | — | — | — | — | — | "
                 f"{replicated['latent_opt_bytes'] / 1e3:.1f} | — | — | — |"
             )
+    lines += [
+        "\nHeld-out loss / bpb per host count, mean over the rates' runs (one seed each):\n",
+        "| hosts | run | runs | held-out loss | bpb |",
+        "|---|---|---|---|---|",
+    ]
+    for hosts in sorted({h for h, _ in groups}):
+        for variant in VARIANTS:
+            ms = [
+                runs[variant] for (h, _), runs in groups.items() if h == hosts and variant in runs
+            ]
+            if ms:
+                loss = statistics.mean(m["test_loss"] for m in ms)
+                bpb = statistics.mean(m["test_bpb"] for m in ms)
+                lines.append(
+                    f"| {hosts} | {LABELS[variant]} | {len(ms)} | {loss:.4f} | {bpb:.4f} |"
+                )
     return "\n".join(lines)
 
 
@@ -283,6 +304,9 @@ def main() -> None:
     )
     parser.add_argument("--corpus-chars", type=int, default=300_000)
     parser.add_argument("--ddp-chars", type=int, default=40_000, help="corpus of the ddp run")
+    parser.add_argument(
+        "--ddp", action=argparse.BooleanOptionalAction, default=True, help="the ddp memory runs"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=HERE / "fsdp_bench_runs" / "latest")
     parser.add_argument("--render-only", action="store_true")
@@ -311,7 +335,7 @@ def drive(args: argparse.Namespace) -> None:
         corpora[chars] = work / f"corpus-{chars}.py"
         corpora[chars].write_text(charlm.default_corpus(chars))
     plan = [(h, r, v) for h in args.hosts for r in args.rates for v in args.variants]
-    plan += [(h, "none", "ddp") for h in args.hosts]
+    plan += [(h, "none", "ddp") for h in args.hosts if args.ddp]
     seeds = {rate: args.seed + i for i, rate in enumerate(args.rates)}  # a seed per rate
     port = 29700
     for hosts, rate, variant in plan:
