@@ -239,8 +239,8 @@ def render(records: list[dict]) -> str:
         lines += [
             f"\n{hosts} hosts, {'unshaped' if rate == 'none' else rate}:\n",
             "| run | steps | step time (ms) | × fp32 | KB/step/host | fp32 ÷ this | of which "
-            "optimizer.step | KB/step (whole run) | latent+Adam per rank (KB) | × world ÷ DDP's "
-            "| held-out loss | bpb |",
+            "optimizer.step (KB) | KB/step (whole run) | latent+Adam per rank (KB) | "
+            "× world ÷ DDP's | held-out loss | bpb |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant in [v for v in VARIANTS if v in runs]:
