@@ -64,8 +64,9 @@ def test_shards_project_as_the_whole_tensor(world):
 
 
 def _ternary_traffic(rank: int, world: int) -> None:
-    """A 64×300 ternary tensor: the sharded exact solver all-reduces a few thousand floats, far
-    fewer than the 19,200 weights a gather would move."""
+    """A 64×300 ternary tensor: the sharded exact solver all-reduces under 1,200 floats (571–631
+    measured; 4,109 with 256 sub-bins a round), far fewer than the 19,200 weights a gather
+    would move."""
     reduced = []
     original = dist.all_reduce
 
@@ -81,7 +82,7 @@ def _ternary_traffic(rank: int, world: int) -> None:
         project_shard(w[start:stop], d[start:stop], "ternary", rows=64)
     finally:
         dist.all_reduce = original
-    assert sum(reduced) < 64 * 300 / 4, reduced
+    assert sum(reduced) < 64 * 300 / 16, reduced
 
 
 def test_sharded_exact_ternary_moves_few_floats():
