@@ -54,6 +54,7 @@ class _Layout:
     count: int  # scale groups in the whole tensor
     size: int  # entries per scale group
     spans: list[tuple[int, int]]  # local row range of each view row
+    first: list[bool]  # whether this shard holds the group's first row (it reports its α)
 
     @classmethod
     def of(cls, rows: int, start: int, stop: int, blocks: int, columns: int) -> _Layout:
@@ -62,7 +63,8 @@ class _Layout:
         spans = [
             (max(start, g * height) - start, min(stop, (g + 1) * height) - start) for g in groups
         ]
-        return cls(groups, blocks, height * columns, spans)
+        first = [g * height >= start for g in groups]
+        return cls(groups, blocks, height * columns, spans, first)
 
     def view(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(t's rows as one padded row per group, the mask of real entries)."""
@@ -280,15 +282,13 @@ def _check_everywhere(w: Tensor, d: Tensor | None, group: dist.ProcessGroup | No
 def _whole_alpha(
     alpha: Tensor, layout: _Layout, group: dist.ProcessGroup | None, blocks: int
 ) -> Tensor:
-    """The scale of every group of the tensor (per tensor: a scalar), the same on every rank."""
-    full = alpha.new_zeros(blocks, *alpha.shape[1:], dtype=torch.float64)
-    owned = torch.zeros(blocks, dtype=torch.float64)
-    for i, g in enumerate(layout.groups):
-        full[g] = alpha[i]
-        owned[g] = 1.0
+    """The scale of every group of the tensor (per tensor: a scalar), the same on every rank: the
+    rank holding a group's first row reports it, the others add zero."""
+    full = alpha.new_zeros(blocks, *alpha.shape[1:])
+    for i, (g, first) in enumerate(zip(layout.groups, layout.first, strict=True)):
+        if first:
+            full[g] = alpha[i]
     dist.all_reduce(full, group=group)
-    dist.all_reduce(owned, group=group)
-    full = (full / owned.clamp_min(1).reshape(-1, *[1] * (full.dim() - 1))).to(alpha.dtype)
     return full[0] if blocks == 1 else full
 
 
