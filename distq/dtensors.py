@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from distq.quant.sharded import shard_rows
 
-__all__ = ["local", "rows_like", "shard_like", "whole"]
+__all__ = ["local", "rows_like", "shard_like", "shard_optimizer_state", "whole"]
 
 
 def local(t: Tensor | None) -> Tensor | None:
@@ -50,6 +50,18 @@ def shard_like(value: Any, like: Tensor) -> Any:
     return DTensor.from_local(
         piece, like.device_mesh, like.placements, shape=value.shape, stride=value.stride()
     )
+
+
+def shard_optimizer_state(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict:
+    """A torch optimizer's saved `state_dict` (whole tensors, as `whole` gathered them) with each
+    parameter's per-parameter tensors cut to this rank's rows of that parameter, so
+    `optimizer.load_state_dict` gets state shaped like its (possibly sharded) parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {
+        index: {k: shard_like(v, params[index]) for k, v in entry.items()}
+        for index, entry in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
 
 
 def rows_like(t: Tensor, like: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from distq.dtensors import local, rows_like, shard_like
+from distq.dtensors import local, rows_like, shard_like, shard_optimizer_state
 from distq.meta import MetaGradient, check_estimator
 from distq.quant import SCHEMES, Projection, blocks_of, get_scheme, project, scheme_bits
 from distq.quant.sharded import project_shard
@@ -452,7 +452,7 @@ class QuantizedOptimizer(OptimizerWrapper):
             )
             raise ValueError(f"checkpoint was made with another quantization setup ({detail})")
         self._load_widths(state_dict.get("tensor_bits"))
-        self.optimizer.load_state_dict(self._base_sharded(state_dict["base"]))
+        self.optimizer.load_state_dict(shard_optimizer_state(state_dict["base"], self.optimizer))
         self._group = self._groups_by_parameter()  # the load made new group dicts
         with torch.no_grad():
             for name, latent in self.latent.items():
@@ -465,18 +465,6 @@ class QuantizedOptimizer(OptimizerWrapper):
         self.steps_taken = int(state_dict.get("steps_taken", 0))
         if self.meta is not None:
             self.meta.load_state_dict(state_dict["meta"])
-
-    def _base_sharded(self, base: dict[str, Any]) -> dict[str, Any]:
-        """The wrapped optimizer's saved state with every whole tensor of an FSDP parameter's
-        shape cut to this rank's rows (a checkpoint holds whole tensors: `full_state`)."""
-        if not self.sharded:
-            return base
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = {
-            i: {k: shard_like(v, params[i]) for k, v in entry.items()}
-            for i, entry in base["state"].items()
-        }
-        return {**base, "state": state}
 
     def _load_widths(self, saved: Mapping[str, int] | None) -> None:
         """Take the widths a bit allocation chose before the checkpoint (`saved`; None: the

@@ -18,7 +18,7 @@ from torch import nn
 from distq.channels import ChannelPruner
 from distq.comm import QuantizedCommState, prime_buckets
 from distq.comm.fsdp import FSDPExchange
-from distq.dtensors import shard_like, whole
+from distq.dtensors import shard_like, shard_optimizer_state, whole
 from distq.launch import checkpoint, config, rng
 from distq.launch.environment import DistEnv, on_main
 from distq.optim import QuantizedOptimizer
@@ -116,7 +116,7 @@ class RunState:
             live = self.model.state_dict()  # an FSDP model's: this rank's rows of each
             saved = {k: shard_like(v, live.get(k)) for k, v in state["model"].items()}
             self.model.load_state_dict(saved)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(self._optimizer_state(state["optimizer"]))
             self.schedule.load_state_dict(state["schedule"])
             if self.comm is not None:
                 self.comm.load_state_dict(mine["comm"])
@@ -132,6 +132,14 @@ class RunState:
         rng.restore(mine["rng"])
         position = Position(state["epoch"], state["step_in_epoch"], state["step"])
         return position, mine["epoch_loss_sum"], path
+
+    def _optimizer_state(self, saved: dict) -> dict:
+        """The saved optimizer state as this rank's optimizer loads it: a plain torch optimizer
+        of an FSDP run gets its whole tensors cut to this rank's rows (QuantizedOptimizer cuts
+        its own)."""
+        if isinstance(self.optimizer, QuantizedOptimizer):
+            return saved
+        return shard_optimizer_state(saved, self.optimizer)
 
     def _apply_lr_and_weight_decay(self) -> None:
         factor = self.schedule.lr_lambdas[0](self.schedule.last_epoch)
