@@ -371,6 +371,14 @@ class Run(Options):
         "gradients the reduce-scatter through the gradients section's compressor)",
         choices=PARALLEL,
     )
+    checkpoint_format: str = option(
+        "auto",
+        "file (rank 0 gathers whole tensors into one file; no shared filesystem needed) or "
+        "sharded (parallel fsdp: torch.distributed.checkpoint, every rank writes its own rows "
+        "into one directory on a filesystem all ranks share); auto: sharded under parallel "
+        "fsdp, file otherwise",
+        choices=("auto", "file", "sharded"),
+    )
     fsdp_dtype: str = option(
         "float32",
         "parallel fsdp: the dtype FSDP2 gathers parameters and reduce-scatters gradients in "
@@ -388,6 +396,13 @@ class Run(Options):
         above=0,
     )
     progress: bool = option(True, "show a progress bar on rank 0")
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written sharded (checkpoint_format resolved)."""
+        return self.checkpoint_format == "sharded" or (
+            self.checkpoint_format == "auto" and self.parallel == "fsdp"
+        )
 
     def check(self) -> None:
         if self.data_dir is not None and self.recipe not in DATA_DIR_RECIPES:
@@ -449,6 +464,11 @@ class TrainConfig:
             raise ConfigError(
                 f"fsdp_dtype={self.run.fsdp_dtype!r} needs parallel='fsdp'; "
                 f"parallel={self.run.parallel!r} allows fsdp_dtype='float32' only"
+            )
+        if self.run.checkpoint_format == "sharded" and self.run.parallel != "fsdp":
+            raise ConfigError(
+                f"checkpoint_format='sharded' needs parallel='fsdp' (a DDP rank holds the whole "
+                f"model); parallel={self.run.parallel!r} allows 'auto' and 'file'"
             )
         if self.run.parallel == "fsdp":
             self._check_fsdp()

@@ -1,9 +1,10 @@
 """What a checkpoint of `distq train` holds, and how a run is saved and restored from it.
 
-One file (rank 0 writes it) holds everything a bit-exact resume needs: ŵ, latent weights and
-optimizer state (an FSDP run's gathered whole, so the file is laid out as a DDP run's), the LR
-schedule, the data position, the config, and per rank the RNG states,
-the gradient hook's state (step counter, error-feedback residuals) and the epoch's loss so far.
+A checkpoint holds everything a bit-exact resume needs: ŵ, latent weights and optimizer state,
+the LR schedule, the data position, the config, and per rank the RNG states, the gradient hook's
+state (step counter, error-feedback residuals) and the epoch's loss so far. Rank 0 writes it as
+one file (an FSDP run's shards gathered whole, laid out as a DDP run's), or, sharded, every rank
+writes its own rows of the model and optimizer state (`sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from distq.channels import ChannelPruner
 from distq.comm import QuantizedCommState, prime_buckets
 from distq.comm.fsdp import FSDPExchange
 from distq.dtensors import shard_like, shard_optimizer_state, whole
-from distq.launch import checkpoint, config, rng
+from distq.launch import checkpoint, config, rng, sharded_checkpoint
 from distq.launch.environment import DistEnv, on_main
 from distq.optim import QuantizedOptimizer
 
@@ -80,6 +83,10 @@ class RunState:
         if self.env.distributed:
             ranks = [None] * self.env.world_size if self.env.is_main else None
             dist.gather_object(mine, ranks, dst=0)
+        if self.cfg.run.sharded_checkpoints:  # each rank writes its rows of model and optimizer
+            parts = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            rest = self._payload(position, ranks) if self.env.is_main else None
+            return self.store.save_sharded(rest, parts, position.step)
         # an FSDP run's shards are gathered whole on every rank: the file is a DDP run's
         model_state, optimizer_state = whole(self.model.state_dict()), None
         if self.cfg.run.parallel == "fsdp":
@@ -87,9 +94,16 @@ class RunState:
         if not self.env.is_main:
             return None
         payload = {
-            "format": FORMAT,
+            **self._payload(position, ranks),
             "model": model_state,
             "optimizer": optimizer_state or self.optimizer.state_dict(),
+        }
+        return self.store.save(payload, position.step)
+
+    def _payload(self, position: Position, ranks: list[dict]) -> dict:
+        """What a checkpoint holds besides the model and optimizer state (rank 0's)."""
+        payload = {
+            "format": FORMAT,
             "schedule": self.schedule.state_dict(),
             "epoch": position.epoch,
             "step_in_epoch": position.step_in_epoch,
@@ -101,7 +115,7 @@ class RunState:
         }
         if self.pruner is not None:
             payload["channels"] = self.pruner.state_dict()
-        return self.store.save(payload, position.step)
+        return payload
 
     def restore(
         self, found: tuple[dict, Path], prime_input: torch.Tensor
@@ -111,6 +125,8 @@ class RunState:
         factor at the resumed step times the new lr), so the next checkpoint records what ran."""
         state, path = found
         check_resumable(state, self.cfg, self.env, path)
+        if sharded_checkpoint.is_sharded(path):  # every rank reads its rows of each tensor
+            state = sharded_checkpoint.fill(state, path, _mesh_of(self.model))
         mine = state["ranks"][self.env.rank]
         try:
             live = self.model.state_dict()  # an FSDP model's: this rank's rows of each
@@ -148,6 +164,11 @@ class RunState:
             group["initial_lr"], group["lr"] = self.cfg.run.lr, self.cfg.run.lr * factor
             group["weight_decay"] = self.cfg.run.weight_decay
         self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def _mesh_of(model: nn.Module) -> DeviceMesh | None:
+    """The device mesh an FSDP model's parameters are sharded over (None: not sharded)."""
+    return next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
 
 
 def find_newest(env: DistEnv, store: checkpoint.CheckpointStore) -> tuple[dict, Path] | None:
