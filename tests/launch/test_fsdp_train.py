@@ -154,6 +154,25 @@ def test_fsdp_full_precision_run_resumes_bit_exact(tmp_path, corpus):
     _assert_same_base_state(a["optimizer"], b["optimizer"])
 
 
+@pytest.mark.slow
+def test_sharded_checkpoint_of_other_settings_is_refused_naming_the_field(
+    tmp_path, corpus, straight
+):
+    """A resume reads the sharded checkpoint's config (rank 0's distq.pt) before any shard and
+    refuses another quantization in one line; nothing in the out_dir changes."""
+    out = tmp_path / "copy"
+    shutil.copytree(straight[0] / "checkpoints", out / "checkpoints")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    cmd = [*torchrun(data_dir=corpus, out_dir=out, **SETTINGS), "--resume"]
+    cmd += ["--scheme", "ternary-approx"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "the run's settings differ: scheme: checkpoint 'ternary' vs now 'ternary-approx'" in (
+        done.stderr
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
 def test_fsdp_refuses_what_reads_a_replicated_model():
     with pytest.raises(config.ConfigError, match=r"parallel='fsdp' does not run with distill=0.5"):
         config.TrainConfig(parallel="fsdp", distill=0.5)
