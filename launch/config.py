@@ -352,6 +352,11 @@ class Run(Options):
         0.2, "share of the data held out for testing", minimum=0.01, maximum=0.9
     )
     seed: int = option(0, "random seed (model init, data split and order)", minimum=0)
+    bn_recalibration: int = option(
+        1024, "training examples (the same on every rank) over which every batch norm's running "
+        "statistics are recomputed with the epoch's final weights before each test and "
+        "checkpoint (distq/batchnorm.py; 0: keep the running averages)", minimum=0,
+    )  # fmt: skip
     out_dir: str = option("runs/digits", "where checkpoints and logs go")
     resume: bool = option(False, "continue from the newest checkpoint in out_dir, if there is one")
     move_aside: bool = option(
@@ -405,6 +410,11 @@ class Run(Options):
         )
 
     def check(self) -> None:
+        if self.bn_recalibration == 1:
+            raise ConfigError(
+                "bn_recalibration=1: a batch norm needs at least 2 examples a batch; give 0 "
+                "(off) or >= 2"
+            )
         if self.data_dir is not None and self.recipe not in DATA_DIR_RECIPES:
             raise ConfigError(
                 f"data_dir is read by the {' and '.join(DATA_DIR_RECIPES)} recipes only; "

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from distq.batchnorm import batch_norms, recalibrate
 from distq.channels import ChannelPruner, ChannelTopologyError, count_macs, rewrite
 from distq.comm import QuantizedCommState
 from distq.comm.fsdp import FSDPExchange
@@ -418,6 +419,7 @@ def _end_epoch(job: Job, epoch: int, loss_sum: torch.Tensor, progress: Progress)
             f"training diverged: the mean loss of epoch {epoch + 1} is {progress.loss} "
             f"(lr {run.lr}); its end was not saved; lower --lr"
         )
+    _recalibrate(job)
     progress.accuracy = recipes.accuracy(model, data.test_x, data.test_y)
     progress.metrics = recipes.extra_metrics(run.recipe, model, data.test_x, data.test_y)
     job.say(
@@ -426,6 +428,21 @@ def _end_epoch(job: Job, epoch: int, loss_sum: torch.Tensor, progress: Progress)
     )
     progress.position = Position(epoch + 1, 0, progress.position.step)
     job.state.save(progress.position, 0.0)
+
+
+def _recalibrate(job: Job) -> None:
+    """Every batch norm's running statistics recomputed with the epoch's final weights over
+    run.bn_recalibration training examples drawn from the seed, the same on every rank, in
+    batches of batch_size (a last partial batch dropped): quantized weights jump, and the
+    running averages lag them (distq/batchnorm.py)."""
+    run, model, train_x = job.cfg.run, job.state.model, job.data.train_x
+    if run.bn_recalibration == 0 or not batch_norms(model):
+        return
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(run.seed))
+    order = order[: run.bn_recalibration]
+    if len(order) >= run.batch_size:
+        order = order[: len(order) // run.batch_size * run.batch_size]
+    recalibrate(model, [train_x[idx] for idx in order.split(run.batch_size)])
 
 
 def _finish(job: Job, progress: Progress, summary: QuantizationSummary) -> TrainResult:
