@@ -3,8 +3,10 @@
 Times `compress` (scales, stochastic rounding, bit packing, payload assembly) and
 `decompress_into` a preallocated tensor (unpack, dequantize; the hook's path) on a 25.2 M-element
 fp32 tensor (100 MB; the size of the reference numbers
-in DESIGN.md §7), eager and torch.compile'd, and reports GB/s of fp32 input and the ratio to
-memcpy. Every configuration is timed interleaved with the others, median of `--repeats`.
+in DESIGN.md §7), in three modes (`MODES`: the default, with the rotated quantizer's C kernels;
+torch.compile'd alone; eager), and reports GB/s of fp32 input, the ratio to memcpy, and each
+codec's time against the 2-bit stochastic codec's. Every configuration is timed interleaved
+with the others, median of `--repeats`.
 
     .venv/bin/python benchmarks/codec_throughput.py
 """
@@ -32,6 +34,11 @@ CONFIGS = {
     "rotated 4-bit, 512": lambda: RotatedQuantizer(4, 512),
     "rotated-stochastic 2-bit, 512": lambda: RotatedQuantizer(2, 512, stochastic=True),
 }
+
+
+# mode -> (DISTQ_COMPILE, DISTQ_NATIVE): the default (torch.compile'd kernels, and the rotated
+# quantizer's C kernels, comm/native.py), the torch path alone compiled, and eager torch.
+MODES = {"compiled + C": ("1", "1"), "compiled": ("1", "0"), "eager": ("0", "0")}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -86,11 +93,11 @@ def main() -> None:
         return
     gb = args.numel * 4 / 1e9
     rows = {}
-    for mode, flag in (("compiled", "1"), ("eager", "0")):
+    for mode, (compile_flag, native_flag) in MODES.items():
         cmd = [sys.executable, __file__, "--child", "--numel", str(args.numel),
                "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, env={**os.environ, "DISTQ_COMPILE": flag},
-                              capture_output=True, text=True, check=True)
+        env = {**os.environ, "DISTQ_COMPILE": compile_flag, "DISTQ_NATIVE": native_flag}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         for line in done.stdout.strip().splitlines():
             name, enc, dec = line.split("\t")
             rows[(mode, name)] = (float(enc), float(dec))
@@ -105,6 +112,10 @@ def main() -> None:
             continue
         print(f"| {name} | {mode} | {enc * 1e3:.1f} | {gb / enc:.2f} | {100 * memcpy / enc:.0f}% "
               f"| {dec * 1e3:.1f} | {gb / dec:.2f} | {100 * memcpy / dec:.0f}% |")
+    base = sum(rows[("compiled + C", "2-bit, 512-elt buckets")])
+    print("\ncompress + decompress against 2-bit stochastic (512), default mode:")
+    for name in CONFIGS:
+        print(f"- {name}: {sum(rows[('compiled + C', name)]) / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,20 +11,26 @@ coordinates near-Gaussian, then coded against the Lloyd–Max levels c of a stan
 D comes from the key's seed, step and slot (not its rank or phase) and the position in the
 bucket, so every rank rotates a bucket alike (THC, NSDI'24: rotated vectors can be summed as
 they are); decoding needs the encode call's key. H_w = H_a ⊗ H_b runs as two small matrix
-products; decoding applies it to integer levels, where every summation order gives the same
-bits, so every rank decodes bit-identical values. The last partial bucket is padded with zeros
+products; decoding one payload applies it to integer levels, where every summation order gives
+the same bits, and a sum of payloads (`allgather`) is added in the rotated domain and
+un-rotated once by the staged butterfly, whose every output is one addition, so every rank
+decodes bit-identical values. The last partial bucket is padded with zeros
 and sent whole (`WireFormat.whole_buckets`): the rotation spreads the padding.
+
+On CPU, at 1, 2 and 4 bits, the C kernels of comm/rotation_kernel.c (comm/native.py) encode the
+deterministic variant and decode both in one pass per bucket; decoding there gives the torch
+path's bits, encoding may differ from it in a scale's last bit (its sums run in another order).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from distq.comm import kernels
+from distq.comm import kernels, native
 from distq.comm.compressors import Compressor
 from distq.comm.noise import Key
 from distq.comm.wire import WireFormat, split
@@ -58,6 +64,20 @@ def hadamard(x: Tensor, outer: Tensor, inner: Tensor) -> Tensor:
     rows, a, b = x.shape[0], outer.shape[0], inner.shape[0]
     y = (x.reshape(rows * a, b) @ inner).view(rows, a, b)
     return torch.matmul(outer, y).reshape(rows, a * b)
+
+
+def butterfly(v: Tensor) -> Tensor:
+    """H·v per row of v [rows, w] by the log2(w) stages of the fast Walsh–Hadamard transform,
+    stage h pairing elements h apart (h = 1, 2, 4, ...): every output of every stage is one
+    addition or subtraction, so any device or kernel computes the same bits for float v (the
+    C kernel, comm/rotation_kernel.c, runs the same stages)."""
+    rows, width = v.shape
+    half = 1
+    while half < width:
+        pairs = v.reshape(rows, width // (2 * half), 2, half)
+        v = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), 2)
+        half *= 2
+    return v.reshape(rows, width)
 
 
 def rotate(xb: Tensor, signs: Tensor, outer: Tensor, inner: Tensor) -> Tensor:
@@ -189,6 +209,18 @@ class RotatedQuantizer(Compressor):
         self._grid = 2.0**-fraction_bits  # integer level → level
         self._unit = self._grid / math.sqrt(bucket_size)  # integer level → decoded value
         self._outer, self._inner = hadamard_factors(bucket_size)
+        self._c_levels = torch.tensor(self.levels, dtype=torch.float32)
+        pairs = zip(self.levels[:-1], self.levels[1:], strict=True)
+        self._c_midpoints = torch.tensor([(a + b) / 2 for a, b in pairs], dtype=torch.float32)
+        self._c_integer_levels = torch.tensor(self.integer_levels, dtype=torch.float32)
+
+    def _native(self, *tensors: Tensor) -> bool:
+        """Whether the C kernels take this call: CPU float32 tensors, 1, 2 or 4 bits."""
+        return (
+            self.wire.bits in (1, 2, 4)
+            and all(t.dtype == torch.float32 for t in tensors)
+            and native.usable(*tensors)
+        )
 
     def with_bits(self, bits: int) -> Compressor:
         if bits == self.wire.bits:
@@ -210,6 +242,8 @@ class RotatedQuantizer(Compressor):
         zero-padded; a bucket's codes are whole bytes (w ≥ 8)."""
         width, device = self.wire.bucket_size, x.device
         rows = -(-x.numel() // width)
+        if not self.stochastic and self._native(x):
+            return self._native_code(x.contiguous(), rows, self.signs(key))
         padded = torch.nn.functional.pad(x, (0, rows * width - x.numel())).view(rows, width)
         rotation = (self.signs(key, device), self._outer.to(device), self._inner.to(device))
         blocks = self._blocks(rows)
@@ -223,6 +257,8 @@ class RotatedQuantizer(Compressor):
     def _code(self, y: Tensor, key: Key, start: int) -> tuple[Tensor, Tensor]:
         """(packed codes, scales) of rotated rows y whose first element is element `start`."""
         bits = self.wire.bits
+        if not self.stochastic and self._native(y):
+            return self._native_code(y.contiguous(), len(y), None)
         if self.stochastic:
             offset = torch.tensor(start, device=y.device)
             run = kernels.compiled(stochastic_codes)
@@ -230,6 +266,33 @@ class RotatedQuantizer(Compressor):
         else:
             codes, s = kernels.compiled(deterministic_codes)(y, self.levels, bits)
         return (codes if bits in (1, 2, 4) else pack(codes, bits).view(len(y), -1)), s
+
+    def _native_code(
+        self,
+        x: Tensor | None,
+        rows: int,
+        signs: Tensor | None,
+        parts: Sequence[tuple[Tensor, Tensor]] = (),
+    ) -> tuple[Tensor, Tensor]:
+        """(codes [rows, w·bits/8], scales) by the C kernel, deterministic variant, of y = x
+        (None: 0) rotated first if `signs` are given, plus the received `parts`' rotated
+        values: `_encode`, `_code` and the owner stage of `requantize_sum`."""
+        width, bits = self.wire.bucket_size, self.wire.bits
+        codes = torch.empty(rows, width * bits // 8, dtype=torch.uint8)
+        scales = torch.empty(rows, dtype=torch.float32)
+        # every tensor whose address the kernel reads is held by a name until it returns
+        received = [packed.contiguous() for packed, _ in parts]
+        received_scales = [s.contiguous() for _, s in parts]
+        status = native.library().distq_eden_code(
+            None if x is None else native.pointer(x), 0 if x is None else x.numel(), rows,
+            width, signs is not None, None if signs is None else native.pointer(signs),
+            1.0 / math.sqrt(width), native.pointers(received), native.pointers(received_scales),
+            len(parts), native.pointer(self._c_integer_levels), self._grid,
+            native.pointer(self._c_levels), native.pointer(self._c_midpoints), len(self.levels),
+            bits, native.pointer(codes), native.pointer(scales),
+        )  # fmt: skip
+        native.check(status, "distq_eden_code")
+        return codes, scales
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
         return self._encode(x, key, 0)[1]
@@ -255,29 +318,54 @@ class RotatedQuantizer(Compressor):
     def _decode(
         self, payloads: list[Tensor], out: Tensor, accumulate: bool, key: Key | None
     ) -> Tensor:
-        """out ← [out +] Σ over `payloads` (each of out.numel() elements) of the decoded values:
-        per block of buckets, each payload's H·(integer levels), exact, times its S·2^−F/√w,
-        added in payload order, then times the signs D; the padding dropped."""
+        """out ← [out +] Σ over `payloads` (each of out.numel() elements) of the decoded values,
+        per block of buckets, then times the signs D, the padding dropped. One payload: H·(its
+        integer levels), exact, times its S·2^−F/√w. Several (`allgather`'s sum, THC): their
+        ŷ = levels·S·2^−F/√w added in payload order in the rotated domain, then un-rotated once
+        by `butterfly`, whose outputs are each one IEEE addition: the same bits on every path."""
         if key is None:
             raise ValueError("decoding rotated codes needs the encode call's key; got key=None")
         numel, width, bits = out.numel(), self.wire.bucket_size, self.wire.bits
         parts = [split(payload, numel, self.wire) for payload in payloads]
         device = out.device
         signs = self.signs(key, device)
+        if self._native(out) and out.is_contiguous():
+            return self._native_decode(parts, out, accumulate, signs)
         outer, inner = self._outer.to(device), self._inner.to(device)
         buckets = self.wire.buckets(numel)
         blocks = self._blocks(buckets)
-        run = kernels.compiled(decoded_values)
+        one, each = kernels.compiled(decoded_values), kernels.compiled(rotated_values)
         for b0 in blocks:
             b1 = min(buckets, b0 + blocks.step)
-            total = None
-            for packed, s in parts:
-                codes = self._codes(packed, b0, b1)
-                values = run(codes, s[b0:b1], outer, inner, self.integer_levels, bits, self._unit)
-                total = values if total is None else total.add_(values)
+            if len(parts) == 1:
+                codes, s = self._codes(parts[0][0], b0, b1), parts[0][1][b0:b1]
+                total = one(codes, s, outer, inner, self.integer_levels, bits, self._unit)
+            else:  # summed as they are, then one transform in the butterfly's order
+                total = None
+                for packed, s in parts:
+                    codes = self._codes(packed, b0, b1)
+                    values = each(codes, s[b0:b1], self.integer_levels, bits, self._unit)
+                    total = values if total is None else total.add_(values)
+                total = butterfly(total)
             piece = out[b0 * width : min(numel, b1 * width)]
             decoded = total.mul_(signs).view(-1)[: piece.numel()]
             (piece.add_ if accumulate else piece.copy_)(decoded)
+        return out
+
+    def _native_decode(
+        self, parts: list[tuple[Tensor, Tensor]], out: Tensor, accumulate: bool, signs: Tensor
+    ) -> Tensor:
+        """`_decode` by the C kernel: every bucket of every payload in one call (the lists hold
+        the tensors whose addresses it reads)."""
+        codes = [packed.contiguous() for packed, _ in parts]
+        scales = [s.contiguous() for _, s in parts]
+        status = native.library().distq_eden_decode(
+            native.pointers(codes), native.pointers(scales), len(parts),
+            self.wire.buckets(out.numel()), self.wire.bucket_size, self.wire.bits,
+            native.pointer(self._c_integer_levels), self._unit, native.pointer(signs),
+            native.pointer(out), out.numel(), accumulate,
+        )  # fmt: skip
+        native.check(status, "distq_eden_decode")
         return out
 
     def decompress_into(
@@ -325,6 +413,8 @@ class RotatedQuantizer(Compressor):
         norms). `mine` (whole buckets) is only read."""
         numel, width, device = mine.numel(), self.wire.bucket_size, mine.device
         parts = [split(row, numel, self.wire) for i, row in enumerate(received) if i != skip]
+        if errors is None and not self.stochastic and self._native(mine):
+            return self._native_requantize(parts, mine.contiguous(), skip is not None, key)
         rotation = (self.signs(key, device), self._outer.to(device), self._inner.to(device))
         values, turn = kernels.compiled(rotated_values), kernels.compiled(rotate)
         buckets = numel // width
@@ -346,3 +436,12 @@ class RotatedQuantizer(Compressor):
             coded.append((codes, s))
         return torch.cat([torch.cat([c for c, _ in coded]).view(-1),
                           torch.cat([s for _, s in coded]).view(torch.uint8)])  # fmt: skip
+
+    def _native_requantize(
+        self, parts: list[tuple[Tensor, Tensor]], mine: Tensor, own: bool, key: Key
+    ) -> Tensor:
+        """`requantize_sum` by the C kernel (deterministic variant, no error sums), laid out as
+        `compress` lays out a payload."""
+        rows = mine.numel() // self.wire.bucket_size
+        codes, scales = self._native_code(mine if own else None, rows, self.signs(key), parts)
+        return torch.cat([codes.view(-1), scales.view(torch.uint8)])
