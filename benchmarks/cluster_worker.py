@@ -68,6 +68,14 @@ OPTIONS: dict[str, dict] = {
         "clip": 2.5,
         "compressor": "rotated",
     },
+    # bits chosen by measurement (comm/auto.py): fp32, fp16 or rotated 1/2/4-bit per bucket
+    "distq auto rotated scatter": {
+        "kind": "distq",
+        "bits": "auto",
+        "collective": "scatter",
+        "clip": 2.5,
+        "compressor": "rotated",
+    },
     "distq EF-signSGD allgather": {
         "kind": "distq",
         "bits": 1,

@@ -32,7 +32,7 @@ FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-sh
 _float, _int64, _int, _ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 SIGNATURES = {
     "distq_eden_code": [_ptr, _int64, _int64, _int64, _int, _ptr, _float, _ptr, _ptr, _int, _ptr,
-                        _float, _ptr, _ptr, _int, _int, _ptr, _ptr],
+                        _float, _ptr, _ptr, _int, _int, _ptr, _ptr, _ptr],
     "distq_eden_decode": [_ptr, _ptr, _int, _int64, _int64, _int, _ptr, _float, _ptr, _ptr,
                           _int64, _int],
 }  # fmt: skip

@@ -273,16 +273,19 @@ class RotatedQuantizer(Compressor):
         rows: int,
         signs: Tensor | None,
         parts: Sequence[tuple[Tensor, Tensor]] = (),
+        errors: list[float] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(codes [rows, w·bits/8], scales) by the C kernel, deterministic variant, of y = x
         (None: 0) rotated first if `signs` are given, plus the received `parts`' rotated
-        values: `_encode`, `_code` and the owner stage of `requantize_sum`."""
+        values: `_encode`, `_code` and the owner stage of `requantize_sum`. `errors` (or None)
+        gets += Σ‖ŷ − y‖² and Σ‖y‖²."""
         width, bits = self.wire.bucket_size, self.wire.bits
         codes = torch.empty(rows, width * bits // 8, dtype=torch.uint8)
         scales = torch.empty(rows, dtype=torch.float32)
         # every tensor whose address the kernel reads is held by a name until it returns
         received = [packed.contiguous() for packed, _ in parts]
         received_scales = [s.contiguous() for _, s in parts]
+        sums = torch.zeros(2, dtype=torch.float64)
         status = native.library().distq_eden_code(
             None if x is None else native.pointer(x), 0 if x is None else x.numel(), rows,
             width, signs is not None, None if signs is None else native.pointer(signs),
@@ -290,8 +293,12 @@ class RotatedQuantizer(Compressor):
             len(parts), native.pointer(self._c_integer_levels), self._grid,
             native.pointer(self._c_levels), native.pointer(self._c_midpoints), len(self.levels),
             bits, native.pointer(codes), native.pointer(scales),
+            None if errors is None else native.pointer(sums),
         )  # fmt: skip
         native.check(status, "distq_eden_code")
+        if errors is not None:
+            errors[0] += float(sums[0])
+            errors[1] += float(sums[1])
         return codes, scales
 
     def scales(self, x: Tensor, key: Key) -> Tensor:
@@ -413,8 +420,8 @@ class RotatedQuantizer(Compressor):
         norms). `mine` (whole buckets) is only read."""
         numel, width, device = mine.numel(), self.wire.bucket_size, mine.device
         parts = [split(row, numel, self.wire) for i, row in enumerate(received) if i != skip]
-        if errors is None and not self.stochastic and self._native(mine):
-            return self._native_requantize(parts, mine.contiguous(), skip is not None, key)
+        if not self.stochastic and self._native(mine):
+            return self._native_requantize(parts, mine.contiguous(), skip is not None, key, errors)
         rotation = (self.signs(key, device), self._outer.to(device), self._inner.to(device))
         values, turn = kernels.compiled(rotated_values), kernels.compiled(rotate)
         buckets = numel // width
@@ -438,10 +445,16 @@ class RotatedQuantizer(Compressor):
                           torch.cat([s for _, s in coded]).view(torch.uint8)])  # fmt: skip
 
     def _native_requantize(
-        self, parts: list[tuple[Tensor, Tensor]], mine: Tensor, own: bool, key: Key
+        self,
+        parts: list[tuple[Tensor, Tensor]],
+        mine: Tensor,
+        own: bool,
+        key: Key,
+        errors: list[float] | None,
     ) -> Tensor:
-        """`requantize_sum` by the C kernel (deterministic variant, no error sums), laid out as
-        `compress` lays out a payload."""
+        """`requantize_sum` by the C kernel (deterministic variant), laid out as `compress` lays
+        out a payload."""
         rows = mine.numel() // self.wire.bucket_size
-        codes, scales = self._native_code(mine if own else None, rows, self.signs(key), parts)
+        signs = self.signs(key)
+        codes, scales = self._native_code(mine if own else None, rows, signs, parts, errors)
         return torch.cat([codes.view(-1), scales.view(torch.uint8)])

@@ -134,11 +134,11 @@ static inline void rotate_into(float *restrict y, const float *restrict src, int
 }
 
 /* One rotated bucket y coded (EDEN, deterministic): its packed codes into `row`; returns its
- * unbiasing scale ‖y‖²/⟨y, c⟩ (0 for a zero bucket, NaN for a non-finite one). code and value
- * are scratch of w entries. */
+ * unbiasing scale S = ‖y‖²/⟨y, c⟩ (0 for a zero bucket, NaN for a non-finite one). code and
+ * value are scratch of w entries. errors (or NULL): += ‖S·c − y‖² and ‖y‖². */
 static inline float code_bucket(const float *restrict y, int64_t w, const float *levels,
                                 const float *midpoints, int nl, int bits, uint8_t *restrict code,
-                                float *restrict value, uint8_t *restrict row) {
+                                float *restrict value, uint8_t *restrict row, double *errors) {
     float energy = dot(y, y, w);
     float sigma = sqrtf(energy / (float)w);
     float inverse = sigma > 0.0f ? 1.0f / sigma : 0.0f;
@@ -146,7 +146,17 @@ static inline float code_bucket(const float *restrict y, int64_t w, const float 
     float inner = dot(y, value, w);
     pack_row(code, w, bits, row);
     float s = inner > 0.0f ? energy / inner : 0.0f;
-    return isfinite(energy) ? s : NAN;
+    s = isfinite(energy) ? s : NAN;
+    if (errors) {
+        double error = 0.0;
+        for (int64_t i = 0; i < w; i++) {
+            double d = (double)value[i] * s - y[i];
+            error += d * d;
+        }
+        errors[0] += error;
+        errors[1] += energy;
+    }
+    return s;
 }
 
 /* EDEN's deterministic codes of `rows` buckets of y (comm/rotation.py, deterministic_codes,
@@ -156,13 +166,14 @@ static inline float code_bucket(const float *restrict y, int64_t w, const float 
  * the rotated values c·(S_p·grid) of `parts` received payloads in payload order (codes[p],
  * scales[p] as bytes; integer levels c). levels: the nl levels, midpoints: their nl−1
  * midpoints. Out: codes [rows, w·bits/8] (bits 1, 2, 4), scales [rows] (NaN for a non-finite
- * bucket). Returns 0, or −1 if scratch memory could not be had. */
+ * bucket), and with errors != NULL the sums errors[0] += Σ‖S·c − y‖², errors[1] += Σ‖y‖².
+ * Returns 0, or −1 if scratch memory could not be had. */
 VECTOR_CLONES
 int distq_eden_code(const float *x, int64_t valid, int64_t rows, int64_t w, int rotate,
                     const float *signs, float norm, const uint8_t *const *codes,
                     const uint8_t *const *scales, int parts, const float *integer_levels,
                     float grid, const float *levels, const float *midpoints, int nl, int bits,
-                    uint8_t *out_codes, float *out_scales) {
+                    uint8_t *out_codes, float *out_scales, double *errors) {
     float *y = malloc((size_t)w * 4 * sizeof(float));
     uint8_t *code = malloc((size_t)w);
     if (!y || !code || nl > MAX_LEVELS) {
@@ -189,7 +200,7 @@ int distq_eden_code(const float *x, int64_t valid, int64_t rows, int64_t w, int 
             for (int64_t i = 0; i < w; i++) y[i] += v[i] * factor;
         }
         out_scales[r] = code_bucket(y, w, levels, midpoints, nl, bits, code, value,
-                                    out_codes + r * row_bytes);
+                                    out_codes + r * row_bytes, errors);
     }
     free(y);
     free(code);

@@ -108,12 +108,18 @@ def test_zero_and_non_finite_buckets(torch_path):
 
 
 def test_owner_stage_codes_alike(torch_path):
-    """`scatter`'s owner re-quantizes in the rotated domain through the same kernel."""
+    """`scatter`'s owner re-quantizes in the rotated domain through the same kernel, its error
+    sums (the monitor's re-quantization error) included."""
     q, key, owner = RotatedQuantizer(2, 512), Key(step=3), Key(step=3, rank=1, phase=1)
     x = _input(4 * 1024, 5)
     received = torch.stack([q.compress(part, key) for part in x.view(4, -1)])
-    mine = q.requantize_sum(received, x.view(4, -1)[2], 2, key, owner, 0)
-    theirs = torch_path(lambda: q.requantize_sum(received, x.view(4, -1)[2], 2, key, owner, 0))
+    errors, their_errors = [0.0, 0.0], [0.0, 0.0]
+    mine = q.requantize_sum(received, x.view(4, -1)[2], 2, key, owner, 0, errors)
+    theirs = torch_path(
+        lambda: q.requantize_sum(received, x.view(4, -1)[2], 2, key, owner, 0, their_errors)
+    )
+    assert errors[0] > 0 and errors[1] > 0
+    torch.testing.assert_close(torch.tensor(errors), torch.tensor(their_errors), rtol=1e-5, atol=0)
     codes = mine.numel() - 4 * 2
     assert torch.equal(mine[:codes], theirs[:codes])
     torch.testing.assert_close(
