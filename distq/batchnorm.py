@@ -13,8 +13,10 @@ recompute the statistics with the weights held fixed. That is what `recalibrate`
 
 What it computes, for each batch norm and batches x_1..x_K: running_mean = (1/K) Σ_k μ_k and
 running_var = (1/K) Σ_k σ²_k, with μ_k and σ²_k (unbiased) the batch statistics of that
-norm's input in batch k; PyTorch's cumulative average (momentum None). Training is unchanged:
-in training mode a batch norm normalizes with its batch's statistics, not the running ones.
+norm's input in batch k; PyTorch's cumulative average (momentum None). For distq's batch-shared
+LSTM norm (distq/lstm.py) μ_k and σ²_k are its statistics averaged over the time steps of
+batch k, as its running averages take them. Training is unchanged: in training mode a batch
+norm normalizes with its batch's statistics, not the running ones.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from distq.lstm import BatchSharedNorm
 
-def batch_norms(model: nn.Module) -> list[_BatchNorm]:
-    """The model's batch norms that keep running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's batch norms that keep running statistics: torch's, and distq's LSTM
+    batch-shared norm (distq/lstm.py), which keeps one set for all time steps."""
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, _BatchNorm) and m.track_running_stats) or isinstance(m, BatchSharedNorm)
+    ]
 
 
 @torch.no_grad()
@@ -64,6 +73,6 @@ def recalibrate(model: nn.Module, batches: Sequence[Tensor]) -> int:
             norm.momentum = momentum
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for norm in norms:
-            for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked):
+            for buffer in (norm.running_mean, norm.running_var):
                 dist.broadcast(buffer, src=0)
     return len(norms)

@@ -89,22 +89,30 @@ class BatchSharedNorm(GainNorm):
 
     In training each call normalizes with the batch statistics of its time step (over the
     first dimension); the running mean and variance move by `momentum` per forward, averaged
-    over its calls, and evaluation uses them for every time step.
+    over its calls, and evaluation uses them for every time step. With momentum None they are
+    a cumulative average instead, each forward weighing alike (what distq.batchnorm's
+    recalibration sets after `reset_running_stats`).
     """
 
     kind = "batch-shared"
 
-    def __init__(self, features: int, momentum: float = 0.1) -> None:
+    def __init__(self, features: int, momentum: float | None = 0.1) -> None:
         super().__init__(features)
         self.momentum = momentum
+        self.tracked = 0.0  # forwards in the cumulative average (momentum None)
         self.register_buffer("running_mean", torch.zeros(features))
         self.register_buffer("running_var", torch.ones(features))
+
+    def reset_running_stats(self) -> None:
+        """Running statistics back to their start (mean 0, variance 1), none averaged in."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.tracked = 0.0
 
     def bind(self, weight: Tensor, calls: int = 1) -> Term:
         if not self.training:
             shift, scale = self.running_mean, self.gain / (self.running_var + EPS).sqrt()
             return lambda a: (a - shift) * scale
-        step = self.momentum / calls
 
         def normalize(a: Tensor) -> Tensor:
             var, mean = torch.var_mean(a, dim=0, unbiased=False)
@@ -113,6 +121,11 @@ class BatchSharedNorm(GainNorm):
                 flat_var = (
                     var.reshape(-1, self.features).mean(0) * a.shape[0] / max(a.shape[0] - 1, 1)
                 )
+                if self.momentum is None:  # a call weighs 1/calls of a forward
+                    self.tracked += 1.0 / calls
+                    step = 1.0 / (calls * self.tracked)
+                else:
+                    step = self.momentum / calls
                 self.running_mean.lerp_(flat_mean, step)
                 self.running_var.lerp_(flat_var, step)
             return (a - mean) * (self.gain / (var + EPS).sqrt())

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional
 
 from distq.batchnorm import batch_norms, recalibrate
+from distq.lstm import BatchSharedNorm, QuantLSTM
 from tests.distributed import run_workers
 
 
@@ -65,6 +66,48 @@ def test_statistics_are_the_batch_averages_with_only_the_norms_in_training_mode(
         assert int(norm.num_batches_tracked) == len(batches)
     assert all(m.training for m in net.modules()), "modes are restored"
     assert (net[1].momentum, net[6].momentum) == (0.3, 0.1), "momenta are restored"
+
+
+def test_the_lstm_batch_shared_norm_gets_the_average_of_its_time_steps():
+    """Each forward's statistics averaged over its calls (one for the input term, one per time
+    step for the recurrent term), then over the batches; recorded from the terms it normalized."""
+    torch.manual_seed(0)
+    lstm = QuantLSTM(3, 4, norm="batch-shared")
+    norms = [m for m in lstm.modules() if isinstance(m, BatchSharedNorm)]
+    assert batch_norms(lstm) == norms and len(norms) == 2
+    seen: dict[BatchSharedNorm, list[list[torch.Tensor]]] = {n: [] for n in norms}
+    for norm in norms:  # record every term a forward hands to the norm
+        bind = norm.bind
+
+        def recording(weight, calls=1, norm=norm, bind=bind):
+            normalize, terms = bind(weight, calls), []
+            seen[norm].append(terms)
+
+            def run(a):
+                terms.append(a.detach().clone())
+                return normalize(a)
+
+            return run
+
+        norm.bind = recording
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(6, 5, 3, generator=g) for _ in range(3)]
+    assert recalibrate(lstm, batches) == 2
+    for norm in norms:
+        forwards = [f for f in seen[norm] if f]
+        assert len(forwards) == len(batches)
+        means, variances = [], []
+        for terms in forwards:
+            flat = [t.reshape(t.shape[0], -1, norm.features) for t in terms]
+            means.append(torch.stack([f.mean(0).mean(0) for f in flat]).mean(0))
+            variances.append(torch.stack([f.var(0, unbiased=True).mean(0) for f in flat]).mean(0))
+        torch.testing.assert_close(
+            norm.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            norm.running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6
+        )
+        assert norm.momentum == 0.1
 
 
 def test_eval_mode_model_stays_in_eval_mode():
