@@ -39,6 +39,7 @@ SIGNATURES = {
 
 
 def _cache_dir() -> Path:
+    """$XDG_CACHE_HOME/distq (else ~/.cache/distq), else a per-user temporary directory."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     for folder in (Path(base) / "distq", Path(tempfile.gettempdir()) / f"distq-{os.getuid()}"):
         try:
