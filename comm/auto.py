@@ -10,6 +10,12 @@ quantizations (each one encodes and decodes N elements once), rate = fp32 all-re
 its measured seconds; seconds(fp32) and seconds(fp16) are measured as they are (casts included).
 Error: q·‖Q(x) − x‖²/‖x‖² of one draw on the sample (fp16: its rounding; fp32: 0), against
 `budget`, the relative variance the exchange may add to ‖g‖² per step.
+
+A compressed width must be predicted CODEC_MARGIN times faster than fp32 or fp16 to be chosen
+over them: its codec runs on the cores backward uses, which timing it alone does not see. On 4
+namespace hosts sharing 2 cores over unshaped links the prediction without the margin chose
+rotated 2-bit codes, and the step took 1.38× fp32's (benchmarks/README.md, "Rotated 2-bit with
+the C kernels"); at 200 Mbit/s fp32 was predicted 2.8× slower than 2-bit codes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUDGET = 0.3  # rotated 2-bit `scatter` adds ≈ 2 × 0.133; max-scaled 2-bit ≈ 2 × 0.74
 SAMPLE = 1 << 20  # elements the codec is timed and its error measured on
 FULL_PRECISION = ("fp32", "fp16")
+CODEC_MARGIN = 2.0  # a compressed width's predicted seconds count this many times
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,15 @@ class Choice:
 
 
 def choose(options: Mapping[str, Option], budget: float) -> str:
-    """The fastest option whose error is within `budget` (fp32, error 0, always qualifies);
-    ties go to the earlier option in `options`' order."""
+    """The fastest option whose error is within `budget` (fp32, error 0, always qualifies), a
+    compressed width's seconds counted CODEC_MARGIN times (module doc); ties go to the earlier
+    option in `options`' order."""
     allowed = [name for name, o in options.items() if o.error <= budget or name == "fp32"]
-    return min(allowed, key=lambda name: options[name].seconds)
+
+    def cost(name: str) -> float:
+        return options[name].seconds * (1.0 if name in FULL_PRECISION else CODEC_MARGIN)
+
+    return min(allowed, key=cost)
 
 
 def check_budget(budget: float) -> float:

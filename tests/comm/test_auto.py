@@ -19,7 +19,7 @@ def test_the_fastest_option_within_the_budget_wins():
     options = {
         "fp32": Option(1.0, 0.0),
         "fp16": Option(0.6, 1e-7),
-        "4-bit": Option(0.3, 0.05),
+        "4-bit": Option(0.25, 0.05),  # counts as 0.5 (CODEC_MARGIN 2)
         "2-bit": Option(0.2, 0.4),  # fastest, but over the budget
     }
     assert choose(options, budget=0.3) == "4-bit"
@@ -28,6 +28,10 @@ def test_the_fastest_option_within_the_budget_wins():
     slow_codecs = {**options, "4-bit": Option(2.0, 0.05), "2-bit": Option(3.0, 0.1)}
     assert choose(slow_codecs, budget=0.3) == "fp16"
     assert choose({"fp32": Option(1.0, 0.0), "fp16": Option(1.0, 0.0)}, 0.3) == "fp32"  # ties
+    # a width must be predicted CODEC_MARGIN times faster than full precision
+    near = {"fp32": Option(1.0, 0.0), "2-bit": Option(0.55, 0.1)}
+    assert choose(near, 0.3) == "fp32"
+    assert choose({**near, "2-bit": Option(0.45, 0.1)}, 0.3) == "2-bit"
     assert Choice("2-bit", 10, options).bits == 2 and Choice("fp16", 10, options).bits is None
 
 
