@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from distq.batchnorm import recalibrate
 from distq.channels import (
     ChannelPruner,
     channel_groups,
@@ -139,18 +140,11 @@ def exported_accuracy(state: dict, data: recipes.Split, folder: Path) -> tuple[f
 
 
 def recalibrated_accuracy(state: dict, data: recipes.Split) -> float:
-    """Test accuracy with every batch norm's running statistics recomputed over the training set
-    (cumulative averages of 250-image batches, weights fixed): what the stored statistics
-    would give if they did not lag behind the weights."""
-    model = model_of(state).train()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average
-    with torch.no_grad():
-        for chunk in data.train_x.split(250):
-            model(chunk)
-    return recipes.accuracy(model.eval(), data.test_x, data.test_y)
+    """Test accuracy with every batch norm's running statistics recomputed over the whole
+    training set (distq.batchnorm.recalibrate, 250-image batches, weights fixed)."""
+    model = model_of(state)
+    recalibrate(model, list(data.train_x.split(250)))
+    return recipes.accuracy(model, data.test_x, data.test_y)
 
 
 def conv_sweep(repeats: int, batch: int = 1) -> None:
