@@ -477,6 +477,7 @@ def run_one(name: str, repeat: int, plan: dict, teacher: Teacher, test, target: 
             "requant_relative_error": s.requant_relative_error,
             "clip_bias": s.clip_bias,
             "measured_step": s.measured_step,
+            "auto_choices": dict(s.choices),  # bits="auto": each bucket's choice and why
         }
     hook_profile = (
         {

@@ -12,24 +12,30 @@ Error: q·‖Q(x) − x‖²/‖x‖² of one draw on the sample (fp16: its roun
 `budget`, the relative variance the exchange may add to ‖g‖² per step.
 
 A compressed width must be predicted CODEC_MARGIN times faster than fp32 or fp16 to be chosen
-over them: its codec runs on the cores backward uses, which timing it alone does not see. On 4
-namespace hosts sharing 2 cores over unshaped links the prediction without the margin chose
-rotated 2-bit codes, and the step took 1.38× fp32's (benchmarks/README.md, "Rotated 2-bit with
-the C kernels"); at 200 Mbit/s fp32 was predicted 2.8× slower than 2-bit codes.
+over them outright: its codec runs on the cores backward uses, which timing it alone does not
+see. On 4 namespace hosts sharing 2 cores over unshaped links the prediction without the margin
+chose rotated 2-bit codes, and the step took 1.38× fp32's (benchmarks/README.md, "Rotated 2-bit
+with the C kernels"); at 200 Mbit/s fp32 was predicted 2.8× slower than 2-bit codes.
+
+Where the margin alone decides (the option fastest as predicted, its "contender", is not the one
+chosen with the margin), real steps settle it (`StepTrial`): the next 2·TRIAL_ROUNDS steps
+alternate the contenders and the margin's choices, each step timed from its first exchange
+call to the next step's, and the side with the lower median step (max-reduced over the ranks,
+so every rank agrees) is kept for the rest of the run.
 """
 
 from __future__ import annotations
 
-import logging
+import math
+import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
+from dataclasses import dataclass, replace
 
 DEFAULT_BUDGET = 0.3  # rotated 2-bit `scatter` adds ≈ 2 × 0.133; max-scaled 2-bit ≈ 2 × 0.74
 SAMPLE = 1 << 20  # elements the codec is timed and its error measured on
 FULL_PRECISION = ("fp32", "fp16")
 CODEC_MARGIN = 2.0  # a compressed width's predicted seconds count this many times
+TRIAL_ROUNDS = 3  # steps timed on each side when the margin alone decides
 
 
 @dataclass(frozen=True)
@@ -40,38 +46,91 @@ class Option:
     error: float
 
 
+def bits_of(name: str) -> int | None:
+    """The width an option sends (None: a full-precision all-reduce)."""
+    return None if name in FULL_PRECISION else int(name.split("-")[0])
+
+
 @dataclass(frozen=True)
 class Choice:
-    """The option chosen for a bucket of `numel` elements, and every option's cost (the why)."""
+    """The option chosen for a bucket of `numel` elements, and every option's cost (the why).
+    `contender`: the option predicted fastest without the margin while real steps have yet to
+    settle between it and `name`; `timed`: what those steps measured, once they have."""
 
     name: str  # "fp32", "fp16" or "<bits>-bit"
     numel: int
     options: Mapping[str, Option]
+    contender: str | None = None
+    timed: str = ""
 
     @property
     def bits(self) -> int | None:
         """The width sent (None: a full-precision all-reduce)."""
-        return None if self.name in FULL_PRECISION else int(self.name.split("-")[0])
+        return bits_of(self.name)
+
+    def settled(self, contender_faster: bool, timed: str) -> Choice:
+        """The choice once a trial of real steps has timed `contender` against `name`."""
+        winner = self.contender if contender_faster else self.name
+        return replace(self, name=winner, contender=None, timed=timed)
 
     def describe(self) -> str:
-        """One line: every option's seconds and error, and the choice."""
+        """One line: every option's seconds and error, the trial's finding, and the choice."""
         parts = ", ".join(
             f"{name} {o.seconds * 1e3:.2f} ms (error {o.error:.3g})"
             for name, o in self.options.items()
         )
+        if self.contender is not None:
+            parts += f"; {self.contender} without the codec margin: real steps to time"
+        elif self.timed:
+            parts += f"; {self.timed}"
         return f"{self.numel} elements: {parts} -> {self.name}"
 
 
-def choose(options: Mapping[str, Option], budget: float) -> str:
+def choose(options: Mapping[str, Option], budget: float, margin: float = CODEC_MARGIN) -> str:
     """The fastest option whose error is within `budget` (fp32, error 0, always qualifies), a
-    compressed width's seconds counted CODEC_MARGIN times (module doc); ties go to the earlier
+    compressed width's seconds counted `margin` times (module doc); ties go to the earlier
     option in `options`' order."""
     allowed = [name for name, o in options.items() if o.error <= budget or name == "fp32"]
 
     def cost(name: str) -> float:
-        return options[name].seconds * (1.0 if name in FULL_PRECISION else CODEC_MARGIN)
+        return options[name].seconds * (1.0 if name in FULL_PRECISION else margin)
 
     return min(allowed, key=cost)
+
+
+def predict(options: Mapping[str, Option], budget: float, numel: int) -> Choice:
+    """The margin's choice, with the prediction without it as the contender where they differ."""
+    name, fastest = choose(options, budget), choose(options, budget, margin=1.0)
+    return Choice(name, numel, options, contender=None if fastest == name else fastest)
+
+
+class StepTrial:
+    """Real steps timed to settle the choices the margin alone decides: from step `start`, even
+    offsets send the contenders and odd ones the margin's choices, `rounds` steps each; a
+    step's seconds run from its first exchange call (`stamp`) to the next step's."""
+
+    def __init__(self, start: int, rounds: int = TRIAL_ROUNDS) -> None:
+        self.start, self.end = start, start + 2 * rounds
+        self.stamps: dict[int, float] = {}
+
+    def contender_at(self, step: int) -> bool:
+        """Whether `step` sends the contenders."""
+        return self.start <= step < self.end and (step - self.start) % 2 == 0
+
+    def stamp(self, step: int, now: float) -> None:
+        """Record the time of `step`'s first exchange call."""
+        if self.start <= step <= self.end:
+            self.stamps[step] = now
+
+    def medians(self) -> tuple[float, float]:
+        """Median seconds of a step sending the contenders, and of one sending the margin's
+        choices (inf: no step of that side was timed, e.g. steps without an exchange)."""
+        sides: tuple[list[float], list[float]] = ([], [])
+        for step in range(self.start, self.end):
+            if step in self.stamps and step + 1 in self.stamps:
+                side = sides[0] if self.contender_at(step) else sides[1]
+                side.append(self.stamps[step + 1] - self.stamps[step])
+        return tuple(statistics.median(s) if s else math.inf for s in sides)  # type: ignore[return-value]
 
 
 def check_budget(budget: float) -> float:

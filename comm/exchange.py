@@ -14,7 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distq.comm.auto import DEFAULT_BUDGET, SAMPLE, Choice, Option, check_budget, choose
+from distq.comm.auto import (
+    DEFAULT_BUDGET,
+    SAMPLE,
+    Choice,
+    Option,
+    StepTrial,
+    bits_of,
+    check_budget,
+    predict,
+)
 from distq.comm.clipping import clip_by_rms_
 from distq.comm.collectives import (
     SEGMENT_ELEMENTS,
@@ -238,6 +247,8 @@ class GradientExchange:
         self._buffers: dict[int, dict[str, Tensor]] = {}  # receive buffers per slot, reused
         self._scratch: Tensor | None = None
         self.choices: dict[int, Choice] = {}  # bits="auto": each bucket's measured choice
+        self.trial: StepTrial | None = None  # bits="auto": real steps timed, while any
+        self._stamped: int | None = None  # the last step whose first auto call was seen
         self.transport, self.topology = transport, topology
         if transport is not None:
             self.connect(transport, topology)
@@ -343,11 +354,11 @@ class GradientExchange:
         if numel < self.settings.min_numel:
             return self._full_precision_sum(buffer, index, torch.float32)
         if self.settings.auto:
-            bits = self._choose(buffer, lengths, index, step).bits
-            if bits is None:
-                dtype = torch.float16 if self.choices[index].name == "fp16" else torch.float32
+            name = self._auto_option(buffer, lengths, index, step)
+            if bits_of(name) is None:
+                dtype = torch.float16 if name == "fp16" else torch.float32
                 return self._full_precision_sum(buffer, index, dtype)
-            widths = [bits] * len(lengths)
+            widths = [bits_of(name)] * len(lengths)
         distinct = sorted(set(widths))
         if len(distinct) > 1:
             return self._sum_mixed(buffer, lengths, widths, index, step)
@@ -381,6 +392,45 @@ class GradientExchange:
         self.stats.uncompressed_bytes_sent += fp32_allreduce_bytes(work.numel(), n, element)
         return work if dtype == torch.float32 else work.to(torch.float32).mul_(n)
 
+    def _auto_option(self, buffer: Tensor, lengths: list[int], index: int, step: int) -> str:
+        """What the bucket sends this step under bits="auto": its choice, or while real steps
+        are timed (`distq.comm.auto.StepTrial`) the side this step belongs to."""
+        self._tick(step)
+        choice = self._choose(buffer, lengths, index, step)
+        if choice.contender is None:
+            return choice.name
+        if self.trial is None:  # from the next step, when every bucket has its prediction
+            self.trial = StepTrial(step + 1)
+        return choice.contender if self.trial.contender_at(step) else choice.name
+
+    def _tick(self, step: int) -> None:
+        """On a step's first auto call: stamp it for a running trial, and settle the trial once
+        its steps are timed (collective: every rank alike)."""
+        if step == self._stamped or self.trial is None:
+            self._stamped = step
+            return
+        self._stamped, trial = step, self.trial
+        trial.stamp(step, time.perf_counter())
+        if step < trial.end:
+            return
+        seconds = torch.tensor(trial.medians(), dtype=torch.float64)
+        self.transport.max_(seconds, "distq.auto.trial")  # the same verdict on every rank
+        contender, margins = seconds.tolist()
+        for index, choice in self.choices.items():
+            if choice.contender is not None:
+                timed = (
+                    f"steps timed: {choice.contender} {contender * 1e3:.1f} ms, "
+                    f"{choice.name} {margins * 1e3:.1f} ms"
+                )
+                self._record(index, choice.settled(contender < margins, timed))
+        self.trial = None
+
+    def _record(self, index: int, choice: Choice) -> None:
+        """Keep a bucket's choice, and say it (stats for the monitor, and the log)."""
+        self.choices[index] = choice
+        self.stats.choices[index] = choice.describe()
+        log.info("distq bits='auto', bucket %d: %s", index, choice.describe())
+
     def _choose(self, buffer: Tensor, lengths: list[int], index: int, step: int) -> Choice:
         """The bucket's choice under bits="auto", measured on its first quantized step (and
         again if its size changes); collective: every rank calls it alike (module
@@ -409,11 +459,8 @@ class GradientExchange:
         self.transport.max_(measured, f"distq.{index}.auto")  # the same figures on every rank
         seconds, errors = measured[: len(names)].tolist(), measured[len(names) :].tolist()
         options = self._options(names, seconds, errors, numel)
-        choice = self.choices[index] = Choice(choose(options, self.settings.auto_budget),
-                                              numel, options)  # fmt: skip
-        self.stats.choices[index] = choice.describe()
-        log.info("distq bits='auto', bucket %d: %s", index, choice.describe())
-        return choice
+        self._record(index, predict(options, self.settings.auto_budget, numel))
+        return self.choices[index]
 
     def _options(
         self, names: list[str], seconds: list[float], errors: list[float], numel: int
@@ -553,7 +600,7 @@ class GradientExchange:
     def choices_state(self) -> dict[int, dict[str, Any]]:
         """bits="auto"'s choices as plain data, so a resumed run sends what this one did."""
         return {
-            index: {"name": c.name, "numel": c.numel,
+            index: {"name": c.name, "numel": c.numel, "contender": c.contender, "timed": c.timed,
                     "options": {k: (o.seconds, o.error) for k, o in c.options.items()}}
             for index, c in self.choices.items()
         }  # fmt: skip
@@ -562,7 +609,8 @@ class GradientExchange:
         """Replace the choices by those `choices_state` saved."""
         self.choices = {
             int(index): Choice(c["name"], int(c["numel"]),
-                               {k: Option(*v) for k, v in c["options"].items()})
+                               {k: Option(*v) for k, v in c["options"].items()},
+                               c.get("contender"), c.get("timed", ""))
             for index, c in state.items()
         }  # fmt: skip
         self.stats.choices = {i: c.describe() for i, c in self.choices.items()}

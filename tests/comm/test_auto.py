@@ -1,17 +1,19 @@
-"""bits="auto" (`distq.comm.auto`): the choice rule, the settings it accepts, and the measured
-choice on real gloo groups: the same on every rank, recorded with its reasons, and the average
-it gives is that option's."""
+"""bits="auto" (`distq.comm.auto`): the choice rule, the settings it accepts, the measured
+choice on real gloo groups (the same on every rank, recorded with its reasons, and the average
+it gives is that option's), and the trial of real steps that settles what the margin decides."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 
 import pytest
 import torch
 
 from distq.comm import ExchangeSettings, GradientExchange
-from distq.comm.auto import Choice, Option, choose
+from distq.comm.auto import Choice, Option, StepTrial, choose, predict
 from tests.distributed import run_workers
 
 
@@ -33,6 +35,30 @@ def test_the_fastest_option_within_the_budget_wins():
     assert choose(near, 0.3) == "fp32"
     assert choose({**near, "2-bit": Option(0.45, 0.1)}, 0.3) == "2-bit"
     assert Choice("2-bit", 10, options).bits == 2 and Choice("fp16", 10, options).bits is None
+
+
+def test_the_margin_alone_deciding_leaves_a_contender_for_real_steps():
+    near = {"fp32": Option(1.0, 0.0), "fp16": Option(0.9, 1e-7), "2-bit": Option(0.55, 0.1)}
+    assert predict(near, 0.3, 10).contender == "2-bit" and predict(near, 0.3, 10).name == "fp16"
+    far = {**near, "2-bit": Option(0.4, 0.1)}
+    assert predict(far, 0.3, 10) == Choice("2-bit", 10, far)  # faster even with the margin
+    slow = {**near, "2-bit": Option(0.95, 0.1)}
+    assert predict(slow, 0.3, 10) == Choice("fp16", 10, slow)  # slower even without it
+    settled = predict(near, 0.3, 10).settled(True, "steps timed")
+    assert (settled.name, settled.contender) == ("2-bit", None)
+    assert settled.describe().endswith("; steps timed -> 2-bit")
+
+
+def test_a_trial_alternates_sides_and_takes_each_sides_median():
+    trial = StepTrial(start=5, rounds=3)
+    assert [trial.contender_at(s) for s in range(4, 12)] == [0, 1, 0, 1, 0, 1, 0, 0]
+    for step, at in zip(range(5, 12), [0.0, 1.0, 3.0, 4.5, 6.5, 7.0, 9.0], strict=True):
+        trial.stamp(step, at)  # step 11 lies past the end: not kept
+    assert trial.medians() == (1.0, 2.0)  # contender steps 1, 1.5, 0.5; the others 2, 2, 2
+    gaps = StepTrial(start=0, rounds=1)
+    gaps.stamp(1, 0.0)
+    gaps.stamp(2, 3.0)
+    assert gaps.medians() == (math.inf, 3.0)  # step 0 was never stamped
 
 
 def test_settings_for_auto():
@@ -119,3 +145,46 @@ def test_saved_choices_are_used_again_without_measuring(one_rank, caplog):
     with caplog.at_level(logging.INFO, logger="distq.comm.exchange"):
         resumed.average(g.clone(), [3000], ["auto"], index=2, step=6)
     assert "bits='auto'" not in caplog.text  # nothing measured again
+
+
+def trial_worker(rank, world_size, out_dir, slow_side):
+    """Steps of a bucket whose choice the margin decided (fp32, contender 2-bit), the side
+    `slow_side` made slower by a sleep: what each step sent, and the settled choice."""
+    os.environ["DISTQ_COMPILE"] = "0"
+    torch.set_num_threads(1)
+    from distq.comm.transport import TorchTransport
+
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(rank))
+    exchange = GradientExchange(ExchangeSettings("rotated", bits="auto", min_numel=0),
+                                TorchTransport())  # fmt: skip
+    options = {"fp32": (1.0, 0.0), "fp16": (1.0, 1e-7), "2-bit": (0.6, 0.1)}
+    state = {"name": "fp32", "numel": 4096, "contender": "2-bit", "options": options}
+    exchange.load_choices({0: state})
+    sent = []
+    for step in range(10, 22):
+        before = exchange.stats.bytes_sent
+        exchange.average(g.clone(), [4096], ["auto"], index=0, step=step)
+        codes = exchange.stats.bytes_sent > before
+        sent.append("2-bit" if codes else "fp32")
+        if sent[-1] == slow_side:
+            time.sleep(0.05 if rank == 1 else 0.02)  # the ranks see different times
+    torch.save((sent, exchange.choices[0], exchange.choices_state()),
+               os.path.join(out_dir, f"{rank}.pt"))  # fmt: skip
+
+
+@pytest.mark.parametrize("slow_side", ["2-bit", "fp32"])
+def test_real_steps_settle_the_choice_alike_on_every_rank(tmp_path, slow_side):
+    """From the step after the prediction, 3 steps each alternate; the faster side is kept from
+    step 17 on, the same on both ranks (their timings are max-reduced), with the times said."""
+    run_workers(trial_worker, 2, str(tmp_path), slow_side)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    winner = "fp32" if slow_side == "2-bit" else "2-bit"
+    sides = ["fp32", "2-bit", "fp32", "2-bit", "fp32", "2-bit", "fp32"]  # steps 10..16
+    for sent, choice, state in results:
+        assert sent == sides + [winner] * 5
+        assert (choice.name, choice.contender) == (winner, None)
+        assert "steps timed: 2-bit" in choice.describe()
+        resumed = GradientExchange(ExchangeSettings("rotated", bits="auto"), None)
+        resumed.load_choices(state)
+        assert resumed.choices[0] == choice
+    assert results[0][1] == results[1][1]
