@@ -61,6 +61,24 @@ OPTIONS: dict[str, dict] = {
         "clip": 2.5,
         "compressor": "rotated",
     },
+    # ablations: less error per step, by error feedback (as PowerSGD runs) or one more bit
+    "distq rotated 2-bit scatter EF": {
+        "kind": "distq",
+        "bits": 2,
+        "collective": "scatter",
+        "clip": 2.5,
+        "compressor": "rotated",
+        "error_feedback": True,
+        "ablation": True,
+    },
+    "distq rotated 3-bit scatter": {
+        "kind": "distq",
+        "bits": 3,
+        "collective": "scatter",
+        "clip": 2.5,
+        "compressor": "rotated",
+        "ablation": True,
+    },
     "distq rotated 2-bit allgather": {
         "kind": "distq",
         "bits": 2,

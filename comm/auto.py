@@ -11,17 +11,20 @@ its measured seconds; seconds(fp32) and seconds(fp16) are measured as they are (
 Error: q·‖Q(x) − x‖²/‖x‖² of one draw on the sample (fp16: its rounding; fp32: 0), against
 `budget`, the relative variance the exchange may add to ‖g‖² per step.
 
-A compressed width must be predicted CODEC_MARGIN times faster than fp32 or fp16 to be chosen
-over them outright: its codec runs on the cores backward uses, which timing it alone does not
-see. On 4 namespace hosts sharing 2 cores over unshaped links the prediction without the margin
-chose rotated 2-bit codes, and the step took 1.38× fp32's (benchmarks/README.md, "Rotated 2-bit
-with the C kernels"); at 200 Mbit/s fp32 was predicted 2.8× slower than 2-bit codes.
+An option other than fp32 must be predicted CODEC_MARGIN times faster than fp32 to be chosen
+over it outright: a codec (and fp16's casts and summation, which gloo does on the CPU) runs on
+the cores backward uses, which timing it alone does not see. On 4 namespace hosts sharing 2
+cores over unshaped links the prediction without the margin chose rotated 2-bit codes, and the
+step took 1.38× fp32's (benchmarks/README.md, "Rotated 2-bit with the C kernels"); at 200
+Mbit/s fp32 was predicted 2.8× slower than 2-bit codes.
 
 Where the margin alone decides (the option fastest as predicted, its "contender", is not the one
 chosen with the margin), real steps settle it (`StepTrial`): the next 2·TRIAL_ROUNDS steps
 alternate the contenders and the margin's choices, each step timed from its first exchange
-call to the next step's, and the side with the lower median step (max-reduced over the ranks,
-so every rank agrees) is kept for the rest of the run.
+call to the next step's. The contenders are kept for the rest of the run if the median over
+rounds of (contender step ÷ the margin's step after it) is below 1 on every rank (the ratios
+are max-reduced, so every rank agrees); pairing neighbouring steps cancels the drift of a
+shared machine, and the median drops a round that held an evaluation or a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ DEFAULT_BUDGET = 0.3  # rotated 2-bit `scatter` adds ≈ 2 × 0.133; max-scaled 
 SAMPLE = 1 << 20  # elements the codec is timed and its error measured on
 FULL_PRECISION = ("fp32", "fp16")
 CODEC_MARGIN = 2.0  # a compressed width's predicted seconds count this many times
-TRIAL_ROUNDS = 3  # steps timed on each side when the margin alone decides
+TRIAL_ROUNDS = 5  # steps timed on each side when the margin alone decides
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,12 @@ class Choice:
 
 def choose(options: Mapping[str, Option], budget: float, margin: float = CODEC_MARGIN) -> str:
     """The fastest option whose error is within `budget` (fp32, error 0, always qualifies), a
-    compressed width's seconds counted `margin` times (module doc); ties go to the earlier
+    seconds of any option but fp32 counted `margin` times (module doc); ties go to the earlier
     option in `options`' order."""
     allowed = [name for name, o in options.items() if o.error <= budget or name == "fp32"]
 
     def cost(name: str) -> float:
-        return options[name].seconds * (1.0 if name in FULL_PRECISION else margin)
+        return options[name].seconds * (1.0 if name == "fp32" else margin)
 
     return min(allowed, key=cost)
 
@@ -122,15 +125,15 @@ class StepTrial:
         if self.start <= step <= self.end:
             self.stamps[step] = now
 
-    def medians(self) -> tuple[float, float]:
-        """Median seconds of a step sending the contenders, and of one sending the margin's
-        choices (inf: no step of that side was timed, e.g. steps without an exchange)."""
-        sides: tuple[list[float], list[float]] = ([], [])
-        for step in range(self.start, self.end):
-            if step in self.stamps and step + 1 in self.stamps:
-                side = sides[0] if self.contender_at(step) else sides[1]
-                side.append(self.stamps[step + 1] - self.stamps[step])
-        return tuple(statistics.median(s) if s else math.inf for s in sides)  # type: ignore[return-value]
+    def ratio(self) -> float:
+        """Median over rounds of (contender step ÷ the margin's step after it); inf when no
+        round was timed whole (e.g. steps without an exchange)."""
+        stamps, ratios = self.stamps, []
+        for step in range(self.start, self.end, 2):
+            if all(s in stamps for s in (step, step + 1, step + 2)):
+                start, middle, end = stamps[step], stamps[step + 1], stamps[step + 2]
+                ratios.append((middle - start) / (end - middle))
+        return statistics.median(ratios) if ratios else math.inf
 
 
 def check_budget(budget: float) -> float:

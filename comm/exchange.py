@@ -413,16 +413,12 @@ class GradientExchange:
         trial.stamp(step, time.perf_counter())
         if step < trial.end:
             return
-        seconds = torch.tensor(trial.medians(), dtype=torch.float64)
-        self.transport.max_(seconds, "distq.auto.trial")  # the same verdict on every rank
-        contender, margins = seconds.tolist()
+        ratio = torch.tensor([trial.ratio()], dtype=torch.float64)
+        self.transport.max_(ratio, "distq.auto.trial")  # the same verdict on every rank
         for index, choice in self.choices.items():
             if choice.contender is not None:
-                timed = (
-                    f"steps timed: {choice.contender} {contender * 1e3:.1f} ms, "
-                    f"{choice.name} {margins * 1e3:.1f} ms"
-                )
-                self._record(index, choice.settled(contender < margins, timed))
+                timed = f"steps timed: {choice.contender} {ratio.item():.3f}x {choice.name}'s"
+                self._record(index, choice.settled(ratio.item() < 1.0, timed))
         self.trial = None
 
     def _record(self, index: int, choice: Choice) -> None:
