@@ -22,9 +22,10 @@ Where the margin alone decides (the option fastest as predicted, its "contender"
 chosen with the margin), real steps settle it (`StepTrial`): the next 2·TRIAL_ROUNDS steps
 alternate the contenders and the margin's choices, each step timed from its first exchange
 call to the next step's. The contenders are kept for the rest of the run if the median over
-rounds of (contender step ÷ the margin's step after it) is below 1 on every rank (the ratios
-are max-reduced, so every rank agrees); pairing neighbouring steps cancels the drift of a
-shared machine, and the median drops a round that held an evaluation or a checkpoint.
+rounds of (contender step ÷ the margin's step after it) is below 1 − TRIAL_TOLERANCE on every
+rank (the ratios are max-reduced, so every rank agrees): a tie goes to the margin's choice,
+which adds no more error. Pairing neighbouring steps cancels the drift of a shared machine,
+and the median drops a round that held an evaluation or a checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SAMPLE = 1 << 20  # elements the codec is timed and its error measured on
 FULL_PRECISION = ("fp32", "fp16")
 CODEC_MARGIN = 2.0  # a compressed width's predicted seconds count this many times
 TRIAL_ROUNDS = 5  # steps timed on each side when the margin alone decides
+TRIAL_TOLERANCE = 0.05  # a contender must take this much less time a step to be kept
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,10 @@ class Choice:
         """The width sent (None: a full-precision all-reduce)."""
         return bits_of(self.name)
 
-    def settled(self, contender_faster: bool, timed: str) -> Choice:
-        """The choice once a trial of real steps has timed `contender` against `name`."""
-        winner = self.contender if contender_faster else self.name
+    def settled(self, ratio: float) -> Choice:
+        """The choice once real steps have timed `contender` at `ratio` times `name`'s step."""
+        winner = self.contender if ratio < 1.0 - TRIAL_TOLERANCE else self.name
+        timed = f"steps timed: {self.contender} {ratio:.3f}x {self.name}'s"
         return replace(self, name=winner, contender=None, timed=timed)
 
     def describe(self) -> str:

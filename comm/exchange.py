@@ -422,8 +422,7 @@ class GradientExchange:
         self.transport.max_(ratio, "distq.auto.trial")  # the same verdict on every rank
         for index, choice in self.choices.items():
             if choice.contender is not None:
-                timed = f"steps timed: {choice.contender} {ratio.item():.3f}x {choice.name}'s"
-                self._record(index, choice.settled(ratio.item() < 1.0, timed))
+                self._record(index, choice.settled(ratio.item()))
         self.trial = None
 
     def _record(self, index: int, choice: Choice) -> None:
