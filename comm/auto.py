@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 DEFAULT_BUDGET = 0.3  # rotated 2-bit `scatter` adds ≈ 2 × 0.133; max-scaled 2-bit ≈ 2 × 0.74
 SAMPLE = 1 << 20  # elements the codec is timed and its error measured on
 FULL_PRECISION = ("fp32", "fp16")
-CODEC_MARGIN = 2.0  # a compressed width's predicted seconds count this many times
+CODEC_MARGIN = 2.0  # the predicted seconds of every option but fp32 count this many times
 TRIAL_ROUNDS = 5  # steps timed on each side when the margin alone decides
 TRIAL_TOLERANCE = 0.05  # a contender must take this much less time a step to be kept
 

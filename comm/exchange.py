@@ -606,7 +606,9 @@ class GradientExchange:
         }  # fmt: skip
 
     def load_choices(self, state: Mapping[int, Mapping[str, Any]]) -> None:
-        """Replace the choices by those `choices_state` saved."""
+        """Replace the choices by those `choices_state` saved (a choice saved while its steps were
+        being timed is timed again)."""
+        self.trial = None
         self.choices = {
             int(index): Choice(c["name"], int(c["numel"]),
                                {k: Option(*v) for k, v in c["options"].items()},

@@ -195,3 +195,24 @@ def test_real_steps_settle_the_choice_alike_on_every_rank(tmp_path, slow_side):
         resumed.load_choices(state)
         assert resumed.choices[0] == choice
     assert results[0][1] == results[1][1]
+
+
+def test_a_choice_saved_while_its_steps_are_timed_is_timed_again(one_rank):
+    """A checkpoint mid-trial keeps the contender; the resumed run times 10 steps of its own."""
+    settings = ExchangeSettings("rotated", bits="auto", min_numel=0)
+    options = {"fp32": (1.0, 0.0), "fp16": (1.0, 1e-7), "2-bit": (0.6, 0.1)}
+    first = GradientExchange(settings, one_rank)
+    first.load_choices({0: {"name": "fp32", "numel": 3000, "contender": "2-bit",
+                            "options": options}})  # fmt: skip
+    g = torch.randn(3000, generator=torch.Generator().manual_seed(2))
+    for step in range(5):
+        first.average(g.clone(), [3000], ["auto"], index=0, step=step)
+    saved = first.choices_state()
+    assert saved[0]["contender"] == "2-bit" and first.trial is not None
+    resumed = GradientExchange(settings, one_rank)
+    resumed.load_choices(saved)
+    for step in range(5, 16):  # the trial: steps 6..15, settled on step 16's first call
+        resumed.average(g.clone(), [3000], ["auto"], index=0, step=step)
+    assert resumed.choices[0].contender == "2-bit"
+    resumed.average(g.clone(), [3000], ["auto"], index=0, step=16)
+    assert resumed.choices[0].contender is None and "steps timed: 2-bit" in resumed.choices[0].timed
