@@ -51,16 +51,20 @@ CANDIDATES = [2, 3, 4]
 
 
 def configurations(
-    uniform: list[int], budgets: list[float], dqmq_budgets: list[float], dqmq_steps: int
+    uniform: list[int],
+    budgets: list[float],
+    dqmq_budgets: list[float],
+    dqmq_steps: int,
+    candidates: list[int],
 ) -> dict[str, dict]:
-    """Name -> config changes: uniform widths, then allocations by sensitivity and by DQMQ's
-    search at each average budget."""
+    """Name -> config changes: uniform widths, then allocations from `candidates` by
+    sensitivity and by DQMQ's search at each average budget."""
     runs = {f"uniform {m}-bit": {"bits": m} for m in uniform}
     for budget in budgets:
-        allocated = {"weight_bits_budget": budget, "bit_candidates": CANDIDATES}
+        allocated = {"weight_bits_budget": budget, "bit_candidates": candidates}
         runs[f"allocated, avg {budget:g}"] = allocated
     for budget in dqmq_budgets:
-        searched = {"weight_bits_budget": budget, "bit_candidates": CANDIDATES}
+        searched = {"weight_bits_budget": budget, "bit_candidates": candidates}
         searched.update(bit_allocation="dqmq", dqmq_steps=dqmq_steps)
         runs[f"DQMQ, avg {budget:g}"] = searched
     return runs
@@ -109,9 +113,10 @@ def table(results: dict) -> str:
         if charlm
         else f"CIFAR-style synthetic set, VGG-style CNN (hidden {results['hidden']})"
     )
+    candidates = ", ".join(map(str, results.get("candidates", CANDIDATES)))
     lines = [
         f"{task}, one process, {results['epochs']} epochs, linear weights, widths from "
-        f"{{2, 3, 4}} allocated after {results['allocate_after']} steps at 3 bits, seeds "
+        f"{{{candidates}}} allocated after {results['allocate_after']} steps at 3 bits, seeds "
         f"{results['seeds']}, commit {results['commit']}",
         "",
         "| weights | test accuracy % mean ± sd (per seed) |"
@@ -143,6 +148,9 @@ def main() -> None:
         "--dqmq-budgets", type=float, nargs="+", default=[], help="average bits, DQMQ's search"
     )
     parser.add_argument("--dqmq-steps", type=int, default=1000, help="steps of DQMQ's search")
+    parser.add_argument(
+        "--candidates", type=int, nargs="+", default=CANDIDATES, help="widths a tensor may take"
+    )
     parser.add_argument("--json", type=Path, help="results file (mixed_precision-<recipe>.json)")
     parser.add_argument("--table-only", action="store_true", help="print the JSON's table")
     args = parser.parse_args()
@@ -154,7 +162,9 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    configs = configurations(args.uniform, args.budgets, args.dqmq_budgets, args.dqmq_steps)
+    configs = configurations(
+        args.uniform, args.budgets, args.dqmq_budgets, args.dqmq_steps, args.candidates
+    )
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -174,7 +184,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     settings = ("recipe", "hidden", "epochs", "seeds", "allocate_after", "uniform", "budgets")
-    settings += ("dqmq_budgets", "dqmq_steps")
+    settings += ("dqmq_budgets", "dqmq_steps", "candidates")
     results = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     results.update({key: getattr(args, key) for key in settings}, runs=runs)
     out_json.write_text(json.dumps(results, indent=2) + "\n")

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from distq.bit_allocation import Allocation, allocate, check_candidates
@@ -86,6 +87,59 @@ def gradient_costs(
     """C_i(m) = E‖e_i‖²_w of tensor i's averaged gradient at m bits (module docstring), averaged
     over `steps`, each a list of the ranks' {name: gradient} at one step; `curvature[name]` is
     d (None: d ≡ 1). Refused for a compressor other than 'quantize' or widths it cannot send."""
+    _check_law(settings, candidates, metric)
+    if not steps or not all(steps):
+        raise ValueError("gradient_costs needs at least one step of the ranks' gradients")
+    names = list(curvature)
+    first = torch.zeros(len(names), len(candidates), dtype=torch.float64)
+    second = torch.zeros_like(first)
+    for ranks in steps:
+        if len(ranks) != len(steps[0]):
+            raise ValueError("every step needs the gradients of the same number of ranks")
+        for i, name in enumerate(names):
+            clipped = [_clipped(r[name], settings.clip) for r in ranks]
+            weight = _weight(curvature[name], metric)
+            first[i] += _errors(clipped, candidates, settings.bucket_size, weight)
+            total = torch.stack(clipped).sum(0)
+            second[i] += _errors([total], candidates, settings.bucket_size, weight)
+    return _costs(names, candidates, first, second, len(steps[0]), len(steps), settings)
+
+
+def gradient_costs_across(
+    own_steps: Sequence[Gradients],
+    curvature: Mapping[str, Tensor | None],
+    candidates: Sequence[int],
+    settings: ExchangeSettings,
+    metric: str = "loss",
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, dict[int, float]]:
+    """`gradient_costs` of the ranks of `group` (a collective: every rank calls it with as many
+    steps), each passing only its own {name: gradient} per step: the first quantization's errors
+    are summed by one all-reduce and each step's Σ_r Clip(g_r) by another, so no rank holds the
+    others' gradients. Every rank gets the same costs."""
+    _check_law(settings, candidates, metric)
+    if not own_steps:
+        raise ValueError("gradient_costs_across needs at least one step of this rank's gradients")
+    names = list(curvature)
+    device = own_steps[0][names[0]].device
+    first = torch.zeros(len(names), len(candidates), dtype=torch.float64, device=device)
+    second = torch.zeros_like(first)
+    for own in own_steps:
+        clipped = [_clipped(own[name], settings.clip) for name in names]
+        total = torch.cat(clipped)
+        dist.all_reduce(total, group=group)
+        totals = total.split([x.numel() for x in clipped])
+        for i, name in enumerate(names):
+            weight = _weight(curvature[name], metric)
+            first[i] += _errors([clipped[i]], candidates, settings.bucket_size, weight)
+            second[i] += _errors([totals[i]], candidates, settings.bucket_size, weight)
+    dist.all_reduce(first, group=group)
+    ranks = dist.get_world_size(group)
+    return _costs(names, candidates, first.cpu(), second.cpu(), ranks, len(own_steps), settings)
+
+
+def _check_law(settings: ExchangeSettings, candidates: Sequence[int], metric: str) -> None:
+    """Refuse what the cost law does not describe, naming what it does."""
     if settings.compressor != "quantize" or settings.error_feedback:
         raise ValueError(
             f"compressor={settings.compressor!r}, error_feedback={settings.error_feedback}: the "
@@ -102,27 +156,40 @@ def gradient_costs(
     check_candidates(candidates)
     for m in candidates:
         settings.width(m, "bit candidate")
-    if not steps or not all(steps):
-        raise ValueError("gradient_costs needs at least one step of the ranks' gradients")
-    names = list(curvature)
+
+
+def _weight(d: Tensor | None, metric: str) -> Tensor | None:
+    """The per-element weight of the error: 1/d ('loss'), 1/d² ('update'), none without d."""
+    return None if d is None else d.pow(-1.0 if metric == "loss" else -2.0)
+
+
+def _errors(
+    xs: Sequence[Tensor], candidates: Sequence[int], bucket_size: int | None, weight: Tensor | None
+) -> Tensor:
+    """Σ_x E‖Q_m(x) − x‖²_w for each candidate width m."""
+    return torch.tensor(
+        [sum(quantization_error(x, m, bucket_size, weight) for x in xs) for m in candidates],
+        dtype=torch.float64,
+        device=weight.device if weight is not None else xs[0].device,
+    )
+
+
+def _costs(
+    names: list[str],
+    candidates: Sequence[int],
+    first: Tensor,
+    second: Tensor,
+    ranks: int,
+    steps: int,
+    settings: ExchangeSettings,
+) -> dict[str, dict[int, float]]:
+    """C_i(m) from the summed first-quantization errors Σ_r V_m(x_r) and the second's V_m(S) per
+    step: ((n−1)/n·first + second)/n² for 'scatter' over buckets, first/n² for 'allgather'."""
     twice = settings.collective == "scatter"
-    costs = {n: dict.fromkeys(candidates, 0.0) for n in names}
-    for ranks in steps:
-        n = len(ranks)
-        quantized_by = (n - 1) / n if twice and settings.bucket_size else 1.0  # owners keep theirs
-        for name in names:
-            d = curvature[name]
-            weight = None if d is None else d.pow(-1.0 if metric == "loss" else -2.0)
-            clipped = [_clipped(r[name], settings.clip) for r in ranks]
-            total = torch.stack(clipped).sum(0)
-            for m in candidates:
-                error = quantized_by * sum(
-                    quantization_error(x, m, settings.bucket_size, weight) for x in clipped
-                )
-                if twice:
-                    error += quantization_error(total, m, settings.bucket_size, weight)
-                costs[name][m] += error / n**2 / len(steps)
-    return costs
+    quantized_by = (ranks - 1) / ranks if twice and settings.bucket_size else 1.0
+    cost = (quantized_by * first + (second if twice else 0.0)) / ranks**2 / steps
+    rows = zip(names, cost.tolist(), strict=True)
+    return {name: dict(zip(candidates, row, strict=True)) for name, row in rows}
 
 
 def _clipped(g: Tensor, clip: float | None) -> Tensor:

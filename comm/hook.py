@@ -42,7 +42,9 @@ class QuantizedCommState:
     """
 
     __slots__ = (
+        "_allocated",
         "_exchange",
+        "_named",
         "_nonfinite_at",
         "_worker",
         "iter",
@@ -66,8 +68,9 @@ class QuantizedCommState:
         if settings.bits_by_name and model is None:
             raise ValueError("bits_by_name needs model= to resolve parameter names")
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        named = module.named_parameters() if module is not None else ()
-        widths = parameter_widths(named, settings.bits_by_name)
+        self._named = dict(module.named_parameters()) if module is not None else {}
+        self._allocated: dict[str, int] | None = None  # widths set mid-run (`allocate`)
+        widths = parameter_widths(self._named.items(), settings.bits_by_name)
         self._exchange = GradientExchange(settings, widths=widths)
         self.process_group = process_group
         self.start_iter = start_iter
@@ -121,9 +124,33 @@ class QuantizedCommState:
         """How many times a gradient value is quantized on its way (0: full precision)."""
         return self.exchange.quantizations()
 
+    def allocate(self, bits_by_name: Mapping[str, int]) -> None:
+        """Send the named parameters' gradients at these widths from the next step on (a width
+        allocation chosen mid-run, e.g. `distq train --grad-bits-budget`): the same on every
+        rank, kept in `state_dict`. Needs `model=`; a name that matches nothing is refused."""
+        if not self._named:
+            raise ValueError("allocate needs model= to resolve parameter names")
+        for name, bits in bits_by_name.items():
+            self.settings.width(bits, f"width of {name!r}")
+        self._exchange.widths = parameter_widths(self._named.items(), bits_by_name)
+        self._allocated = dict(bits_by_name)
+
+    @property
+    def allocated(self) -> dict[str, int] | None:
+        """The widths `allocate` set, by name (None: the settings' widths throughout)."""
+        return None if self._allocated is None else dict(self._allocated)
+
+    def narrowest_bits(self) -> int:
+        """The fewest bits any parameter's gradient is sent at: the width whose error bounds
+        hold for every tensor."""
+        widths = self._exchange.widths
+        return min((widths.get(p, self.settings.bits) for p in self._named.values()),
+                   default=self.settings.bits)  # fmt: skip
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's hook state: step counter, settings, error-feedback residuals."""
+        """This rank's hook state: step counter, settings, error-feedback residuals, widths
+        chosen by measurement (`auto`'s per bucket, `allocate`'s per tensor)."""
         exchange = self.exchange
         return {
             "iter": self.iter,
@@ -132,6 +159,7 @@ class QuantizedCommState:
             "config": self.config(),
             "residuals": exchange.residuals(),
             "choices": exchange.choices_state(),
+            "allocated": self.allocated,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -147,6 +175,8 @@ class QuantizedCommState:
             raise ValueError("hook state was saved with other settings: " + "; ".join(different))
         self.iter = int(state["iter"])
         self.exchange.load_choices(state.get("choices", {}))
+        if state.get("allocated") is not None:
+            self.allocate(state["allocated"])
         world, rank = self.exchange.transport.size, dist.get_rank()
         same = (state["world_size"], state["rank"]) == (world, rank)
         self.exchange.load_residuals(state["residuals"] if same else {})

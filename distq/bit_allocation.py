@@ -78,19 +78,20 @@ class Allocation:
             "costs": {n: {str(m): c for m, c in by.items()} for n, by in self.costs.items()},
         }
 
-    def table(self) -> str:
-        """One line per tensor (elements, width, S at each candidate), then the totals."""
+    def table(self, cost: str = "S", per: str = "weight") -> str:
+        """One line per tensor (elements, width, its `cost` at each candidate), then the totals
+        (bits per `per`)."""
         width = max(len(n) for n in self.bits)
         candidates = sorted(next(iter(self.costs.values())))
         head = f"{'tensor':<{width}}  {'numel':>9}  bits  " + "  ".join(
-            f"{f'S({m})':>10}" for m in candidates
+            f"{f'{cost}({m})':>10}" for m in candidates
         )
         lines = [head]
         for name, bits in self.bits.items():
             row = "  ".join(f"{self.costs[name][m]:>10.4g}" for m in candidates)
             lines.append(f"{name:<{width}}  {self.numel[name]:>9}  {bits:>4}  {row}")
         lines.append(
-            f"average {self.average_bits:.4f} bits per weight ({self.total_bits} of "
+            f"average {self.average_bits:.4f} bits per {per} ({self.total_bits} of "
             f"{self.capacity} bits allowed); cost {self.cost:.6g}"
             + ("" if self.exact else f" (optimum >= {self.lower_bound:.6g})")
         )

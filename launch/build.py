@@ -49,6 +49,7 @@ def attach_comm_hook(cfg: config.TrainConfig, ddp: nn.Module) -> QuantizedCommSt
         return None
     state = QuantizedCommState(
         **cfg.gradients.as_kwargs(),
+        model=ddp,  # names for the widths a gradient bit budget allocates
         seed=cfg.run.seed,
         nonfinite="propagate" if cfg.weights.nonfinite == "skip" else "raise",
         error_every=cfg.monitor.every,
@@ -108,7 +109,7 @@ def build_monitor(
     if comm is not None and comm.bits != "auto":  # auto: a width per bucket, no single bound
         grads = cfg.gradients
         gradient = GradientSetup(
-            bits=comm.bits,
+            bits=comm.narrowest_bits(),  # per-tensor widths: the bound that holds for all
             clip=grads.clip,
             bucket_numel=grads.bucket_size or 25 * 2**20 // 4,  # else: a default 25 MiB DDP bucket
             quantizations=comm.quantizations(),

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from distq.bit_allocation import METHODS as BIT_ALLOCATIONS
 from distq.channels import ALLOCATIONS as CHANNEL_ALLOCATIONS
 from distq.comm import COLLECTIVES, COMPRESSORS
 from distq.comm.auto import DEFAULT_BUDGET
+from distq.comm.gradient_bits import METRICS as GRADIENT_METRICS
 from distq.launch.options import ConfigError, Options, add_flags, flat_name, option
 from distq.launch.recipes import DATA_DIR_RECIPES, RECIPES, TEXT_RECIPES
 from distq.launch.yaml_config import load_yaml
@@ -35,7 +36,7 @@ FULL_PRECISION = "none"
 PARALLEL = ("ddp", "fsdp")
 FSDP_REFUSED = (  # settings that read a replicated model or the DDP hook: defaults only
     "channel_sparsity", "distill", "weight_bits_budget", "sparsity_scope", "collective",
-    "error_feedback", "estimator", "sparse_gradients",
+    "error_feedback", "estimator", "sparse_gradients", "grad_bits_budget",
 )  # fmt: skip
 SHARE = {"minimum": 0, "maximum": 0.99}  # a share of a tensor's weights that may be zero
 FRACTION = {"minimum": 0, "maximum": 1}  # a point in the run, as a fraction of its steps
@@ -136,19 +137,34 @@ class Weights(Options):
                 f"weight_bits_budget needs a scheme of several widths ({', '.join(several)}); "
                 f"scheme is {self.scheme!r}"
             )
-        refused = [m for m in self.bit_candidates if m not in allowed]
-        distinct = len(set(self.bit_candidates)) == len(self.bit_candidates)
-        if refused or not distinct or not self.bit_candidates:
-            raise ConfigError(
-                f"bit_candidates={self.bit_candidates}: allowed: distinct widths of scheme "
-                f"{self.scheme!r}, {allowed[0]}..{allowed[-1]}"
-            )
-        low, high = min(self.bit_candidates, default=0), max(self.bit_candidates, default=0)
-        if not low <= self.weight_bits_budget <= high:
-            raise ConfigError(
-                f"weight_bits_budget={self.weight_bits_budget} is outside bit_candidates "
-                f"{sorted(self.bit_candidates)}; allowed: {low}..{high}"
-            )
+        check_budget(
+            ("weight_bits_budget", self.weight_bits_budget),
+            ("bit_candidates", self.bit_candidates),
+            allowed,
+            f" of scheme {self.scheme!r},",
+        )
+
+
+def check_budget(
+    budget: tuple[str, float],
+    candidates: tuple[str, list[int]],
+    allowed: Sequence[int],
+    of: str = "",
+) -> None:
+    """A width budget (name, value) and its candidate widths (name, list): distinct widths
+    from `allowed` (the widths `of` something), the budget within them; ConfigError naming
+    them otherwise."""
+    (budget_name, value), (name, widths) = budget, candidates
+    refused = [m for m in widths if m not in allowed]
+    if refused or not widths or len(set(widths)) < len(widths):
+        raise ConfigError(
+            f"{name}={widths}: allowed: distinct widths{of} {allowed[0]}..{allowed[-1]}"
+        )
+    low, high = min(widths), max(widths)
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{budget_name}={value} is outside {name} {sorted(widths)}; allowed: {low}..{high}"
+        )
 
 
 ALLOCATION_FIELDS = ("weight_bits_budget", "bit_allocation", "bit_candidates", "allocate_after",
@@ -275,8 +291,37 @@ class Gradients(Options):
         DEFAULT_BUDGET, "with grad_bits auto: the relative variance ‖Q(g) − g‖²/‖g‖² an option "
         "may add per step", above=0, flat="grad_auto_budget",
     )  # fmt: skip
+    bits_budget: float | None = option(
+        None, "average bits per gradient element: after grad_allocate_after steps at grad_bits, "
+        "each tensor takes a width from grad_bit_candidates within this budget, by the loss its "
+        "gradient noise adds (comm/gradient_bits.py; null: grad_bits for all)",
+        minimum=1, maximum=8, flat="grad_bits_budget",
+    )  # fmt: skip
+    bit_candidates: list[int] = option(
+        [2, 3, 4], "the widths a gradient tensor may take", flat="grad_bit_candidates"
+    )
+    allocate_after: int = option(
+        100, "steps at grad_bits before gradient widths are allocated", minimum=1,
+        flat="grad_allocate_after",
+    )  # fmt: skip
+    calibration: int = option(
+        4, "batches of each rank's own gradient the widths' costs are measured on", minimum=1,
+        flat="grad_calibration",
+    )  # fmt: skip
+    metric: str = option(
+        "loss", "gradient widths minimize the loss the noise adds (weights 1/d) or the update's "
+        "own error (1/d²)", choices=GRADIENT_METRICS, flat="grad_bits_metric",
+    )  # fmt: skip
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """QuantizedCommState's keyword arguments (the allocation's fields are read by the run)."""
+        kwargs = super().as_kwargs()
+        for name in GRADIENT_ALLOCATION_FIELDS:
+            del kwargs[name]
+        return kwargs
 
     def check(self) -> None:
+        self._check_budget()
         record = COMPRESSORS[self.compressor]
         if self.bits == "auto" and self.collective == "hierarchical":
             raise ConfigError("grad_bits auto works on a flat group; allowed with it: collective "
@@ -286,6 +331,29 @@ class Gradients(Options):
                 f"grad_compressor {self.compressor!r} sends {record.sends()} bit(s); "
                 f"got grad_bits={self.bits}"
             )
+
+    def _check_budget(self) -> None:
+        """A gradient budget needs fixed-width stochastic codes (the cost law's), candidates the
+        compressor sends, and lies within them."""
+        if self.bits_budget is None:
+            return
+        fixed = isinstance(self.bits, int) and self.compressor == "quantize"
+        if not fixed or self.error_feedback or self.collective == "hierarchical":
+            raise ConfigError(
+                f"grad_bits_budget needs grad_bits a number, grad_compressor 'quantize', no "
+                f"error_feedback and collective scatter or allgather; got grad_bits={self.bits!r}, "
+                f"grad_compressor={self.compressor!r}, error_feedback={self.error_feedback}, "
+                f"collective={self.collective!r}"
+            )
+        check_budget(
+            ("grad_bits_budget", self.bits_budget),
+            ("grad_bit_candidates", self.bit_candidates),
+            COMPRESSORS[self.compressor].widths,
+        )
+
+
+GRADIENT_ALLOCATION_FIELDS = ("bits_budget", "bit_candidates", "allocate_after", "calibration",
+                              "metric")  # fmt: skip
 
 
 @dataclass

@@ -9,6 +9,7 @@ writes its own rows of the model and optimizer state (`sharded_checkpoint`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from distq.comm.fsdp import FSDPExchange
 from distq.dtensors import shard_like, shard_optimizer_state, whole
 from distq.launch import checkpoint, config, rng, sharded_checkpoint
 from distq.launch.environment import DistEnv, on_main
+from distq.launch.options import flat_name
 from distq.optim import QuantizedOptimizer
 
 FORMAT = 2  # bumped when the layout changes; older files are refused
@@ -233,6 +235,7 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         "distill_temperature",
         "estimator",
         *config.ALLOCATION_FIELDS,
+        *GRADIENT_ALLOCATION,
     )
     # checkpoints from before distillation and the estimator existed trained without them
     before = {k: getattr(config.Run(), k) for k in ("distill", "distill_temperature")}
@@ -240,6 +243,8 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
     before.update((k, v) for k, v in unpruned.items() if k.startswith("channel_"))  # nor pruning
     before["estimator"] = config.Weights().estimator
     before.update((k, getattr(config.Weights(), k)) for k in config.ALLOCATION_FIELDS)  # one width
+    defaults = config.TrainConfig().flat()
+    before.update((k, defaults[k]) for k in GRADIENT_ALLOCATION)  # nor gradient widths
     saved, now = {**before, **config.flatten(state["config"])}, cfg.flat()
     different = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
@@ -252,6 +257,13 @@ def check_resumable(state: dict, cfg: config.TrainConfig, env: DistEnv, path: Pa
         raise config.ConfigError(
             f"cannot resume from {path}, the run's settings differ: " + "; ".join(different)
         )
+
+
+GRADIENT_ALLOCATION = tuple(  # by flat name: grad_bits_budget, grad_bit_candidates, ...
+    flat_name(f)
+    for f in dataclasses.fields(config.Gradients)
+    if f.name in config.GRADIENT_ALLOCATION_FIELDS
+)
 
 
 def _to_cpu(value):

@@ -35,7 +35,11 @@ from distq.comm.fsdp import FSDPExchange
 from distq.distill import SelfDistillation
 from distq.dtensors import local
 from distq.launch import checkpoint, config, preemption, recipes, run_dir
-from distq.launch.allocation import allocate_widths, check_allocation_step
+from distq.launch.allocation import (
+    allocate_gradient_widths,
+    allocate_widths,
+    check_allocation_steps,
+)
 from distq.launch.build import (
     attach_comm_hook,
     build_monitor,
@@ -202,7 +206,7 @@ def _build(cfg: config.TrainConfig, env: DistEnv, device: torch.device) -> Job:
         optimizer = build_optimizer(cfg, net, ramp_epochs * batches.steps_per_epoch)
     except ValueError as exc:  # e.g. keep_full_precision naming no layer of the model
         raise config.ConfigError(str(exc)) from None
-    check_allocation_step(cfg.weights, run.epochs * batches.steps_per_epoch)
+    check_allocation_steps(cfg, run.epochs * batches.steps_per_epoch)
     if comm is not None and cfg.sparsity.gradients:
         comm.set_keep_mask(optimizer.mask_of)
     schedule = lr_schedule(run, optimizer, run.epochs * batches.steps_per_epoch)
@@ -351,6 +355,8 @@ def _train_epoch(
         step_started = time.perf_counter()
         step = progress.position.step + 1
         loss = _step(job, idx, step)
+        if monitor is not None and monitor.gradient is not None and job.state.comm is not None:
+            monitor.gradient.bits = job.state.comm.narrowest_bits()  # widths allocated mid-run
         loss_sum += loss.detach()
         progress.steps_run += 1
         progress.position = Position(epoch, progress.position.step_in_epoch + 1, step)
@@ -370,10 +376,7 @@ def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
     state, data = job.state, job.data
     state.optimizer.zero_grad(set_to_none=True)
     x, y = data.train_x[idx], data.train_y[idx]
-    if job.distill is None:
-        loss = nn.functional.cross_entropy(state.net(x), y)
-    else:  # the teacher's forward (latent weights, unwrapped module), then the student's
-        loss = job.distill.loss(state.net, x, y)
+    loss = _task_loss(job, state.net, x, y)
     if state.pruner is None:
         loss.backward()
     else:  # the learn-to-rank term joins the objective; the task loss is what is reported
@@ -381,11 +384,30 @@ def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
     state.optimizer.step()
     if job.cfg.weights.weight_bits_budget is not None:
         allocate_widths(job.cfg, job.env, state.optimizer, state.model, job.data, step, job.say)
+    if job.cfg.gradients.bits_budget is not None and state.comm is not None:
+        allocate_gradient_widths(
+            job.cfg, state.comm, state.optimizer, state.model, data,
+            lambda net, x, y: _objective(job, net, x, y), step, job.env.rank, job.say,
+        )  # fmt: skip
     if state.pruner is not None:
         state.pruner.step(step)
     check_finite(state.model, state.optimizer, step, job.cfg.run.lr)
     state.schedule.step()
     return loss
+
+
+def _task_loss(job: Job, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The batch's task loss: cross-entropy, or self-distillation's CE + KL."""
+    if job.distill is None:
+        return nn.functional.cross_entropy(net(x), y)
+    # the teacher's forward (latent weights, unwrapped module), then the student's
+    return job.distill.loss(net, x, y)
+
+
+def _objective(job: Job, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What a step differentiates: the task loss, plus the learn-to-rank term when pruning."""
+    loss = _task_loss(job, net, x, y)
+    return loss if job.state.pruner is None else loss + job.state.pruner.regularizer()
 
 
 def _save_or_stop(

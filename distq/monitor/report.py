@@ -17,10 +17,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from distq.launch.allocation import BIT_WIDTHS_NAME
+from distq.launch.allocation import BIT_WIDTHS_NAME, GRAD_BIT_WIDTHS_NAME
 from distq.monitor.monitor import LOG_NAME
 
 BIT_WIDTHS_PLOT = "bit_widths.png"
+GRAD_BIT_WIDTHS_PLOT = "grad_bit_widths.png"
 CHANNELS_PLOT = "channels.png"
 
 
@@ -202,6 +203,18 @@ def layer_widths(run_dir: str | Path) -> LayerWidths | None:
     return LayerWidths(dict(bits), {n: state["model"][n].numel() for n in bits})
 
 
+def gradient_widths(run_dir: str | Path) -> LayerWidths | None:
+    """Per-tensor gradient widths of a --grad-bits-budget run (run_dir/grad_bit_widths.json,
+    written at the allocation step; `method` is the cost's weighting); None for other runs."""
+    path = Path(run_dir) / GRAD_BIT_WIDTHS_NAME
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return LayerWidths(
+        record["bits"], record["numel"], record["budget"], record["metric"], record["step"]
+    )
+
+
 def channel_counts(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
     """producer layer -> (output channels kept, channels) of a --channel-sparsity run, in the
     model's order, from the channel pruner's state in run_dir/checkpoint.pt (its masks are what
@@ -217,9 +230,10 @@ def channel_counts(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
 
 
 def write_layer_report(run_dir: str | Path) -> tuple[list[str], list[Path]]:
-    """bit_widths.png (each quantized tensor's width, the budget and the average) and
-    channels.png (channels kept of each prunable layer) into run_dir, each when the run has
-    such data; returns a line per plot left out, saying why, and the plots written."""
+    """bit_widths.png (each quantized tensor's width, the budget and the average),
+    grad_bit_widths.png (the same for gradient widths) and channels.png (channels kept of each
+    prunable layer) into run_dir, each when the run has such data; returns a line per plot left
+    out, saying why, and the plots written."""
     run_dir = Path(run_dir)
     notes, written = [], []
     widths = layer_widths(run_dir)
@@ -227,6 +241,11 @@ def write_layer_report(run_dir: str | Path) -> tuple[list[str], list[Path]]:
         notes.append("no bit_widths.png: the run gave every quantized tensor one width")
     else:
         written.append(write_widths_plot(widths, run_dir / BIT_WIDTHS_PLOT))
+    widths = gradient_widths(run_dir)
+    if widths is None:
+        notes.append("no grad_bit_widths.png: the run had no --grad-bits-budget")
+    else:
+        written.append(write_widths_plot(widths, run_dir / GRAD_BIT_WIDTHS_PLOT, "gradient"))
     counts = channel_counts(run_dir)
     if counts is None:
         notes.append("no channels.png: the run has no checkpoint of a --channel-sparsity run")
@@ -235,22 +254,23 @@ def write_layer_report(run_dir: str | Path) -> tuple[list[str], list[Path]]:
     return notes, written
 
 
-def write_widths_plot(widths: LayerWidths, path: Path) -> Path:
-    """One bar per quantized tensor at its width (labelled with its size), the budget as a
-    dashed line and the size-weighted average in the title."""
+def write_widths_plot(widths: LayerWidths, path: Path, of: str = "weight") -> Path:
+    """One bar per tensor at its `of` (weight or gradient) width, labelled with its size, the
+    budget as a dashed line and the size-weighted average in the title."""
     names = list(widths.bits)
     fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(names)), 4), dpi=110)
     bars = ax.bar(range(len(names)), [widths.bits[n] for n in names], color="tab:blue")
     ax.bar_label(bars, fontsize=8)
     ax.set_xticks(range(len(names)), [f"{n}\n{widths.numel[n]:,}" for n in names], fontsize=7)
-    title = f"Weight bit widths per tensor: {widths.average_bits:.3f} bits per weight"
+    unit = "weight" if of == "weight" else "element"
+    title = f"{of.capitalize()} bit widths per tensor: {widths.average_bits:.3f} bits per {unit}"
     if widths.budget is not None:
         ax.axhline(widths.budget, ls="--", color="tab:red", label=f"budget {widths.budget}")
         ax.legend(fontsize=8)
         title += f" ({widths.method}, step {widths.step})"
     ax.set_title(title)
-    ax.set_xlabel("quantized tensor (elements)")
-    ax.set_ylabel("bits per weight")
+    ax.set_xlabel("quantized tensor (elements)" if of == "weight" else "tensor (elements)")
+    ax.set_ylabel(f"bits per {unit}")
     ax.set_yticks(range(max(widths.bits.values()) + 2))
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

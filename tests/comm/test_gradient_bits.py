@@ -18,6 +18,7 @@ from distq.comm.gradient_bits import (
     allocate_gradient_bits,
     bytes_sent,
     gradient_costs,
+    gradient_costs_across,
     quantization_error,
 )
 from distq.comm.noise import Key
@@ -229,3 +230,51 @@ def test_cost_matches_a_real_two_rank_scatter(tmp_path, bits):
     cost = gradient_costs([[{"g": g} for g in grads]], {"g": None}, [bits], ExchangeSettings())
     measured, stderr = float(errors.mean()), float(errors.std()) / math.sqrt(len(errors))
     assert abs(cost["g"][bits] - measured) < 0.05 * measured + 4 * stderr, (cost, measured, stderr)
+
+
+def across_worker(rank, world, out):
+    named = dict(make_model().named_parameters())
+    own = [{n: heavy_tailed(p.numel(), 100 * rank + 10 * i + j)
+            for j, (n, p) in enumerate(named.items())} for i in range(2)]  # fmt: skip
+    curvature = {n: heavy_tailed(p.numel(), 7 + j).abs() + 0.1
+                 for j, (n, p) in enumerate(named.items())}  # fmt: skip
+    costs = {
+        collective: gradient_costs_across(
+            own, curvature, [1, 2, 4], ExchangeSettings(collective=collective), "update"
+        )
+        for collective in ("scatter", "allgather")
+    }
+    torch.save({"own": own, "curvature": curvature, "costs": costs}, out / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_costs_across_ranks_equal_the_costs_of_the_gathered_gradients(tmp_path, world):
+    """Each rank passing only its own gradients gets what `gradient_costs` gives for all the
+    ranks' gradients, the same on every rank."""
+    run_workers(across_worker, world, tmp_path)
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    steps = [[s["own"][i] for s in saved] for i in range(2)]
+    for collective in ("scatter", "allgather"):
+        settings = ExchangeSettings(collective=collective)
+        expected = gradient_costs(steps, saved[0]["curvature"], [1, 2, 4], settings, "update")
+        for s in saved:
+            got = s["costs"][collective]
+            assert got == saved[0]["costs"][collective]
+            for name, by_width in expected.items():
+                assert got[name] == pytest.approx(by_width, rel=1e-5), (collective, name)
+
+
+def test_allocate_sets_the_widths_by_name_and_refuses_what_it_cannot_send():
+    model = make_model()
+    state = QuantizedCommState(bits=3, model=model, overlap=False)
+    name = next(iter(dict(model.named_parameters())))
+    assert state.allocated is None and state.narrowest_bits() == 3
+    state.allocate({name: 2})
+    assert state.allocated == {name: 2}
+    assert state.narrowest_bits() == 2
+    with pytest.raises(ValueError, match="allowed"):
+        state.allocate({name: 9})
+    with pytest.raises(ValueError, match="match no parameter"):
+        state.allocate({"no.such.weight": 2})
+    with pytest.raises(ValueError, match="allocate needs model="):
+        QuantizedCommState(bits=3, overlap=False).allocate({name: 2})

@@ -94,5 +94,6 @@ def test_a_run_without_either_says_so_and_draws_neither(tmp_path, capsys):
     lines = report(tmp_path, capsys)
     assert "no bit_widths.png: the run gave every quantized tensor one width" in lines
     assert "no channels.png: the run has no checkpoint of a --channel-sparsity run" in lines
+    assert "no grad_bit_widths.png: the run had no --grad-bits-budget" in lines
     assert write_layer_report(tmp_path)[1] == []
     assert not (tmp_path / "bit_widths.png").exists() and not (tmp_path / "channels.png").exists()
