@@ -1,7 +1,9 @@
 """Per-layer mixed precision (issue 24, item 3): uniform 3-bit weights vs widths from {2, 3, 4}
 allocated by sensitivity (distq/bit_allocation.py) at an average of 3 bits, same runs otherwise
 (`--uniform` and `--budgets` add other uniform widths and average budgets; `--dqmq-budgets`
-adds runs whose widths DQMQ's search picks, distq/dqmq.py, for `--dqmq-steps` steps).
+adds runs whose widths DQMQ's search picks, distq/dqmq.py, for `--dqmq-steps` steps;
+`--candidates` the widths an allocation may take; `--fixed` runs at given per-tensor widths from
+step 0).
 
 Each (seed, configuration) is one `distq train` run in this process (one thread, fp32
 gradients, linear m-bit weights, the default selection: first and last layer full precision).
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import statistics
@@ -40,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.weight_sharing import quantized_bytes
-from distq.launch import config, train
+from distq.launch import build, config, train
 from distq.launch.allocation import BIT_WIDTHS_NAME
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +51,7 @@ CHARLM = {"depth": 1, "bptt": 50, "batch_size": 64, "lr": 0.02, "test_fraction":
 CHARLM_CHARS = 300_000
 QUIET = {"progress": False, "monitor": False, "metrics_port": None}
 CANDIDATES = [2, 3, 4]
+FIXED = "fixed widths"  # a configuration's per-tensor widths from step 0 (not a config key)
 
 
 def configurations(
@@ -56,10 +60,16 @@ def configurations(
     dqmq_budgets: list[float],
     dqmq_steps: int,
     candidates: list[int],
+    fixed: list[str] = (),
 ) -> dict[str, dict]:
-    """Name -> config changes: uniform widths, then allocations from `candidates` by
-    sensitivity and by DQMQ's search at each average budget."""
+    """Name -> config changes: uniform widths, fixed per-tensor widths ("name=bits,..."), then
+    allocations from `candidates` by sensitivity and by DQMQ's search at each average budget."""
     runs = {f"uniform {m}-bit": {"bits": m} for m in uniform}
+    for widths in fixed:
+        bits = {name: int(b) for name, b in (item.split("=") for item in widths.split(","))}
+        runs["fixed " + ", ".join(f"{n.split('.')[-2]} {b}" for n, b in bits.items())] = {
+            FIXED: bits
+        }
     for budget in budgets:
         allocated = {"weight_bits_budget": budget, "bit_candidates": candidates}
         runs[f"allocated, avg {budget:g}"] = allocated
@@ -70,16 +80,31 @@ def configurations(
     return runs
 
 
+@contextlib.contextmanager
+def fixed_widths(bits: dict[str, int] | None):
+    """`distq train` has no option for per-tensor widths from the start: bind them to the
+    QuantizedOptimizer that `distq.launch.build` makes (`bits_by_name`) while a run lasts."""
+    original = build.QuantizedOptimizer
+    if bits:
+        build.QuantizedOptimizer = functools.partial(original, bits_by_name=bits)
+    try:
+        yield
+    finally:
+        build.QuantizedOptimizer = original
+
+
 def one_run(out: Path, seed: int, args: argparse.Namespace, changes: dict) -> dict:
     """Scores, widths and sizes of one `distq train` run."""
     extra = {**CHARLM, "data_dir": str(args.corpus)} if args.recipe == "charlm" else {}
+    changes = dict(changes)
+    bits = changes.pop(FIXED, None)
     cfg = config.TrainConfig(
         recipe=args.recipe, hidden=args.hidden, scheme="linear", grad_bits=None, seed=seed,
         epochs=args.epochs, out_dir=str(out), allocate_after=args.allocate_after,
         **QUIET, **extra, **{"bits": 3, **changes},
     )  # fmt: skip
     started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch lines
+    with contextlib.redirect_stdout(io.StringIO()), fixed_widths(bits):  # its per-epoch lines
         result = train.run(cfg)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     widths = {n: s["bits"] for n, s in state["quantized"].items()}
@@ -151,6 +176,10 @@ def main() -> None:
     parser.add_argument(
         "--candidates", type=int, nargs="+", default=CANDIDATES, help="widths a tensor may take"
     )
+    parser.add_argument(
+        "--fixed", nargs="*", default=[], metavar="NAME=BITS,...",
+        help="runs with these per-tensor widths from step 0 (the rest at 3 bits)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="results file (mixed_precision-<recipe>.json)")
     parser.add_argument("--table-only", action="store_true", help="print the JSON's table")
     args = parser.parse_args()
@@ -163,8 +192,9 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     configs = configurations(
-        args.uniform, args.budgets, args.dqmq_budgets, args.dqmq_steps, args.candidates
-    )
+        args.uniform, args.budgets, args.dqmq_budgets, args.dqmq_steps, args.candidates,
+        args.fixed,
+    )  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -184,7 +214,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     settings = ("recipe", "hidden", "epochs", "seeds", "allocate_after", "uniform", "budgets")
-    settings += ("dqmq_budgets", "dqmq_steps", "candidates")
+    settings += ("dqmq_budgets", "dqmq_steps", "candidates", "fixed")
     results = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     results.update({key: getattr(args, key) for key in settings}, runs=runs)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
