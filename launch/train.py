@@ -311,7 +311,13 @@ def _wire(
         return "fp32 gradients (hierarchical on one node: a full-precision all-reduce)"
     width = "measured" if gradients.bits == "auto" else f"{gradients.bits}-bit"
     code = f"{width} {gradients.compressor}"
-    return f"{code} gradients, {gradients.collective}, clip {gradients.clip}"
+    wire = f"{code} gradients, {gradients.collective}, clip {gradients.clip}"
+    if gradients.bits_budget is not None:
+        wire += (
+            f", per-tensor widths from {sorted(gradients.bit_candidates)} for "
+            f"{gradients.bits_budget} bits on average after step {gradients.allocate_after}"
+        )
+    return wire
 
 
 def _train_epochs(job: Job, monitor: ConvergenceMonitor | None, progress: Progress) -> None:
