@@ -93,6 +93,7 @@ def gradient_costs(
     names = list(curvature)
     first = torch.zeros(len(names), len(candidates), dtype=torch.float64)
     second = torch.zeros_like(first)
+    twice = settings.collective == "scatter"  # the owner's second quantization
     for ranks in steps:
         if len(ranks) != len(steps[0]):
             raise ValueError("every step needs the gradients of the same number of ranks")
@@ -100,8 +101,9 @@ def gradient_costs(
             clipped = [_clipped(r[name], settings.clip) for r in ranks]
             weight = _weight(curvature[name], metric)
             first[i] += _errors(clipped, candidates, settings.bucket_size, weight)
-            total = torch.stack(clipped).sum(0)
-            second[i] += _errors([total], candidates, settings.bucket_size, weight)
+            if twice:
+                total = torch.stack(clipped).sum(0)
+                second[i] += _errors([total], candidates, settings.bucket_size, weight)
     return _costs(names, candidates, first, second, len(steps[0]), len(steps), settings)
 
 
@@ -115,8 +117,8 @@ def gradient_costs_across(
 ) -> dict[str, dict[int, float]]:
     """`gradient_costs` of the ranks of `group` (a collective: every rank calls it with as many
     steps), each passing only its own {name: gradient} per step: the first quantization's errors
-    are summed by one all-reduce and each step's Σ_r Clip(g_r) by another, so no rank holds the
-    others' gradients. Every rank gets the same costs."""
+    are summed by one all-reduce and, for 'scatter', each step's Σ_r Clip(g_r) by another, so no
+    rank holds the others' gradients. Every rank gets the same costs."""
     _check_law(settings, candidates, metric)
     if not own_steps:
         raise ValueError("gradient_costs_across needs at least one step of this rank's gradients")
@@ -124,15 +126,18 @@ def gradient_costs_across(
     device = own_steps[0][names[0]].device
     first = torch.zeros(len(names), len(candidates), dtype=torch.float64, device=device)
     second = torch.zeros_like(first)
+    twice = settings.collective == "scatter"  # the owner's second quantization
     for own in own_steps:
         clipped = [_clipped(own[name], settings.clip) for name in names]
-        total = torch.cat(clipped)
-        dist.all_reduce(total, group=group)
-        totals = total.split([x.numel() for x in clipped])
+        if twice:
+            total = torch.cat(clipped)
+            dist.all_reduce(total, group=group)
+            totals = total.split([x.numel() for x in clipped])
         for i, name in enumerate(names):
             weight = _weight(curvature[name], metric)
             first[i] += _errors([clipped[i]], candidates, settings.bucket_size, weight)
-            second[i] += _errors([totals[i]], candidates, settings.bucket_size, weight)
+            if twice:
+                second[i] += _errors([totals[i]], candidates, settings.bucket_size, weight)
     dist.all_reduce(first, group=group)
     ranks = dist.get_world_size(group)
     return _costs(names, candidates, first.cpu(), second.cpu(), ranks, len(own_steps), settings)
@@ -187,7 +192,7 @@ def _costs(
     step: ((n−1)/n·first + second)/n² for 'scatter' over buckets, first/n² for 'allgather'."""
     twice = settings.collective == "scatter"
     quantized_by = (ranks - 1) / ranks if twice and settings.bucket_size else 1.0
-    cost = (quantized_by * first + (second if twice else 0.0)) / ranks**2 / steps
+    cost = (quantized_by * first + second) / ranks**2 / steps  # second: zero for 'allgather'
     rows = zip(names, cost.tolist(), strict=True)
     return {name: dict(zip(candidates, row, strict=True)) for name, row in rows}
 

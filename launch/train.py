@@ -361,8 +361,8 @@ def _train_epoch(
         step_started = time.perf_counter()
         step = progress.position.step + 1
         loss = _step(job, idx, step)
-        if monitor is not None and monitor.gradient is not None and job.state.comm is not None:
-            monitor.gradient.bits = job.state.comm.narrowest_bits()  # widths allocated mid-run
+        if step == job.cfg.gradients.allocate_after and monitor is not None:
+            _follow_gradient_widths(monitor, job.state.comm)
         loss_sum += loss.detach()
         progress.steps_run += 1
         progress.position = Position(epoch, progress.position.step_in_epoch + 1, step)
@@ -374,6 +374,15 @@ def _train_epoch(
             break
     bar.close()
     return loss_sum
+
+
+def _follow_gradient_widths(
+    monitor: ConvergenceMonitor, comm: QuantizedCommState | None
+) -> None:
+    """After a gradient width allocation: the monitor's gradient bound at the narrowest width
+    now sent (the one that holds for every tensor)."""
+    if monitor.gradient is not None and comm is not None:
+        monitor.gradient.bits = comm.narrowest_bits()
 
 
 def _step(job: Job, idx: torch.Tensor, step: int) -> torch.Tensor:
