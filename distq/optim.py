@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, Shard
 from distq.dtensors import local, rows_like, shard_like, shard_optimizer_state
 from distq.meta import MetaGradient, check_estimator
 from distq.quant import SCHEMES, Projection, blocks_of, get_scheme, project, scheme_bits
+from distq.quant.lockstep import in_lockstep
 from distq.quant.sharded import project_shard
 from distq.quant.sparse import SCOPES, SparsitySchedule, global_split
 from distq.selection import (
@@ -255,11 +256,18 @@ class QuantizedOptimizer(OptimizerWrapper):
         warm_start = get_scheme(self.scheme).warm_start  # iterative: start from the last α
         curvatures = {name: self.curvature(p) for name, p in self._params.items()}
         sparsities = self.current_sparsities(curvatures)
-        for name, p in self._params.items():
+
+        def projection(name: str) -> Callable[[], Projection]:
             warm = warm_start and name in self.alpha
             opts = {"alpha_init": local(self.alpha[name])} if warm else {}
             bits, d = self.tensor_bits[name], curvatures[name]
-            proj = self.project_at(name, bits, d, sparsities[name], **opts)
+            return lambda: self.project_at(name, bits, d, sparsities[name], **opts)
+
+        jobs = [projection(name) for name in self._params]
+        sharded = any(isinstance(t, DTensor) for t in self.latent.values())
+        # FSDP: the shards' solvers run together, one merged all-reduce per round for all
+        projections = in_lockstep(jobs) if sharded else [job() for job in jobs]
+        for (name, p), proj in zip(self._params.items(), projections, strict=True):
             local(p).copy_(proj.q)
             self.alpha[name] = rows_like(proj.alpha, p) if self.per_channel else proj.alpha
 

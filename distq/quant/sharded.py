@@ -14,6 +14,9 @@ shorter or empty) and computes its rows of the projection the whole tensor would
 - codebooks (shared) and a sparsity budget: the group's weights and curvature are gathered,
   projected whole and sliced (2·4 bytes per entry each call: these solvers sort whole groups).
 
+Projected together under `distq.quant.lockstep.in_lockstep` (as QuantizedOptimizer does), the
+tensors' all-reduces travel merged, one per round for all of them.
+
 Per-tensor α comes out the same on every rank; it equals the unsharded projection's up to the
 order of float64 summation (tests: tests/quant/test_sharded.py).
 """
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distq.quant import Projection, get_scheme, project, resolve_bits
+from distq.quant import Projection, get_scheme, lockstep, project, resolve_bits
 from distq.quant.base import check_blocks, check_weights
 from distq.quant.reduction import RowReducer, reducing
 from distq.quant.sparse import check_sparsity
@@ -103,7 +106,7 @@ class ShardReducer(RowReducer):
         """[k, g] local values → [k, g] of the whole groups (absent groups contribute 0)."""
         full = local.new_zeros(local.shape[0], self.layout.count)
         full.index_copy_(1, self.index, local)
-        dist.all_reduce(full, op=op, group=self.group)
+        lockstep.all_reduce(full, op=op, group=self.group)
         return full.index_select(1, self.index)
 
     def sums(self, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -124,7 +127,7 @@ class ShardReducer(RowReducer):
 
     def agree(self, flag: bool) -> bool:
         vote = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
+        lockstep.all_reduce(vote, op=dist.ReduceOp.MIN, group=self.group)
         return bool(vote.item())
 
     def exact_support(
@@ -177,7 +180,7 @@ def _top_support(a: Tensor, d: Tensor, group: dist.ProcessGroup | None) -> tuple
         edges = sorted({e for lo, hi in bins for e in (*range(lo, hi, _width(lo, hi)), hi)})
         at = torch.searchsorted(bits, torch.tensor(edges, dtype=torch.long))
         PQ = torch.stack([P_suffix[at], Q_suffix[at]])
-        dist.all_reduce(PQ, group=group)
+        lockstep.all_reduce(PQ, group=group)
         P, Q = PQ.tolist()
         F = [p * p / q if q > 0 else -1.0 for p, q in zip(P, Q, strict=True)]
         for i, e in enumerate(edges):
@@ -271,7 +274,7 @@ def _check_everywhere(w: Tensor, d: Tensor | None, group: dist.ProcessGroup | No
         except ValueError as exc:
             problem = str(exc)
     failed = torch.tensor([int(bool(problem))], dtype=torch.int32)
-    dist.all_reduce(failed, group=group)
+    lockstep.all_reduce(failed, group=group)
     if failed.item():
         raise ValueError(
             problem or f"{failed.item()} other rank(s) of the shard group hold a bad shard of "
@@ -288,7 +291,7 @@ def _whole_alpha(
     for i, (g, first) in enumerate(zip(layout.groups, layout.first, strict=True)):
         if first:
             full[g] = alpha[i]
-    dist.all_reduce(full, group=group)
+    lockstep.all_reduce(full, group=group)
     return full[0] if blocks == 1 else full
 
 
@@ -308,7 +311,7 @@ def _gathered(w, d, scheme, bits, rows, group, start, stop, blocks, sparsity, **
     padded = stacked.new_zeros(2, chunk, *w.shape[1:])
     padded[:, : w.shape[0]] = stacked
     pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
+    lockstep.all_gather(pieces, padded.contiguous(), group=group)
     whole = torch.cat(pieces, dim=1)[:, :rows]
     full = project(
         whole[0], whole[1] if d is not None else None, scheme, bits,
