@@ -91,9 +91,10 @@ class _Lockstep:
     def wait_for(self, index: int, collective: _Reduce | _Gather) -> None:
         """Block job `index` until the round holding `collective` has been carried."""
         with self.condition:
-            self.waiting[index] = collective
-            self.condition.notify_all()
-            self.condition.wait_for(lambda: index not in self.waiting)
+            if self.failure is None:  # else no round will carry it
+                self.waiting[index] = collective
+                self.condition.notify_all()
+                self.condition.wait_for(lambda: index not in self.waiting)
             if self.failure is not None:
                 raise RuntimeError("a merged collective of the lockstep failed") from self.failure
 

@@ -140,4 +140,24 @@ def test_gradient_mode_follows_the_caller():
     assert not any(t.requires_grad for t in out)
     out = in_lockstep([lambda: x * 2, lambda: x * 3])
     assert all(t.requires_grad for t in out)
-    assert lockstep.all_reduce.__doc__  # the torch.distributed stand-ins are public
+
+
+def test_a_failed_merged_collective_is_raised_and_every_job_ends():
+    """Outside a process group the merged all-reduce fails: the caller gets torch's error and
+    every job waiting on that round ends (none is left blocked)."""
+    assert not dist.is_initialized()
+    ended: list[str] = []
+
+    def job(i: int):
+        def run():
+            try:
+                lockstep.all_reduce(torch.ones(i + 1))
+            except RuntimeError as exc:  # the round's failure, in each job
+                ended.append(type(exc.__cause__).__name__)
+                raise
+
+        return run
+
+    with pytest.raises(ValueError, match="process group"):
+        in_lockstep([job(i) for i in range(3)])
+    assert ended == ["ValueError"] * 3
