@@ -21,7 +21,9 @@ groups 0 = raw), so every rank knows each rank's payload length before the paylo
 (sizes depend on the data, and a fixed width per parameter would fail a latent weight the
 optimizer has not projected yet); then one uint8 all-to-all with uneven splits moves this rank's
 payload to each other rank. A palette segment is [k_g − 1 per group: G bytes][palette: Σk_g
-values][indices: ⌈m·b/8⌉ bytes, distq.packing's layout, none when b = 0]. Sent per rank:
+values][indices: ⌈m·b/8⌉ bytes in distq.packing's bit layout, none when b = 0; where k's
+base-k digits take fewer bytes (k = 3, 5, 6: a ternary shard's 3 values go 5 to a byte, 1.6
+bits each) `pack_digits`' ⌈m/j⌉ bytes instead, k = max k_g]. Sent per rank:
 (n − 1)·(header + payload) bytes against (n − 1)·itemsize·numel for FSDP's all-gather of the
 same input (numel: this rank's padded shards of the module's parameters).
 """
@@ -40,7 +42,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
-from distq.packing import pack, packed_nbytes, unpack
+from distq.packing import (
+    digits_nbytes,
+    digits_per_byte,
+    pack,
+    pack_digits,
+    packed_nbytes,
+    unpack,
+    unpack_digits,
+)
 
 __all__ = ["GatherStats", "PackedAllGather", "Shard", "decode", "encode", "fsdp_params_of"]
 
@@ -104,15 +114,38 @@ def encode(bits: Tensor, row: int = 1) -> tuple[int, Tensor]:
             index = torch.searchsorted(union, palette)[index + start[:, None]]
             forms.insert(0, (1, (union, counts.new_tensor([union.numel()]), index)))
     for groups, (palette, counts, index) in forms:  # the one-group form first: it wins ties
-        width = (int(counts.max()) - 1).bit_length()
-        indices = packed_nbytes(m, width) if width else 0
-        size = groups + palette.numel() * palette.element_size() + indices
+        k = int(counts.max())
+        size = groups + palette.numel() * palette.element_size() + _index_bytes(m, k)
         if size < best[1].numel():
             parts = [(counts - 1).to(torch.uint8), palette.view(torch.uint8)]
-            if width:
-                parts.append(pack(index.view(-1), width))
+            if k > 1:
+                parts.append(_pack_index(index.view(-1), k))
             best = (groups, torch.cat(parts))
     return best
+
+
+def _as_digits(k: int) -> bool:
+    """Whether indices in [0, k) go as base-k digits: where that takes fewer bytes than
+    ⌈log2 k⌉-bit codes (k = 3: 5 a byte against 4; k = 5, 6: 3 against 2.67)."""
+    width = (k - 1).bit_length()
+    return k > 1 and digits_per_byte(k) * width > 8
+
+
+def _index_bytes(m: int, k: int) -> int:
+    """Bytes of m palette indices in [0, k): none for k = 1."""
+    if k == 1:
+        return 0
+    return digits_nbytes(m, k) if _as_digits(k) else packed_nbytes(m, (k - 1).bit_length())
+
+
+def _pack_index(index: Tensor, k: int) -> Tensor:
+    return pack_digits(index, k) if _as_digits(k) else pack(index, (k - 1).bit_length())
+
+
+def _unpack_index(payload: Tensor, k: int, m: int) -> Tensor:
+    if _as_digits(k):
+        return unpack_digits(payload, k, m)
+    return unpack(payload, (k - 1).bit_length(), m)
 
 
 def _palettes(groups: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -145,9 +178,9 @@ def decode(payload: Tensor, groups: int, out: Tensor) -> None:
     counts = payload[:groups].to(torch.int64) + 1
     end = groups + int(counts.sum()) * out.element_size()
     palette = payload[groups:end].clone().view(out.dtype)  # clone: the offset may be unaligned
-    width = (int(counts.max()) - 1).bit_length()
-    if width:
-        index = unpack(payload[end:], width, m).to(torch.int64).view(groups, -1)
+    k = int(counts.max())
+    if k > 1:
+        index = _unpack_index(payload[end:], k, m).to(torch.int64).view(groups, -1)
     elif payload.numel() == end:
         index = torch.zeros(groups, m // groups, dtype=torch.int64, device=out.device)
     else:

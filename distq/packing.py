@@ -7,6 +7,12 @@ significant bit first. Bits after the last code in the final byte are zero; the 
 exactly ceil(numel*bits/8) bytes. Example: 2-bit codes [1, 2, 3, 0] pack to the single byte
 0b00_11_10_01 = 57 (code 0 in bits 0-1, code 1 in bits 2-3, ...).
 
+Base-k digits (`pack_digits`, for a code alphabet that is not a power of two): j = the most
+digits a byte holds (k^j ≤ 256) go to one byte as Σ c_i·k^i, the first code in the lowest
+digit; the last byte's missing digits are 0, and the output has ceil(numel/j) bytes. Ternary
+codes take 5 to a byte (1.6 bits each, against 2 in the bit layout): [1, 2, 0, 0, 1] is
+1 + 2·3 + 1·81 = 88.
+
 Wider unsigned integers (`pack_uint`): widths 1..8 are the layout above; widths 16 and 32 store
 each value as 2 or 4 little-endian bytes.
 
@@ -31,14 +37,18 @@ from torch import Tensor
 __all__ = [
     "GAP_WIDTHS",
     "UINT_WIDTHS",
+    "digits_nbytes",
+    "digits_per_byte",
     "gap_decode",
     "gap_encode",
     "gap_symbols",
     "pack",
+    "pack_digits",
     "pack_uint",
     "packed_nbytes",
     "uint_nbytes",
     "unpack",
+    "unpack_digits",
     "unpack_uint",
 ]
 
@@ -92,6 +102,44 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     shifts = torch.arange(0, bits * group, bits, dtype=word_dtype, device=packed.device)
     codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(-1)[:numel]
+
+
+def digits_per_byte(base: int) -> int:
+    """How many base-`base` digits one byte holds: the largest j with base^j ≤ 256."""
+    _check_base(base)
+    digits = 1
+    while base ** (digits + 1) <= 256:
+        digits += 1
+    return digits
+
+
+def digits_nbytes(numel: int, base: int) -> int:
+    """Bytes `numel` codes in [0, base) take as base-`base` digits: ceil(numel/j)."""
+    _check_numel(numel)
+    return -(-numel // digits_per_byte(base))
+
+
+def pack_digits(codes: Tensor, base: int) -> Tensor:
+    """Pack integer codes in [0, base) (any shape, flattened) as base-`base` digits, the most a
+    byte holds to each byte (module doc); a 1-D uint8 tensor."""
+    per_byte = digits_per_byte(base)
+    _check_integers(codes, "codes")
+    flat = codes.detach().reshape(-1).to(torch.int64)
+    if flat.numel():
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo < 0 or hi >= base:
+            raise ValueError(f"codes must lie in [0, {base}); found min {lo}, max {hi}")
+    weights = base ** torch.arange(per_byte, dtype=torch.int64, device=flat.device)
+    return (_pad_to(flat, per_byte).view(-1, per_byte) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_digits(packed: Tensor, base: int, numel: int) -> Tensor:
+    """The `numel` codes `pack_digits(codes, base)` packed; 1-D uint8."""
+    per_byte = digits_per_byte(base)
+    _check_packed(packed, digits_nbytes(numel, base), f"{numel} base-{base} digits")
+    weights = base ** torch.arange(per_byte, dtype=torch.int64, device=packed.device)
+    digits = packed.to(torch.int64)[:, None] // weights % base
+    return digits.reshape(-1)[:numel].to(torch.uint8)
 
 
 def uint_nbytes(numel: int, bits: int) -> int:
@@ -243,6 +291,12 @@ def _check_packed(packed: Tensor, expected: int, holds: str) -> None:
         )
     if packed.numel() != expected:
         raise ValueError(f"packed has {packed.numel()} bytes but {holds} need {expected}")
+
+
+def _check_base(base: int) -> None:
+    """Reject a digit base outside 2..256 (and non-integers)."""
+    if isinstance(base, bool) or not isinstance(base, int) or not 2 <= base <= 256:
+        raise ValueError(f"base must be an integer in 2..256, got {base!r}")
 
 
 def _check_uint_bits(bits: int) -> None:

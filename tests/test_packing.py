@@ -11,14 +11,18 @@ from hypothesis import strategies as st
 
 from distq.packing import (
     GAP_WIDTHS,
+    digits_nbytes,
+    digits_per_byte,
     gap_decode,
     gap_encode,
     gap_symbols,
     pack,
+    pack_digits,
     pack_uint,
     packed_nbytes,
     uint_nbytes,
     unpack,
+    unpack_digits,
     unpack_uint,
 )
 
@@ -251,3 +255,43 @@ def test_gap_decode_rejects_bad_streams():
         gap_decode(pack(torch.tensor([1, 3, 3, 1]), 2), 2, 4, 9)
     with pytest.raises(ValueError, match="gap width"):
         gap_decode(escape_last, 9, 2, 100)
+
+
+# -- base-k digits -------------------------------------------------------------------------
+
+
+def _digits_reference(codes: list[int], base: int) -> list[int]:
+    """The module doc's layout written out: j digits a byte, the first code lowest."""
+    j = max(d for d in range(1, 9) if base**d <= 256)
+    padded = codes + [0] * (-len(codes) % j)
+    return [
+        sum(c * base**i for i, c in enumerate(padded[s : s + j])) for s in range(0, len(padded), j)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(base=st.integers(2, 256), n=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_digits_round_trip_and_layout(base, n, seed):
+    codes = torch.randint(0, base, (n,), generator=torch.Generator().manual_seed(seed))
+    packed = pack_digits(codes, base)
+    assert packed.tolist() == _digits_reference(codes.tolist(), base)
+    assert packed.numel() == digits_nbytes(n, base)
+    assert torch.equal(unpack_digits(packed, base, n).long(), codes)
+
+
+def test_digits_docstring_example_and_ternary_density():
+    assert pack_digits(torch.tensor([1, 2, 0, 0, 1]), 3).tolist() == [88]
+    bases = (2, 3, 4, 5, 6, 7, 16, 17, 256)
+    assert [digits_per_byte(k) for k in bases] == [8, 5, 4, 3, 3, 2, 2, 1, 1]
+    assert digits_nbytes(1000, 3) == 200 < packed_nbytes(1000, 2) == 250
+
+
+def test_bad_digits_are_refused_by_value():
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 3\); found min 0, max 3"):
+        pack_digits(torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match=r"base must be an integer in 2\.\.256, got 1"):
+        pack_digits(torch.tensor([0]), 1)
+    with pytest.raises(ValueError, match="must have an integer dtype"):
+        pack_digits(torch.tensor([0.5]), 3)
+    with pytest.raises(ValueError, match="packed has 2 bytes but 11 base-3 digits need 3"):
+        unpack_digits(torch.zeros(2, dtype=torch.uint8), 3, 11)
