@@ -126,7 +126,8 @@ def encode(bits: Tensor, row: int = 1) -> tuple[int, Tensor]:
 
 def _as_digits(k: int) -> bool:
     """Whether indices in [0, k) go as base-k digits: where that takes fewer bytes than
-    ⌈log2 k⌉-bit codes (k = 3: 5 a byte against 4; k = 5, 6: 3 against 2.67)."""
+    ⌈log2 k⌉-bit codes (k = 3: 5 a byte against four 2-bit codes; k = 5, 6: 3 a byte against
+    2.67 3-bit codes)."""
     width = (k - 1).bit_length()
     return k > 1 and digits_per_byte(k) * width > 8
 

@@ -138,8 +138,8 @@ def unpack_digits(packed: Tensor, base: int, numel: int) -> Tensor:
     per_byte = digits_per_byte(base)
     _check_packed(packed, digits_nbytes(numel, base), f"{numel} base-{base} digits")
     weights = base ** torch.arange(per_byte, dtype=torch.int64, device=packed.device)
-    digits = packed.to(torch.int64)[:, None] // weights % base
-    return digits.reshape(-1)[:numel].to(torch.uint8)
+    table = (torch.arange(256, device=packed.device)[:, None] // weights % base).to(torch.uint8)
+    return table[packed.to(torch.int64)].reshape(-1)[:numel]  # each byte's digits, looked up
 
 
 def uint_nbytes(numel: int, bits: int) -> int:
