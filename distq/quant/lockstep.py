@@ -1,11 +1,12 @@
 """Several sharded projections run together, their small all-reduces merged round by round.
 
-A sharded solver (distq.quant.sharded) makes a dozen small all-reduces per tensor and step: the
-exact ternary support's branch and bound alone takes ~10 rounds. A model's dozen quantized
-tensors projected one after another make ~180 all-reduces of a few hundred bytes each, every
-one paying a round trip and its protocol overhead. `in_lockstep(jobs)` runs each job in a
-thread of its own; a collective a job makes through this module's `all_reduce` or `all_gather`
-waits until every unfinished job has made one, and the calling thread then carries that round:
+A sharded solver (distq.quant.sharded) makes about ten small all-reduces per tensor and step
+(LATe's branch and bound over thresholds most of them; an iterative m-bit solver up to ~30). A
+model's dozen quantized tensors projected one after another make over a hundred all-reduces of
+a few hundred bytes each, every one paying a round trip and its protocol overhead.
+`in_lockstep(jobs)` runs each job in a thread of its own; a collective a job makes through this
+module's `all_reduce` or `all_gather` waits until every unfinished job has made one, and the
+calling thread then carries that round:
 one all-reduce per process group and op for all of its tensors (float64 carries every dtype
 it holds exactly), all-gathers one by one, both in job order.
 
