@@ -6,9 +6,9 @@ model's dozen quantized tensors projected one after another make over a hundred 
 a few hundred bytes each, every one paying a round trip and its protocol overhead.
 `in_lockstep(jobs)` runs each job in a thread of its own; a collective a job makes through this
 module's `all_reduce` or `all_gather` waits until every unfinished job has made one, and the
-calling thread then carries that round:
-one all-reduce per process group and op for all of its tensors (float64 carries every dtype
-it holds exactly), all-gathers one by one, both in job order.
+calling thread then carries that round: one all-reduce per process group and op for all of
+its tensors (float64 carries every dtype it holds exactly), all-gathers one by one, both in job
+order.
 
 Every rank must pass the same jobs in the same order, and each job must make the same sequence
 of collectives on every rank (the solvers' control flow depends only on reduced values), so
