@@ -3,12 +3,13 @@ allocated by sensitivity (distq/bit_allocation.py) at an average of 3 bits, same
 (`--uniform` and `--budgets` add other uniform widths and average budgets; `--dqmq-budgets`
 adds runs whose widths DQMQ's search picks, distq/dqmq.py, for `--dqmq-steps` steps;
 `--candidates` the widths an allocation may take; `--fixed` runs at given per-tensor widths from
-step 0).
+step 0; `--keep-full-precision` with no layer quantizes every weight matrix, the char LM's
+embedding and softmax layer included).
 
 Each (seed, configuration) is one `distq train` run in this process (one thread, fp32
-gradients, linear m-bit weights, the default selection: first and last layer full precision).
+gradients, linear m-bit weights, by default first and last layer full precision).
 "allocated, avg B" trains `--allocate-after` steps at 3 bits, then each quantized tensor takes
-the width minimizing Σ_i S_i(m_i), S_i(m) = Σ d(ŵ_m − w)², within Σ n_i·m_i ≤ B·Σ n_i.
+the width minimizing Σ_i S_i(m_i), S_i(m) = Σ v̂(ŵ_m − w)², within Σ n_i·m_i ≤ B·Σ n_i.
 Configurations alternate within each seed. Sizes: the quantized tensors' code bits Σ n_i·m_i
 and the bytes `export_packed` stores for them (codes and codebooks, smallest layout).
 
@@ -101,7 +102,7 @@ def one_run(out: Path, seed: int, args: argparse.Namespace, changes: dict) -> di
     cfg = config.TrainConfig(
         recipe=args.recipe, hidden=args.hidden, scheme="linear", grad_bits=None, seed=seed,
         epochs=args.epochs, out_dir=str(out), allocate_after=args.allocate_after,
-        **QUIET, **extra, **{"bits": 3, **changes},
+        keep_full_precision=args.keep_full_precision, **QUIET, **extra, **{"bits": 3, **changes},
     )  # fmt: skip
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), fixed_widths(bits):  # its per-epoch lines
@@ -139,6 +140,8 @@ def table(results: dict) -> str:
         else f"CIFAR-style synthetic set, VGG-style CNN (hidden {results['hidden']})"
     )
     candidates = ", ".join(map(str, results.get("candidates", CANDIDATES)))
+    kept = results.get("keep_full_precision", ["first", "last"])
+    task += f", full precision: {', '.join(kept)}" if kept else ", every weight matrix quantized"
     lines = [
         f"{task}, one process, {results['epochs']} epochs, linear weights, widths from "
         f"{{{candidates}}} allocated after {results['allocate_after']} steps at 3 bits, seeds "
@@ -167,7 +170,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--allocate-after", type=int, default=50, help="steps at 3 bits first")
-    parser.add_argument("--uniform", type=int, nargs="+", default=[3], help="uniform widths")
+    parser.add_argument("--uniform", type=int, nargs="*", default=[3], help="uniform widths")
     parser.add_argument("--budgets", type=float, nargs="*", default=[3.0], help="average bits")
     parser.add_argument(
         "--dqmq-budgets", type=float, nargs="+", default=[], help="average bits, DQMQ's search"
@@ -179,6 +182,10 @@ def main() -> None:
     parser.add_argument(
         "--fixed", nargs="*", default=[], metavar="NAME=BITS,...",
         help="runs with these per-tensor widths from step 0 (the rest at 3 bits)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-full-precision", nargs="*", default=["first", "last"], metavar="LAYER",
+        help="layers left full precision (none given: every weight matrix is quantized)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="results file (mixed_precision-<recipe>.json)")
     parser.add_argument("--table-only", action="store_true", help="print the JSON's table")
@@ -214,7 +221,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     settings = ("recipe", "hidden", "epochs", "seeds", "allocate_after", "uniform", "budgets")
-    settings += ("dqmq_budgets", "dqmq_steps", "candidates", "fixed")
+    settings += ("dqmq_budgets", "dqmq_steps", "candidates", "fixed", "keep_full_precision")
     results = {"commit": commit, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     results.update({key: getattr(args, key) for key in settings}, runs=runs)
     out_json.write_text(json.dumps(results, indent=2) + "\n")

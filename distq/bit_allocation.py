@@ -1,13 +1,22 @@
 """Per-tensor weight widths under a model-size budget, chosen by measured sensitivity.
 
 The loss-aware baseline of issue 24 item 3 (ours; DQMQ is distq/dqmq.py's). For quantized tensor
-i with n_i elements and candidate width m, the cost is the D-weighted error of projecting its
-latent w at that width,
+i with n_i elements and candidate width m, the cost is the error of projecting its latent w at
+that width, weighted by the empirical Fisher's diagonal,
 
-    S_i(m) = Σ d ⊙ (ŵ_m − w)²,   ŵ_m = argmin_{α·S_m} ‖ŵ − w‖²_D,   d = √v̂ + ε (d ≡ 1 for SGD),
+    S_i(m) = Σ v̂ ⊙ (ŵ_m − w)²,   ŵ_m = argmin_{α·S_m} ‖ŵ − w‖²_D,   d = √v̂ + ε,
 
-the second-order estimate of the loss a width costs (the quantity the proximal Newton step
-minimizes). The widths solve the multiple-choice knapsack
+v̂ the squared gradients the optimizer averages (`QuantizedOptimizer.second_moment`; v̂ ≡ 1 for
+SGD or with loss_aware off): ½·S_i(m) is the second-order estimate of the loss the width costs,
+with the Fisher standing in for the Hessian. ŵ_m is the projection the optimizer itself would
+make (the proximal Newton step's, D-weighted). Why v̂ and not d: Σ d ⊙ (ŵ − w)² is in units of
+loss × weight, not loss, so it compares tensors of different gradient scales wrongly. Rescaling
+one layer by s and the next by 1/s (the same function through a ReLU) multiplies its d-weighted
+cost by s and leaves the Fisher-weighted one unchanged (tests/test_bit_allocation.py). On the
+char LM with every matrix quantized, the d weighting left the softmax layer at 3 bits in 3 of 4
+seeds; v̂ gives it 4 in all 4 (benchmarks/README.md, "Per-layer mixed precision").
+
+The widths solve the multiple-choice knapsack
 
     minimize Σ_i S_i(m_i)   subject to   Σ_i n_i·m_i ≤ B = ⌊budget·Σ_i n_i⌋,  m_i ∈ candidates,
 
@@ -268,8 +277,9 @@ def _fill(
 def sensitivity_costs(
     optimizer: QuantizedOptimizer, candidates: Sequence[int]
 ) -> dict[str, dict[int, float]]:
-    """S_i(m) = Σ d ⊙ (ŵ_m − w)² for every quantized tensor and candidate width: a cold
-    projection of the latent w with the optimizer's curvature, scale layout and current κ."""
+    """S_i(m) = Σ v̂ ⊙ (ŵ_m − w)² for every quantized tensor and candidate width: a cold
+    projection of the latent w with the optimizer's curvature, scale layout and current κ,
+    its error weighted by the empirical Fisher v̂ (module doc)."""
     spec = get_scheme(optimizer.scheme)
     check_candidates(candidates)
     refused = [m for m in candidates if m not in spec.bits]
@@ -282,9 +292,9 @@ def sensitivity_costs(
     curvatures = {n: optimizer.curvature(p) for n, p in params.items()}
     sparsities = optimizer.current_sparsities(curvatures)
     costs = {}
-    for name in params:
-        w, d = optimizer.latent[name], curvatures[name]
-        weight = torch.ones_like(w) if d is None else d
+    for name, p in params.items():
+        w, d, fisher = optimizer.latent[name], curvatures[name], optimizer.second_moment(p)
+        weight = torch.ones_like(w) if fisher is None else fisher
         costs[name] = {
             m: float(
                 (weight * (optimizer.project_at(name, m, d, sparsities[name]).q - w).square()).sum()

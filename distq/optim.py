@@ -391,20 +391,25 @@ class QuantizedOptimizer(OptimizerWrapper):
     def curvature(self, p: Tensor) -> Tensor | None:
         """d = √v̂ + ε from the wrapped optimizer's state for `p`; None (d ≡ 1) if it keeps none
         or loss_aware is off."""
+        v_hat = self.second_moment(p)
+        return None if v_hat is None else v_hat.sqrt().add_(self._group[p].get("eps", 1e-8))
+
+    def second_moment(self, p: Tensor) -> Tensor | None:
+        """v̂, the squared gradients the wrapped optimizer averages for `p` (Adam's bias-corrected
+        v, RMSprop's square average, Adagrad's running sum): the empirical Fisher's diagonal, up
+        to one factor shared by every tensor (the optimizer's own tensor where it keeps v̂ as is:
+        read it, never write it); None if it keeps none or loss_aware is off."""
         if not self.loss_aware:
             return None
         state = self.optimizer.state.get(p, {})
         group = self._group[p]
-        eps = group.get("eps", 1e-8)
         if "exp_avg_sq" in state:  # Adam, AdamW, NAdam, RAdam
             v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            step = float(state["step"])
-            v_hat = v / (1.0 - group["betas"][1] ** step)
-            return v_hat.sqrt().add_(eps)
+            return v / (1.0 - group["betas"][1] ** float(state["step"]))
         if "square_avg" in state:  # RMSprop
-            return state["square_avg"].sqrt().add_(eps)
+            return state["square_avg"]
         if "sum" in state:  # Adagrad
-            return state["sum"].sqrt().add_(eps)
+            return state["sum"]
         return None
 
     def _gradients_finite(self) -> bool:

@@ -106,15 +106,17 @@ def test_bad_budgets_and_candidates_are_refused(budget, candidates, message):
         capacity_of({"a": 4}, budget, candidates)
 
 
-def test_costs_are_the_d_weighted_error_of_each_width_and_allocation_switches_widths():
+def test_costs_are_the_fisher_weighted_error_of_each_width_and_allocation_switches_widths():
     model = make_model()
     opt = build(model, "linear", 3, **ALL)
     train(model, opt, 5)
     costs = sensitivity_costs(opt, [2, 3, 4])
     for name, p in opt.quantized_parameters().items():
-        d = opt.curvature(p)
+        d, state = opt.curvature(p), opt.base_optimizer.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+        assert torch.allclose(d, v_hat.sqrt() + 1e-8)
         for m in (2, 3, 4):
-            err = d * (project(opt.latent[name], d, "linear", m).q - opt.latent[name]).square()
+            err = v_hat * (project(opt.latent[name], d, "linear", m).q - opt.latent[name]).square()
             assert costs[name][m] == pytest.approx(float(err.sum()), rel=1e-6)
         assert costs[name][2] > costs[name][3] > costs[name][4]
     a = allocate_bits(opt, 3.0, [2, 3, 4])
@@ -124,6 +126,28 @@ def test_costs_are_the_d_weighted_error_of_each_width_and_allocation_switches_wi
     assert opt.tensor_bits == a.bits and opt.allocated
     assert a.total_bits <= 2.5 * sum(a.numel.values()) and len(set(a.bits.values())) > 1
     assert "average" in a.table() and a.record()["bits"] == a.bits
+
+
+def test_costs_do_not_change_when_a_layer_is_rescaled_and_the_next_one_undoes_it():
+    """Linear 5 scaled by s and Linear 7 by 1/s compute the same function through the ReLU
+    between them; with lr 0 both models see the same losses, so the loss a width costs is the
+    same. The Fisher-weighted cost says so; a d-weighted one would change by s and 1/s."""
+    s = 4.0
+    models = [make_model(), make_model()]
+    with torch.no_grad():
+        models[1][5].weight.mul_(s), models[1][5].bias.mul_(s), models[1][7].weight.div_(s)
+    costs, allocations = [], []
+    for model in models:
+        opt = build(model, "linear", 3, clip_latent=None, **ALL)
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        train(model, opt, 5)
+        costs.append(sensitivity_costs(opt, [2, 3, 4]))
+        allocations.append(allocate_bits(opt, 2.5, [2, 3, 4], switch=False).bits)
+    for name in costs[0]:
+        for m in (2, 3, 4):
+            assert costs[1][name][m] == pytest.approx(costs[0][name][m], rel=1e-4), (name, m)
+    assert allocations[0] == allocations[1]
 
 
 def test_allocation_refuses_what_it_cannot_do():
