@@ -80,8 +80,8 @@ class Weights(Options):
         minimum=1, maximum=8,
     )  # fmt: skip
     bit_allocation: str = option(
-        "sensitivity", "how weight_bits_budget chooses widths: least D-weighted quantization "
-        "error (distq/bit_allocation.py), or DQMQ's learned search (distq/dqmq.py)",
+        "sensitivity", "how weight_bits_budget chooses widths: least Fisher-weighted "
+        "quantization error (distq/bit_allocation.py), or DQMQ's learned search (distq/dqmq.py)",
         choices=BIT_ALLOCATIONS,
     )  # fmt: skip
     bit_candidates: list[int] = option([2, 3, 4], "the widths a tensor may take")
